@@ -1,0 +1,290 @@
+"""Compare igengine with the official IG code (CVL-UESTC/Internal-Guidance), same weights, same noise.
+
+Not a test: it needs a checkout of the official repository and its dependencies (timm, einops,
+fairscale, torchdiffeq, scipy; torchvision for timm), which igengine itself does not use. Run:
+
+    TORCHDYNAMO_DISABLE=1 python benchmarks/official_parity.py --official-repo PATH/Internal-Guidance
+
+What it checks (DESIGN.md section 9), on SiT-B/2 and LightningDiT-B/1 with random weights (every
+parameter drawn at random so that no layer is the identity):
+  * state dicts: igengine's module tree has exactly the official key set and shapes (strict load);
+  * forward: v_final and v_inter of both implementations, several option combinations;
+  * sampling, 10 steps, same initial latents and the same SDE noise (the official sampler's
+    ``torch.randn_like`` calls are fed the noise contract's streams): final latents in
+    ``reference`` mode (bound 1e-5) and ``fp32`` mode (bound 1e-4).
+The official samplers are imported and called unchanged; nothing of them is copied here.
+Results go to benchmarks/results/official_parity.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # the official LightningDiT decorates with torch.compile
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.provenance import provenance  # noqa: E402
+from igengine.backends import TorchBackend  # noqa: E402
+from igengine.config import Family, GuidanceConfig, Precision, SamplerConfig, Solver  # noqa: E402
+from igengine.models import IGDiT, preset  # noqa: E402
+from igengine.noise import STREAM_INITIAL, gaussian, sde_stream  # noqa: E402
+from igengine.sampler import PlanRunner  # noqa: E402
+
+
+def import_official(repo: Path, family: str):
+    """Import the official package of a family from its folder, isolating the clashing 'models' name."""
+    for name in list(sys.modules):
+        if name in ("models", "samplers", "transport") or name.startswith(("models.", "transport.")):
+            del sys.modules[name]
+    folder = repo / family
+    sys.path.insert(0, str(folder))
+    try:
+        if family == "SiT":
+            import models.sit as sit_module  # type: ignore
+            import samplers  # type: ignore
+
+            return sit_module, samplers
+        import models.lightningdit as ldit_module  # type: ignore
+        import transport  # type: ignore
+
+        return ldit_module, transport
+    finally:
+        sys.path.remove(str(folder))
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "pos_embed":
+                continue
+            scale = 0.02 if p.ndim > 1 else 0.05
+            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if name.endswith("norm.weight") else 0.0))
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+@contextlib.contextmanager
+def contract_noise(seed: int, indices: torch.Tensor):
+    """Feed the official SDE sampler's successive randn_like calls with the contract's streams."""
+    original = torch.randn_like
+    step = {"k": 0}
+
+    def fake(x, *args, **kwargs):
+        k = step["k"]
+        step["k"] += 1
+        return gaussian(seed, indices, sde_stream(k), x.shape[1:]).to(x.device, x.dtype)
+
+    torch.randn_like = fake
+    try:
+        yield
+    finally:
+        torch.randn_like = original
+
+
+def ours_run(model, sampler_cfg, seed, indices, labels):
+    backend = TorchBackend(model, precision=sampler_cfg.precision)
+    return PlanRunner(backend, sampler_cfg).run(seed, indices, labels)
+
+
+def check_sit(repo: Path, report: dict) -> None:
+    sit_module, samplers = import_official(repo, "SiT")
+    results = []
+    for qk_norm in (False, True):
+        cfg = preset("SiT-B/2", num_classes=10, qk_norm=qk_norm)
+        ours = IGDiT(cfg)
+        randomize_(ours, 0)
+        official = sit_module.SiT(
+            input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
+            hidden_size=cfg.hidden_size, decoder_hidden_size=cfg.hidden_size, depth=cfg.depth,
+            encoder_depth=cfg.encoder_depth, num_heads=cfg.num_heads, num_classes=cfg.num_classes,
+            qk_norm=qk_norm, fused_attn=False,
+        ).eval()
+        official.load_state_dict(ours.state_dict(), strict=True)
+        x = torch.randn(3, *cfg.latent_shape)
+        t = torch.rand(3)
+        y = torch.tensor([1, 5, 10])
+        with torch.no_grad():
+            f_off, i_off, _ = official(x, t, y)
+            f_ours, i_ours = ours.eval()(x, t, y)
+        results.append({"check": f"forward qk_norm={qk_norm}", "v_final": max_abs(f_off, f_ours),
+                        "v_inter": max_abs(i_off, i_ours)})
+    # Sampling: the qk_norm=False model, batch of 4.
+    cfg = preset("SiT-B/2", num_classes=10)
+    ours = IGDiT(cfg)
+    randomize_(ours, 1)
+    official = sit_module.SiT(
+        input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
+        hidden_size=cfg.hidden_size, decoder_hidden_size=cfg.hidden_size, depth=cfg.depth,
+        encoder_depth=cfg.encoder_depth, num_heads=cfg.num_heads, num_classes=cfg.num_classes, qk_norm=False,
+        fused_attn=False,
+    ).eval()
+    official.load_state_dict(ours.state_dict(), strict=True)
+    seed, indices = 7, torch.arange(4)
+    labels = torch.tensor([0, 3, 6, 9])
+    z = gaussian(seed, indices, STREAM_INITIAL, cfg.latent_shape)
+    official_null = 10  # the official samplers hard-code y_null = 1000; our small model has 10 classes
+    cases = [
+        ("sde ig=1.4 cfg=1.35 cfg<=0.7", Solver.SDE, dict(ig_scale=1.4, cfg_scale=1.35, cfg_interval=(0.0, 0.7))),
+        ("sde ig=1.4 ig in [0.3,0.8] no cfg", Solver.SDE, dict(ig_scale=1.4, ig_interval=(0.3, 0.8))),
+        ("ode-euler cfg=1.5 cfg<=0.7", Solver.ODE_EULER, dict(cfg_scale=1.5, cfg_interval=(0.0, 0.7))),
+        ("ode-heun cfg=1.5 cfg<=0.7", Solver.ODE_HEUN, dict(cfg_scale=1.5, cfg_interval=(0.0, 0.7))),
+    ]
+    with _patched_null(samplers, official_null):
+        for name, solver, g in cases:
+            guidance = GuidanceConfig(**g)
+            with torch.no_grad():
+                if solver == Solver.SDE:
+                    with contract_noise(seed, indices):
+                        ref = samplers.euler_maruyama_ig_sampler(
+                            official, z.clone(), labels, num_steps=10, cfg_scale=guidance.cfg_scale,
+                            sg_scale=guidance.ig_scale, guidance_low=guidance.cfg_interval[0],
+                            guidance_high=guidance.cfg_interval[1], sg_guidance_low=guidance.ig_interval[0],
+                            sg_guidance_high=guidance.ig_interval[1], path_type="linear",
+                        )
+                else:
+                    ref = samplers.euler_sampler(
+                        official, z.clone(), labels, num_steps=10, heun=solver == Solver.ODE_HEUN,
+                        cfg_scale=guidance.cfg_scale, guidance_low=guidance.cfg_interval[0],
+                        guidance_high=guidance.cfg_interval[1],
+                    )
+            row = {"check": f"sample 10 steps: {name}"}
+            for precision in (Precision.REFERENCE, Precision.FP32):
+                sc = SamplerConfig(solver=solver, steps=10, guidance=guidance, precision=precision)
+                row[precision.value] = max_abs(ours_run(ours, sc, seed, indices, labels), ref)
+            row["bound_reference"], row["bound_fp32"] = 1e-5, 1e-4
+            results.append(row)
+    report["sit"] = results
+
+
+@contextlib.contextmanager
+def _patched_null(samplers_module, null_class: int):
+    """The official SiT samplers build y_null with the literal 1000; map it to our small table's null row."""
+    original = samplers_module.torch.tensor
+
+    def tensor(data, *args, **kwargs):
+        if isinstance(data, list) and data and all(v == 1000 for v in data):
+            data = [null_class] * len(data)
+        return original(data, *args, **kwargs)
+
+    samplers_module.torch = _TorchProxy(tensor)
+    try:
+        yield
+    finally:
+        samplers_module.torch = torch
+
+
+class _TorchProxy:
+    def __init__(self, tensor_fn):
+        self._tensor = tensor_fn
+
+    def __getattr__(self, name):
+        return self._tensor if name == "tensor" else getattr(torch, name)
+
+
+def check_lightningdit(repo: Path, report: dict) -> None:
+    ldit_module, transport = import_official(repo, "LightningDiT")
+    results = []
+    variants = [
+        dict(qk_norm=False, wo_shift=False),
+        dict(qk_norm=True, wo_shift=True),
+    ]
+    for v in variants:
+        cfg = preset("LightningDiT-B/1", num_classes=10, **v)
+        ours = IGDiT(cfg)
+        randomize_(ours, 2)
+        official = ldit_module.LightningDiT(
+            input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
+            hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads, num_classes=cfg.num_classes,
+            encoder_depth=cfg.encoder_depth, use_qknorm=v["qk_norm"], use_swiglu=True, use_rope=True,
+            use_rmsnorm=True, wo_shift=v["wo_shift"],
+        ).eval()
+        official.load_state_dict(ours.state_dict(), strict=True)
+        x = torch.randn(3, *cfg.latent_shape)
+        t = torch.rand(3)
+        y = torch.tensor([1, 5, 10])
+        with torch.no_grad():
+            f_off, i_off = official(x, t, y)
+            f_ours, i_ours = ours.eval()(x, t, y)
+        results.append({"check": f"forward {v}", "v_final": max_abs(f_off, f_ours), "v_inter": max_abs(i_off, i_ours)})
+
+    cfg = preset("LightningDiT-B/1", num_classes=10)
+    ours = IGDiT(cfg)
+    randomize_(ours, 3)
+    official = ldit_module.LightningDiT(
+        input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
+        hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads, num_classes=cfg.num_classes,
+        encoder_depth=cfg.encoder_depth, use_qknorm=False, use_swiglu=True, use_rope=True, use_rmsnorm=True,
+    ).eval()
+    official.load_state_dict(ours.state_dict(), strict=True)
+    seed, indices = 11, torch.arange(4)
+    labels = torch.tensor([0, 3, 6, 9])
+    z = gaussian(seed, indices, STREAM_INITIAL, cfg.latent_shape)
+    cases = [
+        ("heun2 shift=0.3 ig=1.4 cfg=1.45 t>=0.19", "heun2", 0.3, dict(ig_scale=1.4, cfg_scale=1.45, cfg_interval=(0.19, 1.0))),
+        ("heun2 no shift ig=1.7 no cfg", "heun2", 0.0, dict(ig_scale=1.7)),
+        ("euler shift=0.3 ig=1.4 cfg=1.45 t>=0.19", "euler", 0.3, dict(ig_scale=1.4, cfg_scale=1.45, cfg_interval=(0.19, 1.0))),
+    ]
+    for name, method, shift, g in cases:
+        guidance = GuidanceConfig(**g)
+        tr = transport.create_transport("Linear", "velocity", None, None, None)
+        sample_fn = transport.Sampler(tr).sample_ode(
+            sampling_method=method, num_steps=10, atol=1e-6, rtol=1e-3, reverse=False, timestep_shift=shift
+        )
+        with torch.no_grad():
+            if guidance.uses_cfg:
+                zz = torch.cat([z, z])
+                yy = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
+                kwargs = dict(y=yy, cfg_scale=guidance.cfg_scale, ig_scale=guidance.ig_scale, cfg_interval=True,
+                              cfg_interval_start=guidance.cfg_interval[0])
+                ref = sample_fn(zz, official.forward_with_cfg, **kwargs)[-1][: len(labels)]
+            else:
+                ref = sample_fn(z.clone(), official.forward_with_ig, y=labels, ig_scale=guidance.ig_scale)[-1]
+        solver = Solver.HEUN2 if method == "heun2" else Solver.EULER
+        row = {"check": f"sample 10 grid points: {name}"}
+        for precision in (Precision.REFERENCE, Precision.FP32):
+            sc = SamplerConfig(solver=solver, steps=10, guidance=guidance, timestep_shift=shift, precision=precision)
+            row[precision.value] = max_abs(ours_run(ours, sc, seed, indices, labels), ref)
+        row["bound_reference"], row["bound_fp32"] = 1e-5, 1e-4
+        results.append(row)
+    report["lightningdit"] = results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--official-repo", type=Path, required=True, help="checkout of CVL-UESTC/Internal-Guidance")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "official_parity.json")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    torch.manual_seed(0)
+    report: dict = {"provenance": provenance(), "official_repo": str(args.official_repo)}
+    t0 = time.time()
+    check_sit(args.official_repo, report)
+    check_lightningdit(args.official_repo, report)
+    report["wall_s"] = round(time.time() - t0, 1)
+    failures = [
+        r["check"] for fam in ("sit", "lightningdit") for r in report[fam]
+        if ("reference" in r and (r["reference"] > r["bound_reference"] or r["fp32"] > r["bound_fp32"]))
+        or ("v_final" in r and max(r["v_final"], r["v_inter"]) > 1e-5)
+    ]
+    report["failures"] = failures
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""The reference backend: the PyTorch IG DiT of ``igengine.models`` in eager mode."""
+
+from __future__ import annotations
+
+import torch
+
+from igengine.config import ModelConfig, Precision
+from igengine.models import IGDiT, apply_precision
+from igengine.models.precision import NETWORK_DTYPE
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: IGDiT, precision: Precision = Precision.REFERENCE, device: str | torch.device = "cpu",
+                 max_batch: int | None = None):
+        self.precision = Precision(precision)
+        self.device = torch.device(device)
+        self.config: ModelConfig = model.config
+        self.max_batch = max_batch
+        if self.device.type == "cuda" and self.precision == Precision.REFERENCE:
+            # The official numerics: no TF32 in matmuls or convolutions. Set when a reference run is
+            # built, never at import time.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self.model = apply_precision(model.eval().requires_grad_(False), self.precision).to(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v_final, v_inter = self.model(x.to(self.device, torch.float32), t.to(self.device, torch.float32),
+                                      y.to(self.device))
+        return v_final.float(), v_inter.float()
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "network_dtype": str(NETWORK_DTYPE[self.precision]).replace("torch.", ""),
+            "torch": torch.__version__,
+            "tf32": bool(self.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32),
+        }

@@ -1,0 +1,214 @@
+"""Typed, frozen configuration records shared by every layer of igengine.
+
+Each record serialises to plain JSON (``to_dict``) and is written beside every artifact, so that a
+sample, an exported graph or a benchmark can always be traced back to the exact settings used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Family(str, enum.Enum):
+    """Model family; fixes the time convention and the official solver semantics.
+
+    SIT: t = 1 is noise, t = 0 is data, v = eps - x0 (SiT/samplers.py).
+    LIGHTNINGDIT: t = 0 is noise, t = 1 is data, v = x1 - eps (LightningDiT/transport).
+    """
+
+    SIT = "sit"
+    LIGHTNINGDIT = "lightningdit"
+
+
+class Precision(str, enum.Enum):
+    """Numerical mode of a sampling run (DESIGN.md section 6).
+
+    REFERENCE: the family's official numerics (SiT: float64 state and guidance; LightningDiT:
+    float32 state), fp32 network, TF32 disabled.
+    FP32: fp32 network and fp32 state.
+    BF16 / FP16: attention and MLP matmuls in low precision; normalisation, adaLN modulation,
+    embeddings, output heads, the residual stream, the solver state and guidance stay fp32.
+    """
+
+    REFERENCE = "reference"
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class Solver(str, enum.Enum):
+    """Integrators. SiT: sde (Euler-Maruyama, default), ode-euler, ode-heun.
+    LightningDiT: heun2 (torchdiffeq fixed-grid Heun, default), euler."""
+
+    SDE = "sde"
+    ODE_EULER = "ode-euler"
+    ODE_HEUN = "ode-heun"
+    HEUN2 = "heun2"
+    EULER = "euler"
+
+
+SOLVERS_BY_FAMILY: dict[Family, tuple[Solver, ...]] = {
+    Family.SIT: (Solver.SDE, Solver.ODE_EULER, Solver.ODE_HEUN),
+    Family.LIGHTNINGDIT: (Solver.HEUN2, Solver.EULER),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of an IG diffusion transformer.
+
+    ``encoder_depth`` is the number of blocks after which the intermediate IG head
+    (``final_layer_xr``) reads the token stream. It cannot be recovered from tensor shapes, so
+    ``encoder_depth_source`` records where the value came from (flag, checkpoint args, preset).
+    """
+
+    family: Family
+    name: str  # e.g. "SiT-XL/2", "LightningDiT-XL/1", "SiT-digits"
+    input_size: int  # spatial size of x (latent or pixel grid)
+    patch_size: int
+    in_channels: int
+    hidden_size: int
+    depth: int
+    num_heads: int
+    encoder_depth: int
+    num_classes: int = 1000
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1  # > 0 means the label table has a null-class row
+    decoder_hidden_size: int | None = None  # SiT only; None = hidden_size
+    qk_norm: bool = False
+    use_swiglu: bool = False
+    use_rope: bool = False
+    use_rmsnorm: bool = False
+    wo_shift: bool = False
+    learn_sigma: bool = False
+    pixel_space: bool = False  # True: x is an image in [-1, 1], no VAE needed
+    encoder_depth_source: str = "unspecified"
+    num_heads_source: str = "unspecified"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.hidden_size % self.num_heads:
+            problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if not 1 <= self.encoder_depth <= self.depth:
+            problems.append(f"encoder_depth {self.encoder_depth} must lie in [1, depth={self.depth}]")
+        if self.input_size % self.patch_size:
+            problems.append(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
+        if self.use_rope and (self.hidden_size // self.num_heads) % 4:
+            problems.append("RoPE needs a head dimension divisible by 4")
+        if self.family == Family.SIT and (self.use_swiglu or self.use_rope or self.use_rmsnorm or self.wo_shift):
+            problems.append("SwiGLU, RoPE, RMSNorm and no-shift adaLN are LightningDiT options")
+        if problems:
+            raise ValueError(f"invalid model config {self.name}: " + "; ".join(problems))
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+    @property
+    def null_class(self) -> int:
+        """Label id of the unconditional (CFG) row: the last row of the label table."""
+        return self.num_classes
+
+    @property
+    def has_null_class(self) -> bool:
+        return self.class_dropout_prob > 0
+
+    @property
+    def head_hidden_size(self) -> int:
+        return self.decoder_hidden_size or self.hidden_size
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.input_size, self.input_size)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        d = dict(d)
+        d["family"] = Family(d["family"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """IG and CFG scales with their intervals, in the family's own time convention.
+
+    IG is active at time t when ``ig_scale > 1`` and ``ig_interval[0] <= t <= ig_interval[1]``.
+    CFG is active when ``cfg_scale > 1`` and ``cfg_interval[0] <= t <= cfg_interval[1]``.
+    For SiT, t = 1 is noise (paper: CFG for t <= 0.7, i.e. interval (0, 0.7)); for LightningDiT,
+    t = 0 is noise (paper: CFG for t >= 0.19, i.e. interval (0.19, 1)).
+    """
+
+    ig_scale: float = 1.0
+    ig_interval: tuple[float, float] = (0.0, 1.0)
+    cfg_scale: float = 1.0
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        for name in ("ig_scale", "cfg_scale"):
+            v = getattr(self, name)
+            if not (v >= 0.0) or v != v or v == float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        for name in ("ig_interval", "cfg_interval"):
+            lo, hi = getattr(self, name)
+            if not (0.0 <= lo <= hi <= 1.0):
+                raise ValueError(f"{name} must satisfy 0 <= LOW <= HIGH <= 1, got ({lo}, {hi})")
+
+    def ig_active(self, t: float) -> bool:
+        return self.ig_scale > 1.0 and self.ig_interval[0] <= t <= self.ig_interval[1]
+
+    def cfg_active(self, t: float) -> bool:
+        return self.cfg_scale > 1.0 and self.cfg_interval[0] <= t <= self.cfg_interval[1]
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg_scale > 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Everything that defines the numbers a sampling run produces, apart from model weights."""
+
+    solver: Solver
+    steps: int
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    timestep_shift: float = 0.0  # LightningDiT only: t' = s t / (1 + (s - 1) t) when s > 0
+    precision: Precision = Precision.REFERENCE
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.solver in (Solver.SDE,) and self.steps < 2:
+            raise ValueError("the SDE solver needs steps >= 2 (linspace(1, 0.04, steps) then 0)")
+        if self.solver in (Solver.HEUN2, Solver.EULER) and self.steps < 2:
+            raise ValueError("the LightningDiT solvers need steps >= 2 (grid linspace(0, 1, steps))")
+        if not (self.timestep_shift >= 0.0):
+            raise ValueError(f"timestep_shift must be >= 0, got {self.timestep_shift}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj

@@ -1,0 +1,209 @@
+"""Time grids, step plans and the reference solver updates of both families (DESIGN.md section 3).
+
+A sampling run is a precomputed ``Plan``: a tuple of ``Step`` records holding every scalar a step
+needs (times, dt, which guidance is active at each network evaluation, the noise stream). The loop
+that executes a plan (``igengine.sampler``) therefore makes no decisions of its own, and a fused
+kernel or a captured CUDA graph can consume the same records.
+
+SiT family (t = 1 noise, t = 0 data; official SiT/samplers.py, float64 state in ``reference``):
+  * ``sde``: grid linspace(1, 0.04, N) then 0. Steps 0..N-2 are Euler-Maruyama with
+    drift d = v - 0.5 g^2 score(v), g^2 = 2t, and noise sqrt(2t) sqrt(|dt|) eps; the last step
+    (0.04 -> 0) is deterministic, x + dt d. CFG is applied to the drift.
+  * ``ode-euler``: grid linspace(1, 0, N+1), x + dt v.
+  * ``ode-heun``: as Euler plus a corrector at t_next (skipped on the last step); the corrector
+    decides CFG (and IG) with t_cur, as the official code does. The official ODE sampler has no IG:
+    here IG is applied to v before CFG, exactly as in the SDE sampler.
+LightningDiT family (t = 0 noise, t = 1 data; official transport + torchdiffeq, fp32 state):
+  * grid linspace(0, 1, N) in float32, optionally shifted t' = s t / (1 + (s - 1) t) (s > 0);
+  * ``heun2``: torchdiffeq's fixed-grid Heun: k1 = f(t0, x), k2 = f(t0 + dt, x + dt k1),
+    x + dt (k1/2 + k2/2); 2 evaluations on each of the N - 1 intervals (the last one included).
+  * ``euler``: x + dt f(t0, x).
+  Each evaluation decides CFG with its own time (float32 comparison, as ``t[0] < start``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from igengine.config import SOLVERS_BY_FAMILY, Family, GuidanceConfig, SamplerConfig, Solver
+from igengine.noise import sde_stream
+
+SDE_T_END = 0.04  # the last stochastic time of the official SiT SDE grid
+
+
+class StepKind(str, enum.Enum):
+    SDE = "sde"  # Euler-Maruyama with noise
+    SDE_LAST = "sde-last"  # deterministic last SDE step (mean only)
+    EULER = "euler"
+    HEUN = "heun"  # predictor + corrector (two evaluations)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One network call: the time fed to the network and which guidance applies."""
+
+    t: float
+    ig: bool
+    cfg: bool
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    kind: StepKind
+    t_cur: float
+    t_next: float
+    dt: float
+    evals: tuple[Evaluation, ...]  # 1, or 2 for HEUN (predictor, corrector)
+    noise_stream: int | None = None
+
+    @property
+    def diffusion(self) -> float:
+        """g(t)^2 = 2 t of the official SiT SDE."""
+        return 2.0 * self.t_cur
+
+
+@dataclass(frozen=True)
+class Plan:
+    family: Family
+    solver: Solver
+    steps: tuple[Step, ...]
+
+    @property
+    def nfe(self) -> int:
+        return sum(len(s.evals) for s in self.steps)
+
+    @property
+    def t_start(self) -> float:
+        return self.steps[0].t_cur
+
+
+def shift_grid(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """LightningDiT's timestep shift t' = s t / (1 + (s - 1) t), in the grid's dtype (float32)."""
+    if shift <= 0:
+        return t
+    return torch.stack([(shift * tn) / (1 + (shift - 1) * tn) for tn in t])
+
+
+def _lightning_active(t32: np.float32, interval: tuple[float, float], scale: float) -> bool:
+    lo, hi = np.float32(interval[0]), np.float32(interval[1])
+    return bool(scale > 1.0 and lo <= t32 <= hi)
+
+
+def build_plan(family: Family, cfg: SamplerConfig) -> Plan:
+    """Precompute every step of a run. Raises ValueError if the solver does not fit the family."""
+    if cfg.solver not in SOLVERS_BY_FAMILY[family]:
+        allowed = ", ".join(s.value for s in SOLVERS_BY_FAMILY[family])
+        raise ValueError(f"solver {cfg.solver.value!r} is not a {family.value} solver (choose from {allowed})")
+    g = cfg.guidance
+    n = cfg.steps
+    if family == Family.SIT:
+        return Plan(family, cfg.solver, tuple(_sit_steps(cfg.solver, n, g)))
+    return Plan(family, cfg.solver, tuple(_lightning_steps(cfg.solver, n, cfg.timestep_shift, g)))
+
+
+def _sit_eval(t: float, g: GuidanceConfig) -> Evaluation:
+    return Evaluation(t=t, ig=g.ig_active(t), cfg=g.cfg_active(t))
+
+
+def _sit_steps(solver: Solver, n: int, g: GuidanceConfig):
+    if solver == Solver.SDE:
+        grid = torch.cat([torch.linspace(1.0, SDE_T_END, n, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+        ts = grid.tolist()
+        for i in range(n):
+            t_cur, t_next = ts[i], ts[i + 1]
+            last = i == n - 1
+            yield Step(
+                index=i,
+                kind=StepKind.SDE_LAST if last else StepKind.SDE,
+                t_cur=t_cur,
+                t_next=t_next,
+                dt=float(grid[i + 1] - grid[i]),
+                evals=(_sit_eval(t_cur, g),),
+                noise_stream=None if last else sde_stream(i),
+            )
+        return
+    grid = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)
+    ts = grid.tolist()
+    for i in range(n):
+        t_cur, t_next = ts[i], ts[i + 1]
+        first = _sit_eval(t_cur, g)
+        heun = solver == Solver.ODE_HEUN and i < n - 1
+        # The official corrector is evaluated at t_next but keeps t_cur's guidance decision.
+        evals = (first, Evaluation(t=t_next, ig=first.ig, cfg=first.cfg)) if heun else (first,)
+        yield Step(
+            index=i,
+            kind=StepKind.HEUN if heun else StepKind.EULER,
+            t_cur=t_cur,
+            t_next=t_next,
+            dt=float(grid[i + 1] - grid[i]),
+            evals=evals,
+        )
+
+
+def _lightning_eval(t32: np.float32, g: GuidanceConfig) -> Evaluation:
+    return Evaluation(
+        t=float(t32),
+        ig=_lightning_active(t32, g.ig_interval, g.ig_scale),
+        cfg=_lightning_active(t32, g.cfg_interval, g.cfg_scale),
+    )
+
+
+def _lightning_steps(solver: Solver, n: int, shift: float, g: GuidanceConfig):
+    grid = shift_grid(torch.linspace(0.0, 1.0, n), shift).numpy().astype(np.float32)
+    for i in range(n - 1):
+        t0, t1 = grid[i], grid[i + 1]
+        dt = np.float32(t1 - t0)
+        first = _lightning_eval(t0, g)
+        if solver == Solver.HEUN2:
+            evals = (first, _lightning_eval(np.float32(t0 + dt), g))
+            kind = StepKind.HEUN
+        else:
+            evals = (first,)
+            kind = StepKind.EULER
+        yield Step(index=i, kind=kind, t_cur=float(t0), t_next=float(t1), dt=float(dt), evals=evals)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-element maths of the reference path. Shapes: x, v, d, noise (N, C, H, W); t, dt scalars.
+# --------------------------------------------------------------------------------------------
+
+
+def sit_drift(v: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
+    """SDE drift of the SiT linear path: d = v - 0.5 g^2 score, g^2 = 2t.
+
+    score(v, x, t) = ((alpha/alpha') v - x) / var with alpha = 1 - t, alpha' = -1, sigma = t,
+    var = sigma^2 - (alpha/alpha') sigma' sigma = t. Evaluated in the official order of operations.
+    """
+    ratio = (1.0 - t) / -1.0
+    var = t * t - ratio * 1.0 * t
+    score = (ratio * v - x) / var
+    return v - 0.5 * (2.0 * t) * score
+
+
+def sde_update(x: torch.Tensor, d: torch.Tensor, step: Step, noise: torch.Tensor | None) -> torch.Tensor:
+    """x + d dt + sqrt(2 t) sqrt(|dt|) eps  (or the mean x + dt d on the last step)."""
+    if step.kind == StepKind.SDE_LAST:
+        return x + step.dt * d
+    deps = noise * float(np.sqrt(abs(step.dt)))
+    return x + d * step.dt + float(np.sqrt(step.diffusion)) * deps
+
+
+def euler_update(x: torch.Tensor, v: torch.Tensor, dt: float) -> torch.Tensor:
+    return x + dt * v
+
+
+def heun_predict(x: torch.Tensor, k1: torch.Tensor, step: Step, family: Family) -> torch.Tensor:
+    """Predictor of a Heun step (SiT: x + dt k1; torchdiffeq: x + dt k1 * 1.0, identical)."""
+    return x + step.dt * k1
+
+
+def heun_correct(x: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, step: Step, family: Family) -> torch.Tensor:
+    """Corrector of a Heun step, in each family's order of operations."""
+    if family == Family.SIT:
+        return x + step.dt * (0.5 * k1 + 0.5 * k2)
+    return x + step.dt * (k1 * 0.5 + k2 * 0.5)
