@@ -89,7 +89,7 @@ class LabelEmbedder(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, normalised in fp32 and cast back (LightningDiT's RMSNorm, eps 1e-6)."""
+    """x / rms(x) * weight, computed in fp32 and cast back to x's dtype (LightningDiT's RMSNorm, eps 1e-6)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -98,8 +98,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
-        return normed * self.weight
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
 
 
 class Fp32LayerNorm(nn.LayerNorm):

@@ -1,0 +1,447 @@
+"""Safe checkpoint loading and model-config resolution.
+
+Formats
+  * ``.pt`` / ``.pth``: a bare state dict, or the official training dict ``{'model', 'ema', 'opt',
+    'args' (argparse.Namespace) | 'config' (dict), 'steps', ...}``; ``'ema'`` is preferred over
+    ``'model'``. Loaded with ``torch.load(weights_only=True)`` and ``argparse.Namespace`` as the only
+    extra safe global: a pickle that would construct anything else (i.e. could run code) is refused.
+  * ``.safetensors``: tensors plus optional igengine metadata (``igengine.model_config`` JSON, and
+    ``igengine.sampler_defaults`` for checkpoints that recommend their own sampler settings).
+
+Config resolution, per field, in this order: explicit overrides (CLI flags) > the checkpoint's own
+record (``args`` of SiT's train.py, ``config`` of LightningDiT's train.py, igengine metadata) >
+the named model preset > tensor shapes. Shapes are always checked against the result.
+``encoder_depth`` and ``num_heads`` cannot be read from shapes: they come from a flag, the
+checkpoint or a named model (whose official default is stated in the notes), never from a guess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from igengine.config import Family, ModelConfig
+from igengine.models import IGDiT, MODEL_NAMES, family_of, preset
+from igengine.models.registry import OFFICIAL_ENCODER_DEPTH
+
+META_CONFIG = "igengine.model_config"
+META_SAMPLER = "igengine.sampler_defaults"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: IGDiT
+    config: ModelConfig
+    path: Path
+    weights: str  # which entry the weights came from: 'ema', 'model', 'state_dict', 'safetensors'
+    notes: list[str] = field(default_factory=list)
+    sampler_defaults: dict[str, Any] | None = None
+    _sha256: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self.path)
+        return self._sha256
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading files
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_torch(path: Path) -> Any:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not _is_zip(path) and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle stream
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (neither zip nor pickle)")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):  # not a refusal by the safe unpickler: a damaged file
+            raise CheckpointError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0]}") from None
+        culprit = _unsafe_global(str(e))
+        raise CheckpointError(
+            f"refusing to load {path}: unpickling it would construct {culprit}, which could run code; "
+            "only tensors, plain containers and argparse.Namespace are accepted (convert it to safetensors "
+            "or re-save its state dict)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def _unsafe_global(message: str) -> str:
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    if m:
+        return m.group(1)
+    return "objects through pickle instructions the safe loader does not allow"
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any], dict[str, str]]:
+    """(state dict, weights entry, training record as a dict, safetensors metadata)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint is not a file: {path}")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"cannot open checkpoint {path}: {e.strerror}") from None
+
+    if path.suffix == ".safetensors":
+        state, meta = _read_safetensors(path)
+        return state, "safetensors", {}, meta
+
+    obj = _read_torch(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or a training checkpoint")
+    record: dict[str, Any] = {}
+    if isinstance(obj.get("args"), argparse.Namespace):
+        record = {"source": "args", **vars(obj["args"])}
+    elif isinstance(obj.get("config"), dict):
+        record = {"source": "config", **obj["config"]}
+    for entry in ("ema", "model", "state_dict"):
+        if isinstance(obj.get(entry), dict):
+            return _strip_prefixes(obj[entry]), entry, record, {}
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _strip_prefixes(obj), "state_dict", record, {}
+    raise CheckpointError(
+        f"{path} has no 'ema', 'model' or 'state_dict' entry and is not a bare state dict "
+        f"(top-level keys: {sorted(map(str, obj))[:8]})"
+    )
+
+
+def _strip_prefixes(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix) :]
+        out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Config resolution
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShapeFacts:
+    """What the tensors alone say about the architecture."""
+
+    hidden_size: int
+    patch_size: int
+    in_channels: int
+    input_size: int
+    depth: int
+    label_rows: int
+    out_channels: int
+    decoder_hidden_size: int
+    qk_norm: bool
+    use_swiglu: bool
+    use_rope: bool
+    use_rmsnorm: bool
+    wo_shift: bool
+    mlp_hidden: int
+
+
+def shape_facts(state: dict[str, torch.Tensor], path: Path) -> ShapeFacts:
+    need = ["x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "final_layer.linear.weight",
+            "final_layer_xr.linear.weight"]
+    missing = [k for k in need if k not in state]
+    if missing:
+        hint = " (no IG head 'final_layer_xr': this is not an IG checkpoint)" if "final_layer_xr.linear.weight" in missing else ""
+        raise CheckpointError(f"{path} is not an IG DiT state dict: missing {missing}{hint}")
+    w = state["x_embedder.proj.weight"]
+    hidden, in_ch, p, _ = w.shape
+    tokens = state["pos_embed"].shape[1]
+    grid = int(round(tokens ** 0.5))
+    block_ids = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    depth = max(block_ids) + 1 if block_ids else 0
+    lin = state["final_layer.linear.weight"]
+    ada = state.get("blocks.0.adaLN_modulation.1.weight")
+    swiglu = "blocks.0.mlp.w12.weight" in state
+    mlp_hidden = (state["blocks.0.mlp.w3.weight"].shape[1] if swiglu else
+                  state["blocks.0.mlp.fc1.weight"].shape[0]) if depth else 0
+    return ShapeFacts(
+        hidden_size=hidden,
+        patch_size=p,
+        in_channels=in_ch,
+        input_size=grid * p,
+        depth=depth,
+        label_rows=state["y_embedder.embedding_table.weight"].shape[0],
+        out_channels=lin.shape[0] // (p * p),
+        decoder_hidden_size=lin.shape[1],
+        qk_norm="blocks.0.attn.q_norm.weight" in state,
+        use_swiglu=swiglu,
+        use_rope="feat_rope.freqs_cos" in state,
+        use_rmsnorm="blocks.0.norm1.weight" in state,
+        wo_shift=ada is not None and ada.shape[0] == 4 * hidden,
+        mlp_hidden=mlp_hidden,
+    )
+
+
+def _record_model_fields(record: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """Model name and architecture fields written by the official training scripts."""
+    if record.get("source") == "args":  # SiT/train.py argparse.Namespace
+        fields = {}
+        for key in ("encoder_depth", "num_classes", "qk_norm", "num_heads"):
+            if record.get(key) is not None:
+                fields[key] = record[key]
+        return record.get("model"), fields
+    if record.get("source") == "config":  # LightningDiT/train.py yaml dict
+        m = record.get("model", {}) or {}
+        fields = {}
+        mapping = {"encoder_depth": "encoder_depth", "use_qknorm": "qk_norm", "use_swiglu": "use_swiglu",
+                   "use_rope": "use_rope", "use_rmsnorm": "use_rmsnorm", "wo_shift": "wo_shift",
+                   "learn_sigma": "learn_sigma", "in_chans": "in_channels"}
+        for src, dst in mapping.items():
+            if m.get(src) is not None:
+                fields[dst] = m[src]
+        nc = (record.get("data", {}) or {}).get("num_classes")
+        if nc is not None:
+            fields["num_classes"] = nc
+        return m.get("model_type"), fields
+    return None, {}
+
+
+def resolve_config(
+    state: dict[str, torch.Tensor],
+    path: Path,
+    record: dict[str, Any],
+    meta: dict[str, str],
+    model_name: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[ModelConfig, list[str]]:
+    """Resolve the ModelConfig of a checkpoint (see the module docstring for the order)."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    notes: list[str] = []
+    facts = shape_facts(state, path)
+
+    stored: dict[str, Any] = {}
+    if META_CONFIG in meta:
+        try:
+            stored = json.loads(meta[META_CONFIG])
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{path}: metadata {META_CONFIG} is not valid JSON") from None
+    rec_name, rec_fields = _record_model_fields(record)
+    source_of_record = {"args": "checkpoint args", "config": "checkpoint config"}.get(record.get("source"), "")
+
+    name = model_name or rec_name or stored.get("name")
+    if name is None:
+        raise CheckpointError(
+            f"{path} records no model name: pass --model (one of {', '.join(MODEL_NAMES)}) so that the family, "
+            "num_heads and encoder_depth are known rather than guessed"
+        )
+    name_src = "--model" if model_name else (source_of_record if rec_name else "checkpoint metadata")
+
+    if stored:
+        base = ModelConfig.from_dict(stored)
+        if model_name and model_name != base.name:
+            base = _preset_or_error(model_name, path)
+        notes.append(f"config from {name_src}")
+    else:
+        base = _preset_or_error(name, path)
+        notes.append(f"model {name} from {name_src}")
+
+    if family_mismatch := _family_mismatch(base.family, facts):
+        raise CheckpointError(f"{path} does not look like a {base.family.value} model: {family_mismatch}")
+
+    fields: dict[str, Any] = {}
+    # Architecture that shapes determine.
+    fields.update(
+        hidden_size=facts.hidden_size,
+        patch_size=facts.patch_size,
+        in_channels=facts.in_channels,
+        input_size=facts.input_size,
+        depth=facts.depth,
+        qk_norm=facts.qk_norm,
+        use_swiglu=facts.use_swiglu,
+        use_rope=facts.use_rope,
+        use_rmsnorm=facts.use_rmsnorm,
+        wo_shift=facts.wo_shift,
+        learn_sigma=facts.out_channels == 2 * facts.in_channels,
+    )
+    if base.family == Family.SIT:
+        fields["decoder_hidden_size"] = None if facts.decoder_hidden_size == facts.hidden_size else facts.decoder_hidden_size
+    for arch_key in ("hidden_size", "patch_size", "depth"):
+        if getattr(base, arch_key) != fields[arch_key] and not stored:
+            notes.append(f"{arch_key} {fields[arch_key]} read from the tensors (preset {name} has {getattr(base, arch_key)})")
+
+    # num_classes: the record, else the label table (one extra null row when CFG dropout was used).
+    if "num_classes" in overrides:
+        fields["num_classes"] = int(overrides["num_classes"])
+    elif "num_classes" in rec_fields:
+        fields["num_classes"] = int(rec_fields["num_classes"])
+    elif stored:
+        fields["num_classes"] = base.num_classes
+    else:
+        fields["num_classes"] = facts.label_rows - 1
+        notes.append(f"num_classes {facts.label_rows - 1} from the label table ({facts.label_rows} rows incl. the null class)")
+    extra_rows = facts.label_rows - fields["num_classes"]
+    if extra_rows not in (0, 1):
+        raise CheckpointError(
+            f"{path}: label table has {facts.label_rows} rows, which does not fit num_classes {fields['num_classes']}"
+        )
+    # Only its sign matters at sampling time: > 0 means the table has the null (CFG) row.
+    fields["class_dropout_prob"] = (base.class_dropout_prob or 0.1) if extra_rows else 0.0
+
+    # num_heads and encoder_depth: never from shapes.
+    for key in ("num_heads", "encoder_depth"):
+        if key in overrides:
+            fields[key] = int(overrides[key])
+            src = f"--{key.replace('_', '-')}"
+        elif key in rec_fields:
+            fields[key] = int(rec_fields[key])
+            src = source_of_record
+        elif stored:
+            fields[key] = getattr(base, key)
+            src = getattr(base, f"{key}_source")
+        else:
+            fields[key] = getattr(base, key)
+            src = f"official default for {base.name}"
+            if key == "encoder_depth":
+                notes.append(
+                    f"encoder_depth {fields[key]} is the official default of {base.name}: the checkpoint records none "
+                    f"(SiT's train.py has no --encoder-depth flag); pass --encoder-depth if the model was trained otherwise"
+                )
+        fields[f"{key}_source"] = src
+
+    for key in ("qk_norm", "use_swiglu", "use_rope", "use_rmsnorm", "wo_shift", "learn_sigma", "in_channels"):
+        if key in rec_fields and bool(rec_fields[key]) != bool(fields[key]) and key != "in_channels":
+            notes.append(f"checkpoint record says {key}={rec_fields[key]} but the tensors say {fields[key]}; using the tensors")
+    for key, value in overrides.items():
+        if key not in ("num_heads", "encoder_depth", "num_classes"):
+            fields[key] = value
+
+    try:
+        cfg = base.replace(**fields)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return cfg, notes
+
+
+def _preset_or_error(name: str, path: Path) -> ModelConfig:
+    try:
+        return preset(name)
+    except KeyError:
+        raise CheckpointError(f"unknown model {name!r} (for {path}); known models: {', '.join(MODEL_NAMES)}") from None
+
+
+def _family_mismatch(family: Family, facts: ShapeFacts) -> str:
+    if family == Family.SIT and (facts.use_swiglu or facts.use_rope or facts.use_rmsnorm or facts.wo_shift):
+        return "it has LightningDiT layers (SwiGLU / RoPE / RMSNorm / no-shift adaLN); pass a LightningDiT --model"
+    return ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise CheckpointError naming missing, unexpected and mis-shaped keys."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(
+        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or misshaped:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+                parts.append(f"{len(keys)} {label} keys: {shown}")
+        raise CheckpointError(f"{what}: " + "; ".join(parts))
+
+
+def load_checkpoint(
+    path: str | Path,
+    model_name: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> LoadedCheckpoint:
+    """Load an IG DiT checkpoint safely and build its model (fp32, eval mode, CPU)."""
+    path = Path(path)
+    state, entry, record, meta = read_checkpoint(path)
+    cfg, notes = resolve_config(state, path, record, meta, model_name=model_name, overrides=overrides)
+    model = IGDiT(cfg)
+    check_state_dict(model, state, f"{path} does not match {cfg.name}")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+    model.eval()
+    sampler_defaults = json.loads(meta[META_SAMPLER]) if META_SAMPLER in meta else None
+    if entry != "safetensors":
+        notes.insert(0, f"weights from '{entry}'")
+    return LoadedCheckpoint(model, cfg, path, entry, notes, sampler_defaults)
+
+
+def save_safetensors(model: IGDiT, path: str | Path, sampler_defaults: dict | None = None,
+                     extra: dict[str, str] | None = None) -> None:
+    """Write a model as safetensors with its config (and optional sampler defaults) as metadata."""
+    from safetensors.torch import save_file
+
+    meta = {META_CONFIG: json.dumps(model.config.to_dict())}
+    if sampler_defaults is not None:
+        meta[META_SAMPLER] = json.dumps(sampler_defaults)
+    meta.update(extra or {})
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata=meta)
+
+
+__all__ = [
+    "CheckpointError",
+    "LoadedCheckpoint",
+    "check_state_dict",
+    "family_of",
+    "load_checkpoint",
+    "read_checkpoint",
+    "resolve_config",
+    "save_safetensors",
+]

@@ -1,0 +1,198 @@
+"""The `igengine` command line: parse flags, build a job, call the library. Nothing else lives here.
+
+Errors are one line on stderr (``igengine: error: ...``) with exit status 2 for bad usage or
+input and 1 for failures during a run; never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _click_classes(name: str) -> tuple[type, ...]:
+    """An exception class of click, from typer's vendored copy (typer >= 0.20) and/or click itself."""
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = __import__(module, fromlist=[name])
+        except ImportError:
+            continue
+        cls = getattr(mod, name, None)
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+_USAGE_ERRORS = _click_classes("UsageError")
+_NO_ARGS_HELP = _click_classes("NoArgsIsHelpError")
+_EXIT = _click_classes("Exit") + (typer.Exit,)
+_ABORT = _click_classes("Abort") + (typer.Abort,)
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="igengine: reproducible, fast sampling for IG diffusion transformers.",
+)
+
+SAMPLE_EPILOG = """\b
+Examples:
+  igengine sample --n 64 --out out/digits            # the embedded digits model, on the CPU
+  igengine sample --ckpt SiT-XL-2-IG.pt --n 8 --no-decode --out out/sit   # paper settings, latents
+  igengine sample --ckpt lightningdit-xl-1-ig.pt --model LightningDiT-XL/1 --cfg-scale 1 --ig-scale 1.7 --no-decode --out out/ldit
+"""
+
+
+class UsageFailure(Exception):
+    pass
+
+
+@app.command(epilog=SAMPLE_EPILOG)
+def sample(
+    out: Path = typer.Option(Path("samples"), "--out", help="Output folder (samples.npz, png/, manifest.json)."),
+    n: int = typer.Option(16, "--n", help="Number of samples (indices 0..n-1)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Samples per sampler batch (results do not depend on it)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the noise contract, in [0, 2^64)."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint (.pt/.pth/.safetensors); default: the embedded digits model."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name, e.g. SiT-XL/2 or LightningDiT-XL/1 (overrides the checkpoint's)."),
+    encoder_depth: Optional[int] = typer.Option(None, "--encoder-depth", help="Block after which the IG head sits (overrides the checkpoint)."),
+    num_heads: Optional[int] = typer.Option(None, "--num-heads", help="Attention heads (overrides the checkpoint/model name)."),
+    labels: str = typer.Option("random", "--labels", help="random | balanced | FILE (.npy or text of class ids, one per sample)."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="SiT: sde | ode-euler | ode-heun; LightningDiT: heun2 | euler."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Solver steps (SiT) / grid points (LightningDiT)."),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="CFG scale (1 = off)."),
+    cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="LOW,HIGH in the family's time (SiT: t=1 noise)."),
+    ig_scale: Optional[float] = typer.Option(None, "--ig-scale", help="Internal Guidance scale (1 = off)."),
+    ig_interval: Optional[str] = typer.Option(None, "--ig-interval", help="LOW,HIGH in the family's time."),
+    timestep_shift: Optional[float] = typer.Option(None, "--timestep-shift", help="LightningDiT timestep shift s (0 = none)."),
+    precision: str = typer.Option("reference", "--precision", help="reference | fp32 | bf16 | fp16."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    backend: str = typer.Option("torch", "--backend", help="Network backend: torch."),
+    png: bool = typer.Option(False, "--png", help="Also write one PNG per sample under OUT/png/."),
+    save_latents: Optional[Path] = typer.Option(None, "--save-latents", help="Also write the final latents to FILE.npy."),
+    no_decode: bool = typer.Option(False, "--no-decode", help="Write latents only (OUT/latents.npy), no pixels."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different run's outputs in OUT."),
+) -> None:
+    """Draw samples with IG (+CFG), bit-reproducibly, and write samples.npz + manifest.json."""
+    from igengine.config import Precision
+    from igengine.run import SampleJob, parse_interval, run_sample
+
+    if precision not in {p.value for p in Precision}:
+        raise UsageFailure(f"unknown --precision {precision!r}; choose from {', '.join(p.value for p in Precision)}")
+    job = SampleJob(
+        out=out, n=n, batch_size=batch_size, seed=seed, ckpt=ckpt, model=model, encoder_depth=encoder_depth,
+        num_heads=num_heads, labels=labels, solver=solver, steps=steps, cfg_scale=cfg_scale,
+        cfg_interval=parse_interval(cfg_interval, "--cfg-interval") if cfg_interval is not None else None,
+        ig_scale=ig_scale, ig_interval=parse_interval(ig_interval, "--ig-interval") if ig_interval is not None else None,
+        timestep_shift=timestep_shift, precision=precision, device=device, backend=backend, png=png,
+        save_latents=save_latents, no_decode=no_decode, overwrite=overwrite,
+    )
+    interactive = sys.stderr.isatty()
+    progress = _rich_progress() if interactive else None
+    result = run_sample(job, progress)
+    summary = {
+        "out": str(result.out),
+        "n": job.n,
+        "wall_s": round(result.wall_s, 3),
+        "samples_per_s": round(result.samples_per_s, 3),
+        "model": result.manifest["model"]["name"],
+        "sampler": result.manifest["sampler"],
+        "notes": result.notes,
+    }
+    if interactive:
+        typer.echo(f"wrote {job.n} samples to {result.out} in {result.wall_s:.1f} s "
+                   f"({result.samples_per_s:.2f} samples/s)", err=True)
+        for note in result.notes:
+            typer.echo(f"  note: {note}", err=True)
+    typer.echo(json.dumps(summary))
+
+
+def _rich_progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from igengine.run import Progress as Hooks
+
+    bar = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False)
+    state: dict = {}
+
+    def start(total: int) -> None:
+        import time
+
+        bar.start()
+        state["task"] = bar.add_task("sample", total=total, rate="")
+        state["t0"] = time.perf_counter()
+
+    def advance(done: int) -> None:
+        import time
+
+        dt = time.perf_counter() - state["t0"]
+        bar.update(state["task"], completed=done, rate=f"{done / dt:.2f} samples/s" if dt > 0 else "")
+
+    return Hooks(start=start, advance=advance, finish=bar.stop)
+
+
+@app.command()
+def info() -> None:
+    """Versions and what this machine can run (GPU, ONNX Runtime, TensorRT, compiled kernels)."""
+    import importlib.util
+
+    import torch
+
+    import igengine
+
+    facts = {
+        "igengine": igengine.__version__,
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "onnxruntime": importlib.util.find_spec("onnxruntime") is not None,
+        "tensorrt": importlib.util.find_spec("tensorrt") is not None,
+    }
+    typer.echo(json.dumps(facts, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script: turns every known failure into one line on stderr."""
+    from igengine.checkpoint import CheckpointError
+    from igengine.outputs import OutputError
+    from igengine.run import JobError
+    from igengine.sampler import NonFiniteError
+
+    try:
+        app(args=argv, prog_name="igengine", standalone_mode=False)
+    except _NO_ARGS_HELP as e:
+        typer.echo(e.ctx.get_help() if e.ctx else str(e))
+        return 0
+    except _EXIT as e:
+        return e.exit_code
+    except _ABORT:
+        typer.echo("igengine: interrupted", err=True)
+        return 130
+    except _USAGE_ERRORS as e:
+        typer.echo(f"igengine: error: {e.format_message()}", err=True)
+        return 2
+    except (UsageFailure, JobError, CheckpointError) as e:
+        typer.echo(f"igengine: error: {e}", err=True)
+        return 2
+    except (OutputError, NonFiniteError) as e:
+        typer.echo(f"igengine: error: {e}", err=True)
+        return 1
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        typer.echo(f"igengine: error: {e.strerror or e}{where}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        typer.echo("igengine: interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny IG models of both families with every parameter random (no identity layers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from igengine.config import Family, ModelConfig
+from igengine.models import IGDiT
+
+TINY = {
+    "sit": ModelConfig(family=Family.SIT, name="SiT-tiny", input_size=8, patch_size=2, in_channels=4,
+                       hidden_size=64, depth=3, num_heads=4, encoder_depth=1, num_classes=10, qk_norm=True),
+    "lightningdit": ModelConfig(family=Family.LIGHTNINGDIT, name="LightningDiT-tiny", input_size=4, patch_size=1,
+                                in_channels=8, hidden_size=64, depth=3, num_heads=4, encoder_depth=2, num_classes=10,
+                                qk_norm=True, use_swiglu=True, use_rope=True, use_rmsnorm=True),
+}
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "pos_embed":
+                continue
+            base = 1.0 if name.endswith("norm.weight") else 0.0
+            p.copy_(base + scale * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def tiny_model(family: str, seed: int = 0, **overrides) -> IGDiT:
+    cfg = TINY[family].replace(**overrides) if overrides else TINY[family]
+    return randomize_(IGDiT(cfg), seed)
+
+
+@pytest.fixture(params=["sit", "lightningdit"])
+def family_name(request):
+    return request.param

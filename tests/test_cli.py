@@ -1,0 +1,179 @@
+"""`igengine sample` end to end on the embedded model, and every bad input of issue 2.
+
+Each bad input must give one line on stderr, a non-zero exit and no traceback, and must leave
+whatever was already written untouched.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from igengine.checkpoint import save_safetensors
+from igengine.cli import main
+from igengine.run import DEFAULT_CHECKPOINT
+from tests.conftest import randomize_, tiny_model
+
+pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="embedded checkpoint missing")
+
+
+def run_cli(capsys, *args):
+    code = main(["sample", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, expect):
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("igengine: error:") and "Traceback" not in err
+    assert expect in lines[0], lines[0]
+
+
+def test_embedded_model_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "--n", 6, "--batch-size", 4, "--steps", 6, "--out", out, "--png",
+                                "--save-latents", tmp_path / "lat.npy")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["n"] == 6 and summary["model"] == "SiT-digits"
+    data = np.load(out / "samples.npz")
+    assert data["arr_0"].shape == (6, 8, 8, 3) and data["arr_0"].dtype == np.uint8
+    assert data["labels"].dtype == np.int64 and data["labels"].shape == (6,)
+    assert (data["arr_0"][..., 0] == data["arr_0"][..., 2]).all()
+    assert len(list((out / "png").glob("*.png"))) == 6
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["model"]["encoder_depth"] == 2 and m["model"]["encoder_depth_source"]
+    assert m["checkpoint"]["sha256"] and m["sampler"]["solver"] == "sde" and m["sampler"]["steps"] == 6
+    assert m["complete"] == [[0, 6]] and m["precision"] == "reference" and m["backend"]["backend"] == "torch"
+    assert np.load(tmp_path / "lat.npy").shape == (6, 1, 8, 8)
+    # Same command again into the same folder: allowed, same result.
+    before = (out / "samples.npz").read_bytes()
+    assert run_cli(capsys, "--n", 6, "--batch-size", 3, "--steps", 6, "--out", out)[0] == 0
+    again = np.load(out / "samples.npz")
+    assert np.array_equal(again["arr_0"], np.load(__import__("io").BytesIO(before))["arr_0"])
+
+
+def test_a_different_run_into_the_same_folder_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(capsys, "--n", 2, "--steps", 4, "--out", out)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = run_cli(capsys, "--n", 2, "--steps", 4, "--seed", 5, "--out", out)
+    assert_one_line_error(code, err, "different run")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert run_cli(capsys, "--n", 2, "--steps", 4, "--seed", 5, "--out", out, "--overwrite")[0] == 0
+
+
+def test_labels_from_files(tmp_path, capsys):
+    np.save(tmp_path / "y.npy", np.array([3, 1, 4]))
+    (tmp_path / "y.txt").write_text("3, 1\n4\n")
+    for f in ("y.npy", "y.txt"):
+        out = tmp_path / f"out-{f}"
+        assert run_cli(capsys, "--n", 3, "--steps", 4, "--labels", tmp_path / f, "--out", out)[0] == 0
+        assert np.load(out / "samples.npz")["labels"].tolist() == [3, 1, 4]
+
+
+def test_balanced_labels(tmp_path, capsys):
+    assert run_cli(capsys, "--n", 12, "--steps", 3, "--labels", "balanced", "--out", tmp_path / "b")[0] == 0
+    assert np.load(tmp_path / "b" / "samples.npz")["labels"].tolist() == list(range(10)) + [0, 1]
+
+
+@pytest.fixture
+def evil_checkpoint(tmp_path):
+    import os
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"ema": {}, "args": Payload()}, path)
+    return path
+
+
+def test_bad_inputs(tmp_path, capsys, evil_checkpoint):
+    (tmp_path / "short.txt").write_text("1 2")
+    (tmp_path / "big.txt").write_text("1 2 10")
+    (tmp_path / "a_file").write_text("x")
+    ldit = tmp_path / "ldit.pt"
+    torch.save(tiny_model("lightningdit").state_dict(), ldit)
+    cases = [
+        (["--ckpt", tmp_path / "nope.pt"], "checkpoint not found"),
+        (["--ckpt", evil_checkpoint], "refusing to load"),
+        (["--ckpt", ldit, "--model", "SiT-B/2"], "does not look like a sit model"),
+        (["--ckpt", ldit, "--model", "Nope-XL/9"], "unknown model"),
+        (["--n", 0], "--n must be >= 1"),
+        (["--n", -3], "--n must be >= 1"),
+        (["--batch-size", 0], "--batch-size must be >= 1"),
+        (["--n", 3, "--labels", tmp_path / "short.txt"], "has 2 class ids but --n is 3"),
+        (["--n", 3, "--labels", tmp_path / "big.txt"], "class id 10 is outside [0, 10)"),
+        (["--n", 3, "--labels", tmp_path / "missing.txt"], "labels file not found"),
+        (["--cfg-interval", "0.5,1.5"], "--cfg-interval"),
+        (["--ig-interval", "0.8,0.2"], "--ig-interval"),
+        (["--cfg-interval", "abc"], "LOW,HIGH"),
+        (["--cfg-scale", -1], "--cfg-scale"),
+        (["--ig-scale", -0.5], "--ig-scale"),
+        (["--steps", 0], "--steps must be >= 1"),
+        (["--solver", "heun2"], "not a sit solver"),
+        (["--precision", "fp8"], "unknown --precision"),
+        (["--out", tmp_path / "a_file"], "is not a folder"),
+        (["--out", tmp_path / "a_file" / "sub"], "cannot create output folder"),
+        (["--seed", -1], "--seed"),
+        (["--save-latents", tmp_path / "x.txt"], ".npy"),
+    ]
+    for args, expect in cases:
+        args = list(args)
+        if "--out" not in args:
+            args += ["--out", tmp_path / "o"]
+        code, _, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, expect)
+    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "o" / "samples.npz").exists()
+
+
+def test_unwritable_folder(tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("running as root: permission bits do not stop root (the not-a-folder cases are tested above)")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code, _, err = run_cli(capsys, "--n", 1, "--out", locked)
+        assert_one_line_error(code, err, "not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_nan_in_latents_is_reported_with_step_and_indices(tmp_path, capsys):
+    model = tiny_model("sit", in_channels=1, input_size=8)
+    with torch.no_grad():
+        model.final_layer.linear.bias.fill_(float("inf"))
+    path = tmp_path / "blowup.safetensors"
+    save_safetensors(model, path)
+    code, _, err = run_cli(capsys, "--ckpt", path, "--n", 3, "--steps", 5, "--cfg-scale", 1, "--ig-scale", 1,
+                           "--no-decode", "--out", tmp_path / "nan")
+    assert_one_line_error(code, err, "NaN/Inf in the latents at solver step 0 for sample indices [0, 1, 2]")
+    assert not (tmp_path / "nan" / "manifest.json").exists()
+
+
+def test_latent_model_needs_no_decode(tmp_path, capsys):
+    path = tmp_path / "sit.safetensors"
+    save_safetensors(randomize_(tiny_model("sit")), path)
+    code, _, err = run_cli(capsys, "--ckpt", path, "--n", 2, "--steps", 3, "--out", tmp_path / "a")
+    assert_one_line_error(code, err, "--no-decode")
+    code, _, err = run_cli(capsys, "--ckpt", path, "--n", 2, "--steps", 3, "--no-decode", "--out", tmp_path / "a")
+    assert code == 0, err
+    assert np.load(tmp_path / "a" / "latents.npy").shape == (2, 4, 8, 8)
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "igengine", "sample", "--n", "abc"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("igengine: error:") and "Traceback" not in proc.stderr

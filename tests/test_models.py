@@ -1,0 +1,98 @@
+"""Models: the official state-dict layout, one forward with two outputs, the IG head's depth, precision."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from igengine.config import Precision
+from igengine.models import IGDiT, MODEL_NAMES, apply_precision, preset
+from tests.conftest import tiny_model
+
+LAYOUT = json.loads((Path(__file__).parent / "data" / "official_state_dict_layout.json").read_text())["models"]
+
+
+def _layout(cfg):
+    with torch.device("meta"):
+        model = IGDiT(cfg)
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "key,cfg",
+    [
+        ("SiT-B/2 qk_norm", preset("SiT-B/2", qk_norm=True)),
+        ("SiT-XL/2", preset("SiT-XL/2")),
+        ("LightningDiT-XL/1", preset("LightningDiT-XL/1")),
+        ("LightningDiT-B/1 qknorm wo_shift plain",
+         preset("LightningDiT-B/1", qk_norm=True, wo_shift=True, use_swiglu=False, use_rope=False, use_rmsnorm=False)),
+    ],
+)
+def test_state_dict_layout_equals_the_official_one(key, cfg):
+    """Key names and shapes recorded from the official constructors (tests/data): strict loading works."""
+    assert _layout(cfg) == LAYOUT[key]
+
+
+def test_every_named_model_builds():
+    for name in MODEL_NAMES:
+        cfg = preset(name)
+        assert cfg.encoder_depth == 8 and "official default" in cfg.encoder_depth_source
+        with torch.device("meta"):
+            IGDiT(cfg)
+    with pytest.raises(KeyError, match="unknown model"):
+        preset("SiT-XXL/2")
+
+
+def test_forward_returns_final_and_intermediate(family_name):
+    model = tiny_model(family_name)
+    c = model.config
+    x = torch.randn(5, *c.latent_shape)
+    v_final, v_inter = model(x, torch.rand(5), torch.randint(0, c.num_classes + 1, (5,)))
+    assert v_final.shape == v_inter.shape == x.shape
+    assert not torch.allclose(v_final, v_inter)
+
+
+def test_intermediate_output_reads_block_encoder_depth(family_name):
+    """v_inter depends on blocks 1..encoder_depth only; later blocks change v_final alone."""
+    model = tiny_model(family_name)
+    c = model.config
+    x, t, y = torch.randn(2, *c.latent_shape), torch.rand(2), torch.tensor([1, 2])
+    f0, i0 = model(x, t, y)
+    with torch.no_grad():
+        model.blocks[c.encoder_depth].mlp.requires_grad_(False)
+        for p in model.blocks[c.encoder_depth].parameters():
+            p.add_(0.1)
+    f1, i1 = model(x, t, y)
+    assert torch.equal(i0, i1)
+    assert not torch.allclose(f0, f1)
+    shifted = IGDiT(c.replace(encoder_depth=c.encoder_depth + 1))
+    shifted.load_state_dict(model.state_dict())
+    assert not torch.allclose(shifted.eval()(x, t, y)[1], i1)
+
+
+def test_batch_rows_are_independent(family_name):
+    model = tiny_model(family_name)
+    c = model.config
+    x, t, y = torch.randn(4, *c.latent_shape), torch.rand(4), torch.tensor([0, 1, 2, 3])
+    f_all, i_all = model(x, t, y)
+    f_one, i_one = model(x[2:3], t[2:3], y[2:3])
+    assert torch.allclose(f_all[2:3], f_one, atol=1e-6) and torch.allclose(i_all[2:3], i_one, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision,dtype,tol", [(Precision.BF16, torch.bfloat16, 5e-2), (Precision.FP16, torch.float16, 5e-3)])
+def test_low_precision_keeps_norms_and_modulation_fp32(family_name, precision, dtype, tol):
+    """Tolerance: bf16 has an 8-bit mantissa (rel. step 2^-8 = 4e-3) and fp16 11 bits (5e-4); a few
+    roundings per block through 3 blocks stays within ~10x one step on outputs of magnitude ~1."""
+    ref = tiny_model(family_name)
+    low = apply_precision(tiny_model(family_name), precision)
+    for name, p in low.named_parameters():
+        in_matmul = re.match(r"blocks\.\d+\.(attn\.(qkv|proj)|mlp)\.", name) is not None
+        assert p.dtype == (dtype if in_matmul else torch.float32), name
+    c = ref.config
+    x, t, y = torch.randn(3, *c.latent_shape), torch.rand(3), torch.tensor([0, 4, 9])
+    with torch.inference_mode():
+        for a, b in zip(ref(x, t, y), low(x, t, y)):
+            assert b.dtype == torch.float32
+            assert (a - b).abs().max() < tol * max(1.0, a.abs().max().item())
