@@ -122,6 +122,9 @@ IGK_EXPORT int igk_cpu_step(const igk_step_params* p, const igk_step_buffers* b,
 /* Raw words of the noise contract: out uint32 [n, blocks, 4]. */
 IGK_EXPORT int igk_cpu_philox(uint64_t seed, uint32_t stream, const int64_t* indices, int64_t n, int64_t blocks,
                               uint32_t* out);
+/* Philox4x32-10 on arbitrary counters (known-answer tests): ctr uint32 [count, 4], key uint32 [count, 2],
+ * out uint32 [count, 4]. */
+IGK_EXPORT int igk_cpu_philox_raw(const uint32_t* ctr, const uint32_t* key, int64_t count, uint32_t* out);
 /* Gaussians of the noise contract: out float32 [n, numel]. */
 IGK_EXPORT int igk_cpu_gaussian(uint64_t seed, uint32_t stream, const int64_t* indices, int64_t n, int64_t numel,
                                 float* out, int num_threads);

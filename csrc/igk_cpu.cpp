@@ -95,6 +95,15 @@ IGK_EXPORT int igk_cpu_philox(uint64_t seed, uint32_t stream, const int64_t* ind
     return igk::ok();
 }
 
+IGK_EXPORT int igk_cpu_philox_raw(const uint32_t* ctr, const uint32_t* key, int64_t count, uint32_t* out) {
+    if (!ctr || !key || !out) return igk::fail(IGK_ERR_NULL, "ctr, key and out must not be NULL");
+    if (count < 0) return igk::fail(IGK_ERR_SIZE, "count must be >= 0");
+    for (int64_t i = 0; i < count; ++i)
+        igk_philox4x32_10(ctr[4 * i], ctr[4 * i + 1], ctr[4 * i + 2], ctr[4 * i + 3], key[2 * i], key[2 * i + 1],
+                          out + 4 * i);
+    return igk::ok();
+}
+
 IGK_EXPORT int igk_cpu_gaussian(uint64_t seed, uint32_t stream, const int64_t* indices, int64_t n, int64_t numel,
                                 float* out, int num_threads) {
     if (!indices || !out) return igk::fail(IGK_ERR_NULL, "indices and out must not be NULL");

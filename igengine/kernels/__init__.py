@@ -20,6 +20,7 @@ _LAZY = {
     "cpu_library": "igengine.kernels.library",
     "cuda_library": "igengine.kernels.library",
     "library_for": "igengine.kernels.library",
+    "load_library": "igengine.kernels.library",
     "KernelError": "igengine.kernels.library",
     "fused_step": "igengine.kernels.binding",
     "gaussian": "igengine.kernels.binding",

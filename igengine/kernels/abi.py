@@ -106,6 +106,7 @@ _CPU = {
     "igk_cpu_step": ([_P(StepParams), _P(StepBuffers), ctypes.c_int], ctypes.c_int),
     "igk_cpu_philox": ([ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                         ctypes.c_void_p], ctypes.c_int),
+    "igk_cpu_philox_raw": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p], ctypes.c_int),
     "igk_cpu_gaussian": ([ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                           ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
 }

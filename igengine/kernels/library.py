@@ -94,6 +94,21 @@ class KernelLibrary:
                                            ctypes.c_void_p(cuda_stream))
         self._check(rc, "philox")
 
+    def philox_raw(self, counters, keys):
+        """Philox4x32-10 on arbitrary counters (CPU twin only): uint32 (M, 4), (M, 2) -> uint32 (M, 4)."""
+        import numpy as np
+
+        if self.kind != "cpu":
+            raise KernelError("philox_raw is a CPU-twin function")
+        ctr = np.ascontiguousarray(counters, dtype=np.uint32).reshape(-1, 4)
+        key = np.ascontiguousarray(keys, dtype=np.uint32).reshape(-1, 2)
+        if key.shape[0] != ctr.shape[0]:
+            raise ValueError(f"{ctr.shape[0]} counters but {key.shape[0]} keys")
+        out = np.empty_like(ctr)
+        rc = self.cdll.igk_cpu_philox_raw(ctr.ctypes.data, key.ctypes.data, ctr.shape[0], out.ctypes.data)
+        self._check(rc, "philox_raw")
+        return out
+
     def gaussian(self, seed: int, stream: int, indices_ptr: int, n: int, numel: int, out_ptr: int,
                  num_threads: int = 0, device: int = 0, cuda_stream: int = 0) -> None:
         """Gaussians of the noise contract into out (float32 [n, numel])."""
@@ -143,6 +158,20 @@ def _open(kind: str, path: Path) -> tuple[KernelLibrary | None, str]:
     if problem:
         return None, problem
     return KernelLibrary(cdll, kind, path), ""
+
+
+def load_library(path: Path | str, kind: str) -> KernelLibrary:
+    """Open the library file ``path`` of ``kind`` ('cpu' or 'cuda') directly, bypassing the search.
+
+    Raises KernelError if it cannot be loaded or speaks another ABI. A CUDA library is not probed
+    here: call ``lib.cdll.igk_cuda_probe(device)`` (or use ``cuda_library``) before launching.
+    """
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
+    lib, problem = _open(kind, Path(path))
+    if lib is None:
+        raise KernelError(f"{path}: {problem}")
+    return lib
 
 
 _lock = threading.Lock()
