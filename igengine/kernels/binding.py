@@ -159,6 +159,14 @@ def _launch_step(lib: KernelLibrary, params: abi.StepParams, buffers: abi.StepBu
         lib.step(params, buffers, num_threads=torch.get_num_threads())
 
 
+def _resolve(device) -> torch.device:
+    """torch.device with an explicit index for CUDA ('cuda' -> 'cuda:<current>')."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _index_tensor(indices, device: torch.device) -> torch.Tensor:
     idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
     if idx.device.type == "cpu" and idx.numel() and int(idx.min()) < 0:
@@ -174,7 +182,7 @@ def gaussian(seed: int, indices, stream: int, shape, device="cpu", library: Kern
     seed, stream = int(seed), int(stream)
     _need(0 <= seed < 2**64, f"seed must lie in [0, 2^64), got {seed}")
     _need(0 <= stream < 2**32, f"stream must lie in [0, 2^32), got {stream}")
-    device = torch.device(device)
+    device = _resolve(device)
     shape = tuple(int(s) for s in shape)
     numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
     idx = _index_tensor(indices, device)
@@ -196,7 +204,7 @@ def philox_words(seed: int, indices, stream: int, num_blocks: int, device="cpu",
     """Raw Philox words of the contract (``igengine.noise.philox_words``): uint32 (N, num_blocks, 4) on the host."""
     seed, stream = int(seed), int(stream)
     _need(0 <= seed < 2**64 and 0 <= stream < 2**32, "seed must lie in [0, 2^64) and stream in [0, 2^32)")
-    device = torch.device(device)
+    device = _resolve(device)
     idx = _index_tensor(indices, device)
     out = torch.empty((idx.numel(), int(num_blocks), 4), dtype=torch.int32, device=device)
     if idx.numel() and num_blocks > 0:
