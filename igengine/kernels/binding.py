@@ -34,33 +34,38 @@ def _need(cond: bool, msg: str) -> None:
 
 def _check_tensor(name: str, t: torch.Tensor, device: torch.device, dtypes: tuple[torch.dtype, ...],
                   rows: int, e: int) -> None:
+    """Raise KernelInputError unless t is a contiguous (rows, ...) tensor of rows * e elements on device.
+
+    The cheap conditions are tested first; messages are formatted only on failure (this runs ~10
+    times per launch).
+    """
+    if (isinstance(t, torch.Tensor) and t.device == device and t.dtype in dtypes and t.is_contiguous()
+            and t.dim() >= 1 and t.shape[0] == rows and t.numel() == rows * e):
+        return
     _need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
     _need(t.device == device, f"{name} is on {t.device} but x is on {device}: move it with .to('{device}')")
     names = "/".join(str(d).replace("torch.", "") for d in dtypes)
     _need(t.dtype in dtypes, f"{name} has dtype {str(t.dtype).replace('torch.', '')}, expected {names}")
     _need(t.is_contiguous(), f"{name} is not contiguous: pass {name}.contiguous()")
-    _need(t.dim() >= 1 and t.shape[0] == rows and t.numel() == rows * e,
-          f"{name} has shape {tuple(t.shape)}, expected {rows} rows of {e} elements")
-
-
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    start = t.data_ptr()
-    return start, start + t.numel() * t.element_size()
+    raise KernelInputError(f"{name} has shape {tuple(t.shape)}, expected {rows} rows of {e} elements")
 
 
 def _check_no_overlap(named: dict[str, torch.Tensor | None], outputs: tuple[str, ...], x_out_may_be_x: bool) -> None:
-    present = {k: v for k, v in named.items() if v is not None and v.numel() > 0}
+    spans = {}
+    for k, t in named.items():
+        if t is not None:
+            start = t.data_ptr()
+            spans[k] = (start, start + t.numel() * t.element_size())
     for out in outputs:
-        if out not in present:
+        if out not in spans:
             continue
-        a0, a1 = _span(present[out])
-        for other, t in present.items():
-            if other == out:
+        a0, a1 = spans[out]
+        for other, (b0, b1) in spans.items():
+            if other == out or a1 <= b0 or b1 <= a0 or a0 == a1 or b0 == b1:
                 continue
-            if x_out_may_be_x and {out, other} == {"x", "x_out"} and _span(t) == (a0, a1):
+            if x_out_may_be_x and {out, other} == {"x", "x_out"} and (a0, a1) == (b0, b1):
                 continue  # in-place update: each element is read before it is written, by the same thread
-            b0, b1 = _span(t)
-            _need(a1 <= b0 or b1 <= a0, f"{out} overlaps {other} in memory: give the kernel separate buffers")
+            raise KernelInputError(f"{out} overlaps {other} in memory: give the kernel separate buffers")
 
 
 def fused_step(params: abi.StepParams, x: torch.Tensor, v_final: torch.Tensor, v_inter: torch.Tensor | None = None,
