@@ -40,13 +40,14 @@ def _run(cmd: list[str], quiet: bool) -> None:
 
 
 def build(cuda: str = "auto", cuda_arch: str | None = None, build_dir: Path | str | None = None,
-          lib_dir: Path | str | None = None, quiet: bool = False) -> Path:
+          lib_dir: Path | str | None = None, quiet: bool = False, cmake_args: list[str] | tuple[str, ...] = ()) -> Path:
     """Configure and build; returns the folder holding the libraries.
 
     cuda: 'auto' (build the CUDA library if a compiler is found), 'on' (fail without one), 'off'.
     cuda_arch: CMAKE_CUDA_ARCHITECTURES (default 80-real;90-real;90-virtual).
     build_dir: CMake build folder (default build/kernels; one folder per cuda setting is advisable).
     lib_dir: output folder of the libraries (default igengine/_lib).
+    cmake_args: extra configure arguments, e.g. ["-DCMAKE_CUDA_FLAGS=-allow-unsupported-compiler"].
     """
     if cuda not in ("auto", "on", "off"):
         raise ValueError(f"cuda must be auto, on or off, got {cuda!r}")
@@ -63,6 +64,7 @@ def build(cuda: str = "auto", cuda_arch: str | None = None, build_dir: Path | st
         cfg += ["-G", "Ninja"]
     if cuda_arch:
         cfg.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}")
+    cfg += list(cmake_args)
     _run(cfg, quiet)
     _run([cmake, "--build", str(build_dir), "--parallel", str(os.cpu_count() or 2)], quiet)
     if cuda == "on":
@@ -80,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cuda-arch", default=None, help="CMAKE_CUDA_ARCHITECTURES, e.g. '90-real' or '80-real;90-real'")
     ap.add_argument("--build-dir", default=None, help=f"CMake build folder (default {DEFAULT_BUILD_DIR})")
     ap.add_argument("--lib-dir", default=None, help="output folder (default igengine/_lib)")
+    ap.add_argument("--cmake-arg", action="append", default=[], metavar="ARG",
+                    help="extra CMake configure argument (repeatable), e.g. -DCMAKE_CUDA_FLAGS=-allow-unsupported-compiler")
     args = ap.parse_args(argv)
     try:
-        out = build(args.cuda, args.cuda_arch, args.build_dir, args.lib_dir)
+        out = build(args.cuda, args.cuda_arch, args.build_dir, args.lib_dir, cmake_args=args.cmake_arg)
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
