@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from igengine.config import Family, GuidanceConfig, Precision, SamplerConfig, Solver
+from igengine.config import Family, GuidanceConfig, Precision, Solver
 from igengine.kernels import abi, library
 from igengine.kernels import parity as P
 from igengine.kernels.binding import KernelInputError, fused_step, gaussian, philox_words
@@ -367,6 +367,7 @@ def test_fused_plan_runner_equals_plan_runner(twin_discovered, name, solver, cfg
     assert fused.path() == "cpu-twin"
     flags = [(ev.cfg, ev.ig) for s in fused.plan.steps for ev in s.evals]
     assert {f[0] for f in flags} == {True, False}, "the CFG interval must switch inside the run"
+    assert {f[1] for f in flags} == {True, False}, "the IG interval must switch inside the run"
     indices, labels = torch.tensor([3, 2**33 + 1, 11]), torch.tensor([1, 2, 9])
     ref = PlanRunner(backend, sampler).run(5, indices, labels)
     got = fused.run(5, indices, labels)

@@ -25,7 +25,7 @@ from igengine.config import Family, Precision, Solver
 from igengine.kernels import library
 from igengine.kernels import parity as P
 from igengine.kernels.binding import KernelInputError, fused_step, gaussian, philox_words
-from igengine.kernels.params import Phase, step_params
+from igengine.kernels.params import step_params
 from igengine.noise import gaussian as ref_gaussian
 from igengine.noise import philox_words as ref_philox_words
 

@@ -257,7 +257,7 @@ def step_cases() -> list[Case]:
 # End-to-end runs on a tiny random IG DiT
 # ------------------------------------------------------------------------------------------------
 
-# (model, solver, CFG interval, timestep shift): each CFG interval switches CFG inside a 10-step run.
+# (model, solver, CFG interval, timestep shift): CFG (and IG, interval (0, 0.8)) switch inside each 10-step run.
 E2E_RUNS = (
     ("SiT-S/2", Solver.SDE, (0.0, 0.7), 0.0),
     ("SiT-S/2", Solver.ODE_EULER, (0.0, 0.55), 0.0),
@@ -288,5 +288,5 @@ def tiny_backend(name: str, precision: Precision = Precision.FP32, device="cpu")
 
 def e2e_sampler(solver: Solver, cfg_interval, shift: float, precision: Precision = Precision.FP32,
                 steps: int = 10) -> SamplerConfig:
-    g = GuidanceConfig(ig_scale=1.4, ig_interval=(0.0, 0.9), cfg_scale=1.5, cfg_interval=tuple(cfg_interval))
+    g = GuidanceConfig(ig_scale=1.4, ig_interval=(0.0, 0.8), cfg_scale=1.5, cfg_interval=tuple(cfg_interval))
     return SamplerConfig(solver=solver, steps=steps, guidance=g, timestep_shift=shift, precision=precision)
