@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# One-call GPU check of igengine: build the CUDA kernels for the GPU present, run every gpu-marked
+# test of the project, time the fused step against the reference glue, and record it all.
+#
+#   bash benchmarks/device_check.sh            # from anywhere; runs from the repository root
+#
+# Needs: python with torch (CUDA build), pytest, cmake, nvcc (CUDACXX, PATH or /usr/local/cuda/bin).
+# No network access and no pip installs. Every section is independent (a failing or hanging section
+# is recorded and the next one runs) and the whole script stops itself before 8 minutes.
+# Results: benchmarks/results/device_check_<stamp>.{json,log} (+ the benchmark JSON and a JUnit XML),
+# copied to "$OUT" when that is set. Without a GPU it degrades to a build + skipped tests.
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+ROOT=$(pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+STAMP=$(date -u +%Y%m%d-%H%M%S)
+RES="$ROOT/benchmarks/results"
+mkdir -p "$RES"
+PREFIX="$RES/device_check_$STAMP"
+LOG="$PREFIX.log"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/igengine_device_check.XXXXXX")
+SECTIONS="$WORK/sections.tsv"
+: > "$SECTIONS"
+START=$(date +%s)
+TOTAL_BUDGET=${DEVICE_CHECK_BUDGET:-450}   # seconds; the call limit is 8 minutes
+SUMMARY_RESERVE=25
+
+remaining() { echo $(( START + TOTAL_BUDGET - SUMMARY_RESERVE - $(date +%s) )); }
+
+# run_section NAME CAP_SECONDS COMMAND...: run under a timeout of min(CAP, time left); record rc and seconds.
+run_section() {
+  local name=$1 cap=$2; shift 2
+  local left; left=$(remaining)
+  local limit=$(( cap < left ? cap : left ))
+  echo
+  echo "=== [$name] (limit ${limit}s, $(( $(date +%s) - START ))s elapsed) ==="
+  if (( limit < 5 )); then
+    echo "skipped: out of time"
+    printf '%s\t%s\t%s\n' "$name" "skipped" 0 >> "$SECTIONS"
+    return
+  fi
+  local t0; t0=$(date +%s)
+  timeout -k 10 "$limit" "$@"
+  local rc=$?
+  (( rc == 124 || rc == 137 )) && echo "!!! [$name] timed out after ${limit}s"
+  echo "--- [$name] rc=$rc in $(( $(date +%s) - t0 ))s"
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$SECTIONS"
+}
+
+main() {
+  echo "igengine device check $STAMP in $ROOT"
+
+  # ---- python ------------------------------------------------------------------------------------
+  PY=""
+  for c in ${PYTHON:-} python3 python; do
+    if command -v "$c" > /dev/null 2>&1 && timeout 60 "$c" -c "import torch" > /dev/null 2>&1; then PY=$c; break; fi
+  done
+  if [[ -z "$PY" ]]; then echo "!!! no python with torch found"; PY=python3; fi
+  export PY
+
+  # ---- nvcc --------------------------------------------------------------------------------------
+  if [[ -z "${CUDACXX:-}" ]]; then
+    if command -v nvcc > /dev/null 2>&1; then export CUDACXX=$(command -v nvcc)
+    elif [[ -x /usr/local/cuda/bin/nvcc ]]; then export CUDACXX=/usr/local/cuda/bin/nvcc
+    fi
+  fi
+
+  run_section nvidia-smi 20 bash -c 'if command -v nvidia-smi >/dev/null; then nvidia-smi; nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv; else echo "nvidia-smi not found (no NVIDIA driver?)"; exit 3; fi'
+
+  run_section environment 60 bash -c '
+    echo "python: $(command -v $PY) $($PY --version 2>&1)"
+    echo "CUDACXX=${CUDACXX:-<unset>}"; [[ -n "${CUDACXX:-}" ]] && "$CUDACXX" --version | tail -2
+    cmake --version | head -1; ninja --version 2>/dev/null | sed "s/^/ninja /"
+    $PY -c "
+import torch
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available())
+if torch.cuda.is_available():
+    for i in range(torch.cuda.device_count()):
+        print(f\"  cuda:{i}\", torch.cuda.get_device_name(i), \"sm_%d%d\" % torch.cuda.get_device_capability(i))
+"'
+
+  # ---- architecture of the GPU present ------------------------------------------------------------
+  ARCH=""
+  if command -v nvidia-smi > /dev/null 2>&1; then
+    ARCH=$(timeout 20 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .\r')
+  fi
+  if ! [[ "$ARCH" =~ ^[0-9]{2,3}$ ]]; then
+    ARCH=$(timeout 60 $PY -c "import torch; c = torch.cuda.get_device_capability(0); print(f'{c[0]}{c[1]}')" 2>/dev/null | tail -1)
+  fi
+  if [[ "$ARCH" =~ ^[0-9]{2,3}$ ]]; then
+    CUDA_ARCHS="${ARCH}-real;${ARCH}-virtual"
+    echo "GPU architecture: sm_$ARCH -> CMAKE_CUDA_ARCHITECTURES=$CUDA_ARCHS"
+  else
+    CUDA_ARCHS="80-real;90-real;90-virtual"
+    echo "GPU architecture not detected -> default CMAKE_CUDA_ARCHITECTURES=$CUDA_ARCHS"
+  fi
+  export CUDA_ARCHS
+
+  run_section build 200 bash -c '
+    $PY -m igengine.kernels.build --cuda auto --cuda-arch "$CUDA_ARCHS" --build-dir build/kernels-device
+    rc=$?
+    if (( rc != 0 )) && [[ -n "${CUDACXX:-}" ]]; then
+      echo "!!! build failed; retrying once with -allow-unsupported-compiler (host compiler newer than nvcc knows?)"
+      rm -rf build/kernels-device
+      $PY -m igengine.kernels.build --cuda auto --cuda-arch "$CUDA_ARCHS" --build-dir build/kernels-device \
+        --cmake-arg=-DCMAKE_CUDA_FLAGS=-allow-unsupported-compiler
+      rc=$?
+    fi
+    ls -l igengine/_lib 2>/dev/null
+    exit $rc'
+
+  run_section kernels 60 $PY -c "
+import json, igengine.kernels as K
+d = K.describe()
+print(json.dumps(d, indent=1))
+open('$WORK/kernels.json', 'w').write(json.dumps(d))
+print('kernel path:', d['path'])"
+
+  run_section pytest-gpu 210 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$PREFIX.pytest.xml" tests
+
+  run_section benchmark 150 $PY benchmarks/kernel_bench.py --device cuda --budget 0.5 --out "$WORK/bench.json"
+
+  # ---- record and summarise -------------------------------------------------------------------------
+  echo
+  echo "=== [summary] ==="
+  timeout -k 5 40 $PY - "$WORK" "$PREFIX" "$LOG" <<'PYEOF'
+import hashlib, json, os, re, subprocess, sys
+from pathlib import Path
+work, prefix, log = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+root = Path.cwd()
+try:
+    from benchmarks.provenance import provenance
+    prov = provenance()
+except Exception as exc:  # noqa: BLE001
+    prov = {"error": f"{type(exc).__name__}: {exc}"}
+if prov.get("commit", "unknown") == "unknown" and os.environ.get("IGENGINE_COMMIT"):
+    prov["commit"] = os.environ["IGENGINE_COMMIT"]
+h = hashlib.sha256()  # the kernel sources, in case the copy has no .git
+for p in sorted(list(root.glob("csrc/*")) + list(root.glob("igengine/kernels/*.py")) + [root / "CMakeLists.txt"]):
+    if p.is_file():
+        h.update(p.name.encode()); h.update(p.read_bytes())
+sections = [dict(zip(("name", "rc", "seconds"), line.split("\t"))) for line in
+            (work / "sections.tsv").read_text().splitlines() if line]
+text = log.read_text(errors="replace") if log.exists() else ""
+m = re.findall(r"^=+ (.*(?:passed|failed|skipped|error|no tests ran).*) =+$", text, re.M) or \
+    re.findall(r"^(\d+ (?:passed|failed|skipped|error).*)$", text, re.M)
+smi = ""
+try:
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version,memory.total",
+                          "--format=csv,noheader"], capture_output=True, text=True, timeout=15).stdout.strip()
+except Exception:  # noqa: BLE001
+    pass
+def load(p):
+    try:
+        return json.loads(Path(p).read_text())
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"{type(exc).__name__}: {exc}"}
+bench = load(work / "bench.json")
+result = {"provenance": prov, "kernel_sources_sha256": h.hexdigest(), "gpu": smi,
+          "cuda_architectures": os.environ.get("CUDA_ARCHS"), "sections": sections,
+          "pytest_gpu_summary": m[-1] if m else None, "kernels": load(work / "kernels.json"), "benchmark": bench}
+out = prefix.with_suffix(".json")
+out.write_text(json.dumps(result, indent=1) + "\n")
+print("sections:", ", ".join(f"{s['name']}={s['rc']} ({s['seconds']}s)" for s in sections))
+print("pytest -m gpu:", result["pytest_gpu_summary"])
+print("kernel path:", result["kernels"].get("path"), "| commit:", prov.get("commit"),
+      "| sources:", result["kernel_sources_sha256"][:12])
+if "rows" in bench:
+    try:
+        from benchmarks.kernel_bench import table
+        print(table(bench))
+    except Exception as exc:  # noqa: BLE001
+        print("table failed:", exc)
+else:
+    print("benchmark:", bench.get("error"))
+print("written", out)
+PYEOF
+  echo "total $(( $(date +%s) - START ))s"
+}
+
+main 2>&1 | tee "$LOG"
+
+if [[ -n "${OUT:-}" ]]; then
+  mkdir -p "$OUT"
+  cp -f "$PREFIX".* "$OUT"/ 2>/dev/null
+  cp -f "$WORK/bench.json" "$OUT/kernels_cuda_$STAMP.json" 2>/dev/null
+  cp -f "$WORK/bench.json" "$RES/kernels_cuda_$STAMP.json" 2>/dev/null
+  echo "copied results to $OUT"
+else
+  cp -f "$WORK/bench.json" "$RES/kernels_cuda_$STAMP.json" 2>/dev/null
+fi
+rm -rf "$WORK"
+exit 0

@@ -1,0 +1,45 @@
+"""Fused guidance + solver-update kernels (csrc/): CUDA, a bit-faithful CPU twin, or the reference path.
+
+Importing this package loads nothing and never touches CUDA: the libraries are opened on first use.
+
+    >>> import igengine.kernels as K
+    >>> K.kernel_path()          # 'cuda', 'cpu-twin' or 'reference'
+    >>> K.describe()             # JSON-able status of both libraries (for `igengine info`)
+
+Build the libraries with ``python -m igengine.kernels.build`` (CMake; the CUDA one only where nvcc
+is found). ``FusedPlanRunner`` (igengine.kernels.runner) is the sampling loop that uses them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "kernel_path": "igengine.kernels.library",
+    "describe": "igengine.kernels.library",
+    "cpu_library": "igengine.kernels.library",
+    "cuda_library": "igengine.kernels.library",
+    "library_for": "igengine.kernels.library",
+    "load_library": "igengine.kernels.library",
+    "KernelError": "igengine.kernels.library",
+    "fused_step": "igengine.kernels.binding",
+    "gaussian": "igengine.kernels.binding",
+    "philox_words": "igengine.kernels.binding",
+    "KernelInputError": "igengine.kernels.binding",
+    "KernelUnavailable": "igengine.kernels.binding",
+    "step_params": "igengine.kernels.params",
+    "Phase": "igengine.kernels.params",
+    "FusedPlanRunner": "igengine.kernels.runner",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'igengine.kernels' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

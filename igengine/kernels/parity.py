@@ -1,0 +1,292 @@
+"""Parity harness: one fused launch (or Heun pair) against the reference step of ``PlanRunner``.
+
+The reference is not re-implemented here: ``PlanRunner.advance`` / ``PlanRunner.field`` run unchanged
+on a ``ReplayBackend`` that returns prepared network outputs and records the rows it was fed. The
+tests (tests/test_kernels.py on the CPU twin, tests/test_kernels_gpu.py on CUDA) and the
+benchmarks drive both sides through this module.
+
+The backend contract says outputs are float32; a case with bf16/fp16 outputs therefore feeds the
+kernel the raw low-precision tensors and the reference their exact float32 upcast.
+"""
+
+from __future__ import annotations
+
+import zlib
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from igengine.config import Family, GuidanceConfig, ModelConfig, Precision, SamplerConfig, Solver
+from igengine.kernels.binding import fused_step
+from igengine.kernels.library import KernelLibrary
+from igengine.kernels.params import Phase, step_params
+from igengine.models.registry import preset
+from igengine.noise import sde_stream
+from igengine.sampler import PlanRunner
+from igengine.solvers import SDE_T_END, Evaluation, Step, StepKind
+
+IG_SCALE = 1.4
+CFG_SCALE = 1.5
+# DESIGN.md section 9, kernels: |fused - reference| <= KERNEL_RTOL * max(1, |reference|) elementwise.
+KERNEL_RTOL = 1e-6
+
+
+class ReplayBackend:
+    """A Backend that returns prepared (v_final, v_inter) pairs in order and records its inputs."""
+
+    name = "replay"
+    max_batch = None
+
+    def __init__(self, config: ModelConfig, outputs: list[tuple[torch.Tensor, torch.Tensor]], device="cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        self.outputs = list(outputs)
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, x, t, y):
+        if not self.outputs:
+            raise RuntimeError("ReplayBackend: more network calls than prepared outputs")
+        self.inputs.append((x.clone(), t.clone(), y.clone()))
+        vf, vi = self.outputs.pop(0)
+        return vf.float(), vi.float()
+
+    def describe(self) -> dict:
+        return {"backend": self.name}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One parity case.
+
+    kind: 'sde', 'sde-last', 'euler' or 'heun'. ig / cfg: guidance active at the (first)
+    evaluation; cfg2: CFG at the Heun corrector's evaluation; dup_next: the launch writes the next
+    network input twice. shape: (C, H, W) of one sample (H == W). vdtype: network output dtype.
+    """
+
+    family: Family
+    kind: str
+    ig: bool
+    cfg: bool
+    dup_next: bool
+    vdtype: torch.dtype = torch.float32
+    n: int = 2
+    shape: tuple[int, int, int] = (3, 5, 5)
+    cfg2: bool = False
+    seed: int = 20240917
+    step_index: int = 3
+    x_offset: int = 0  # > 0: x lives at this element offset of a larger buffer (misaligned rows)
+
+    @property
+    def id(self) -> str:
+        dt = str(self.vdtype).replace("torch.", "")
+        c2 = f"-cfg2{int(self.cfg2)}" if self.kind == "heun" else ""
+        off = f"-off{self.x_offset}" if self.x_offset else ""
+        return (f"{self.family.value}-{self.kind}-ig{int(self.ig)}-cfg{int(self.cfg)}{c2}-dup{int(self.dup_next)}-"
+                f"{dt}-n{self.n}-{'x'.join(map(str, self.shape))}{off}")
+
+
+def model_config(case: Case) -> ModelConfig:
+    """A tiny model config whose latent shape is the case's (only the shape and the null class matter)."""
+    c, h, w = case.shape
+    if h != w:
+        raise ValueError("latent shapes are square (C, S, S)")
+    name = "SiT-S/2" if case.family == Family.SIT else "LightningDiT-B/1"
+    return preset(name, input_size=h, patch_size=1, in_channels=c, depth=1, hidden_size=64, num_heads=4,
+                  encoder_depth=1, num_classes=10)
+
+
+def sampler_config(case: Case) -> SamplerConfig:
+    if case.family == Family.SIT:
+        solver = {"sde": Solver.SDE, "sde-last": Solver.SDE, "euler": Solver.ODE_EULER, "heun": Solver.ODE_HEUN}[case.kind]
+    else:
+        if case.kind.startswith("sde"):
+            raise ValueError("the SDE kinds belong to the SiT family")
+        solver = {"euler": Solver.EULER, "heun": Solver.HEUN2}[case.kind]
+    g = GuidanceConfig(ig_scale=IG_SCALE, cfg_scale=CFG_SCALE)
+    return SamplerConfig(solver=solver, steps=10, guidance=g, precision=Precision.FP32)
+
+
+def make_step(case: Case, rng: np.random.Generator) -> Step:
+    """A plan step of the case's kind at a random time (SiT: t from 1 down; LightningDiT: 0 up)."""
+    k = case.step_index
+    if case.family == Family.SIT:
+        if case.kind == "sde-last":
+            t_cur, t_next = SDE_T_END, 0.0
+        else:
+            t_cur = float(rng.uniform(0.1, 1.0))
+            t_next = t_cur - float(rng.uniform(0.02, 0.3))
+    else:
+        t_cur = float(np.float32(rng.uniform(0.0, 0.8)))
+        t_next = float(np.float32(t_cur + rng.uniform(0.02, 0.2)))
+    dt = t_next - t_cur
+    if case.family == Family.LIGHTNINGDIT:
+        dt = float(np.float32(np.float32(t_next) - np.float32(t_cur)))
+    first = Evaluation(t=t_cur, ig=case.ig, cfg=case.cfg)
+    kind = {"sde": StepKind.SDE, "sde-last": StepKind.SDE_LAST, "euler": StepKind.EULER, "heun": StepKind.HEUN}[case.kind]
+    evals = (first,)
+    if kind == StepKind.HEUN:
+        t_mid = t_next if case.family == Family.SIT else float(np.float32(np.float32(t_cur) + np.float32(dt)))
+        evals = (first, Evaluation(t=t_mid, ig=case.ig, cfg=case.cfg2))
+    return Step(index=k, kind=kind, t_cur=t_cur, t_next=t_next, dt=dt, evals=evals,
+                noise_stream=sde_stream(k) if kind == StepKind.SDE else None)
+
+
+@dataclass
+class Inputs:
+    step: Step
+    x: torch.Tensor                 # (N, C, H, W) float32
+    labels: torch.Tensor            # (N,) int64
+    indices: torch.Tensor           # (N,) int64, on the host
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per evaluation, vdtype
+
+
+def make_inputs(case: Case, device="cpu") -> Inputs:
+    """Seeded random state, labels, sample indices (some >= 2^32) and network outputs for every evaluation."""
+    rng = np.random.default_rng(zlib.crc32(case.id.encode()))
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    step = make_step(case, rng)
+    n = case.n
+    x = torch.randn((n, *case.shape), generator=gen)
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    indices = torch.tensor(rng.integers(0, 2**40, size=n), dtype=torch.int64)
+    outputs = []
+    for ev in step.evals:
+        rows = 2 * n if ev.cfg else n
+        vf = torch.randn((rows, *case.shape), generator=gen) * 1.5
+        vi = vf + 0.5 * torch.randn((rows, *case.shape), generator=gen)
+        outputs.append((vf.to(case.vdtype).to(device), vi.to(case.vdtype).to(device)))
+    return Inputs(step, x.to(device), labels.to(device), indices, outputs)
+
+
+def reference(case: Case, inp: Inputs, device="cpu") -> dict[str, torch.Tensor]:
+    """PlanRunner's step: x_next, the next network input, and for Heun k1 and the corrector's input rows."""
+    cfg = model_config(case)
+    backend = ReplayBackend(cfg, inp.outputs, device)
+    runner = PlanRunner(backend, sampler_config(case))
+    x_next = runner.advance(inp.step, inp.x, inp.labels, case.seed, inp.indices)
+    out = {"x_next": x_next.float(), "net_next": (torch.cat([x_next, x_next]) if case.dup_next else x_next).float()}
+    if inp.step.kind == StepKind.HEUN:
+        out["net_mid"] = backend.inputs[1][0]
+        k1_backend = ReplayBackend(cfg, inp.outputs[:1], device)
+        out["k1"] = PlanRunner(k1_backend, sampler_config(case)).field(inp.x, inp.labels, inp.step.evals[0], drift=False)
+    return out
+
+
+def fused(case: Case, inp: Inputs, library: KernelLibrary | None = None, in_place: bool = False) -> dict[str, torch.Tensor]:
+    """The same step through the kernels: x_next, net_next, and for Heun k1 and net_mid (x_pred rows)."""
+    device = inp.x.device
+    n = case.n
+    e = int(np.prod(case.shape))
+    if case.x_offset:
+        store = torch.empty(n * e + case.x_offset, dtype=torch.float32, device=device)
+        x = store[case.x_offset:].view(n, e)
+        x.copy_(inp.x.reshape(n, e))
+    else:
+        x = inp.x.reshape(n, e).clone()
+    g = sampler_config(case).guidance
+    idx = inp.indices.to(device)
+    first_bad = torch.full((n,), -1, dtype=torch.int64, device=device)
+    out = {}
+    x_out = x if in_place else torch.empty_like(x)
+    net_next = torch.empty(((2 if case.dup_next else 1) * n, e), dtype=torch.float32, device=device)
+    vf, vi = inp.outputs[0]
+    step = inp.step
+    if step.kind == StepKind.HEUN:
+        ev1 = step.evals[1]
+        k1 = torch.empty_like(x)
+        net_mid = torch.empty(((2 if ev1.cfg else 1) * n, e), dtype=torch.float32, device=device)
+        pred = step_params(case.family, g, step, phase=Phase.PREDICT, dup_next=ev1.cfg, seed=case.seed)
+        fused_step(pred, x, vf, vi, k1_out=k1, net_out=net_mid, library=library)
+        vf, vi = inp.outputs[1]
+        corr = step_params(case.family, g, step, phase=Phase.CORRECT, dup_next=case.dup_next, seed=case.seed)
+        fused_step(corr, x, vf, vi, k1=k1, x_out=x_out, net_out=net_next, first_bad=first_bad, library=library)
+        out["k1"] = k1.view(n, *case.shape)
+        out["net_mid"] = net_mid.view(-1, *case.shape)
+    else:
+        p = step_params(case.family, g, step, dup_next=case.dup_next, seed=case.seed)
+        fused_step(p, x, vf, vi, indices=idx, x_out=x_out, net_out=net_next, first_bad=first_bad, library=library)
+    out["x_next"] = x_out.view(n, *case.shape)
+    out["net_next"] = net_next.view(-1, *case.shape)
+    out["first_bad"] = first_bad
+    return out
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max(1, |ref|) (inf if shapes differ or got is non-finite where ref is finite)."""
+    if got.shape != ref.shape:
+        return float("inf")
+    got, ref = got.double().cpu(), ref.double().cpu()
+    fin_g, fin_r = torch.isfinite(got), torch.isfinite(ref)
+    if not torch.equal(fin_g, fin_r):
+        return float("inf")
+    err = ((got - ref).abs() / ref.abs().clamp_min(1.0))[fin_r]
+    return float(err.max()) if err.numel() else 0.0
+
+
+def compare(case: Case, got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Relative errors of every output the reference has."""
+    return {k: rel_err(got[k], ref[k]) for k in ref}
+
+
+# ------------------------------------------------------------------------------------------------
+# The case matrix shared by the CPU-twin and the CUDA tests
+# ------------------------------------------------------------------------------------------------
+
+KINDS = ((Family.SIT, "sde"), (Family.SIT, "sde-last"), (Family.SIT, "euler"), (Family.SIT, "heun"),
+         (Family.LIGHTNINGDIT, "euler"), (Family.LIGHTNINGDIT, "heun"))
+# batch 1 with E = 27 (a tail of 3); E = 64 (whole blocks: the vectorised path); E = 1 (one partial
+# block); E = 147 (tail of 3, several blocks).
+SIZES = ((1, (3, 3, 3)), (3, (4, 4, 4)), (2, (1, 1, 1)), (2, (3, 7, 7)))
+VDTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def step_cases() -> list[Case]:
+    """Every kind x IG on/off x CFG on/off x next-input duplication on/off x output dtype x size
+    (x CFG on/off at the Heun corrector)."""
+    out = []
+    for (fam, kind), ig, cfg, dup, dt, (n, shape) in itertools.product(
+            KINDS, (False, True), (False, True), (False, True), VDTYPES, SIZES):
+        for cfg2 in ((False, True) if kind == "heun" else (False,)):
+            out.append(Case(fam, kind, ig, cfg, dup, dt, n, shape, cfg2=cfg2))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# End-to-end runs on a tiny random IG DiT
+# ------------------------------------------------------------------------------------------------
+
+# (model, solver, CFG interval, timestep shift): CFG (and IG, interval (0, 0.8)) switch inside each 10-step run.
+E2E_RUNS = (
+    ("SiT-S/2", Solver.SDE, (0.0, 0.7), 0.0),
+    ("SiT-S/2", Solver.ODE_EULER, (0.0, 0.55), 0.0),
+    ("SiT-S/2", Solver.ODE_HEUN, (0.3, 0.7), 0.0),
+    ("LightningDiT-B/1", Solver.HEUN2, (0.19, 1.0), 0.3),
+    ("LightningDiT-B/1", Solver.EULER, (0.0, 0.5), 0.0),
+)
+# 10 steps through a random network: per-step parity of 1e-6 relative, amplified by the network's
+# Lipschitz constant over the steps, stays far below this (observed: 0 on the CPU twin).
+E2E_RTOL = 1e-5
+
+
+def tiny_backend(name: str, precision: Precision = Precision.FP32, device="cpu"):
+    """TorchBackend of a 2-block, width-64 IG DiT with every parameter random (no zero-initialised head)."""
+    from igengine.backends import TorchBackend
+    from igengine.models import IGDiT
+
+    over = dict(input_size=8, depth=2, hidden_size=64, num_heads=4, encoder_depth=1, num_classes=10)
+    if name.startswith("LightningDiT"):
+        over["in_channels"] = 6
+    torch.manual_seed(0)
+    model = IGDiT(preset(name, **over))
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.copy_(torch.randn_like(prm) * 0.05)
+    return TorchBackend(model, precision, device=device)
+
+
+def e2e_sampler(solver: Solver, cfg_interval, shift: float, precision: Precision = Precision.FP32,
+                steps: int = 10) -> SamplerConfig:
+    g = GuidanceConfig(ig_scale=1.4, ig_interval=(0.0, 0.8), cfg_scale=1.5, cfg_interval=tuple(cfg_interval))
+    return SamplerConfig(solver=solver, steps=steps, guidance=g, timestep_shift=shift, precision=precision)

@@ -1,0 +1,259 @@
+"""The CUDA kernels (csrc/igk_cuda.cu) against the reference step on the GPU, and their runtime contract.
+
+Every test is marked ``gpu`` and skips with a reason without a GPU or a buildable CUDA library.
+Nothing touches CUDA at import or collection time: the module fixture does, when a test runs.
+The library comes from the normal search (igengine/_lib, IGENGINE_KERNELS_DIR); if none can run on
+this GPU, the fixture builds one for it into build/kernels-test-cuda/.
+
+Tolerance: as for the CPU twin, |fused - reference| <= 1e-6 * max(1, |reference|) elementwise. The
+kernel rounds like the reference's float32 operations (--fmad=false) except that PyTorch's CUDA
+division by a scalar multiplies by its reciprocal (one rounding more in the SiT score), which is
+far inside the bound.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from igengine.config import Family, Precision, Solver
+from igengine.kernels import library
+from igengine.kernels import parity as P
+from igengine.kernels.binding import KernelInputError, fused_step, gaussian, philox_words
+from igengine.kernels.params import step_params
+from igengine.noise import gaussian as ref_gaussian
+from igengine.noise import philox_words as ref_philox_words
+
+pytestmark = pytest.mark.gpu
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_BUILD = ROOT / "build" / "kernels-test-cuda"
+CASES = P.step_cases()
+
+
+def _arch() -> str:
+    major, minor = torch.cuda.get_device_capability(0)
+    return f"{major}{minor}"
+
+
+@pytest.fixture(scope="module")
+def cuda_lib() -> library.KernelLibrary:
+    from igengine.kernels.build import BuildError, build
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU (torch.cuda.is_available() is False)")
+    library._reset_for_tests()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a stale library is rebuilt below
+        lib = library.cuda_library(0)
+    if lib is not None:
+        return lib
+    status = library.library_status("cuda", 0)
+    try:
+        lib_dir = build(cuda="on", cuda_arch=f"{_arch()}-real", build_dir=TEST_BUILD, lib_dir=TEST_BUILD / "lib",
+                        quiet=True)
+    except BuildError as exc:
+        if "no CUDA compiler" in str(exc) or shutil.which("cmake") is None:
+            pytest.skip(f"no usable CUDA kernel library ({status.state}: {status.detail}) and no CUDA compiler")
+        pytest.fail(f"building the CUDA library for sm_{_arch()} failed: {exc}")
+    lib = library.load_library(lib_dir / library.library_filename(library.CUDA_STEM), "cuda")
+    if lib.cdll.igk_cuda_probe(0) != 0:
+        pytest.fail(f"freshly built CUDA library cannot run here: {lib.cdll.igk_last_error().decode()}")
+    return lib
+
+
+@pytest.fixture
+def cuda_discovered(cuda_lib, monkeypatch):
+    monkeypatch.setenv(library.ENV_DIR, str(cuda_lib.path.parent))
+    monkeypatch.delenv(library.ENV_SWITCH, raising=False)
+    library._reset_for_tests()
+    yield cuda_lib
+    library._reset_for_tests()
+
+
+def _assert_parity(case, got, ref):
+    errs = P.compare(case, got, ref)
+    bad = {k: v for k, v in errs.items() if not v <= P.KERNEL_RTOL}
+    assert not bad, f"{case.id}: relative errors above {P.KERNEL_RTOL}: {bad}"
+
+
+# ---- noise contract ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 2**32 + 5, 2**64 - 1])
+@pytest.mark.parametrize("stream", [0, 1, 2**32 - 1])
+def test_cuda_philox_words_equal_noise_contract(cuda_lib, seed, stream):
+    indices = [0, 1, 17, 2**32 - 1, 2**32, 2**40 + 3]
+    got = philox_words(seed, indices, stream, 1100, device="cuda", library=cuda_lib)
+    np.testing.assert_array_equal(got, ref_philox_words(seed, indices, stream, 1100))
+
+
+@pytest.mark.parametrize("shape", [(1,), (3,), (5,), (2, 3, 3), (4, 32, 32), (32, 16, 16)])
+@pytest.mark.parametrize("stream", [0, 7, 2**32 - 1])
+def test_cuda_gaussians_bitwise_equal_noise_contract(cuda_lib, shape, stream):
+    indices = list(range(40)) + [2**33 + 1]
+    got = gaussian(99, indices, stream, shape, device="cuda", library=cuda_lib).cpu()
+    want = ref_gaussian(99, indices, stream, shape)
+    diff = got != want
+    assert not bool(diff.any()), (
+        f"{int(diff.sum())} of {want.numel()} Gaussians differ, max |diff| "
+        f"{float((got - want).abs().max()):.3g} (device libm vs host libm?)")
+
+
+# ---- the fused step ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_cuda_fused_step_matches_planrunner_step(cuda_lib, case):
+    inp = P.make_inputs(case, device="cuda")
+    ref = P.reference(case, inp, device="cuda")
+    got = P.fused(case, inp, library=cuda_lib)
+    _assert_parity(case, got, ref)
+    assert torch.equal(got["first_bad"].cpu(), torch.full((case.n,), -1))
+
+
+@pytest.mark.parametrize("case", [
+    P.Case(Family.SIT, "sde", True, True, True, torch.float32, n=8, shape=(4, 32, 32)),
+    P.Case(Family.SIT, "sde", True, True, True, torch.bfloat16, n=3, shape=(4, 32, 32), x_offset=1),
+    P.Case(Family.LIGHTNINGDIT, "heun", True, True, True, torch.float16, n=4, shape=(32, 16, 16), cfg2=True),
+    P.Case(Family.LIGHTNINGDIT, "heun", True, False, True, torch.float32, n=2, shape=(32, 15, 15), cfg2=True),
+], ids=lambda c: c.id)
+def test_cuda_fused_step_matches_reference_at_latent_sizes(cuda_lib, case):
+    inp = P.make_inputs(case, device="cuda")
+    _assert_parity(case, P.fused(case, inp, library=cuda_lib), P.reference(case, inp, device="cuda"))
+
+
+def test_cuda_fused_step_equals_cpu_twin_bitwise(cuda_lib):
+    cpu = library.cpu_library()
+    if cpu is None:
+        pytest.skip("CPU twin not built")
+    for case in CASES[::7]:
+        inp_c = P.make_inputs(case)
+        inp_g = P.make_inputs(case, device="cuda")
+        a, b = P.fused(case, inp_c, library=cpu), P.fused(case, inp_g, library=cuda_lib)
+        for k in a:
+            assert torch.equal(a[k], b[k].cpu()), f"{case.id}: {k} differs between twin and CUDA"
+
+
+def test_cuda_fused_step_in_place_and_on_a_side_stream(cuda_lib):
+    case = P.Case(Family.SIT, "sde", True, True, True, n=3, shape=(4, 8, 8))
+    inp = P.make_inputs(case, device="cuda")
+    ref = P.reference(case, inp, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = P.fused(case, inp, library=cuda_lib, in_place=True)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    _assert_parity(case, got, ref)
+
+
+def test_cuda_fused_step_flags_non_finite_rows(cuda_lib):
+    case = P.Case(Family.SIT, "sde", True, True, False, n=3, shape=(3, 3, 3))
+    inp = P.make_inputs(case, device="cuda")
+    vf, vi = inp.outputs[0]
+    vf = vf.clone()
+    vf[4, 0, 0, 0] = float("inf")  # unconditional half of row 1
+    inp.outputs[0] = (vf, vi)
+    assert P.fused(case, inp, library=cuda_lib)["first_bad"].tolist() == [-1, case.step_index, -1]
+
+
+def test_cuda_fused_step_can_be_captured_in_a_cuda_graph(cuda_lib):
+    case = P.Case(Family.SIT, "sde", True, True, True, n=4, shape=(4, 32, 32))
+    inp = P.make_inputs(case, device="cuda")
+    n, e = case.n, 4096
+    p = step_params(case.family, P.sampler_config(case).guidance, inp.step, dup_next=True, seed=case.seed)
+    vf, vi = inp.outputs[0]
+    idx = inp.indices.cuda()
+    x0 = inp.x.reshape(n, e).clone()
+    x = x0.clone()
+    net = torch.empty(2 * n, e, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # one warm-up launch outside the capture, as PyTorch recommends
+        fused_step(p, x, vf, vi, indices=idx, x_out=x, net_out=net, library=cuda_lib)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # captured, not run
+        fused_step(p, x, vf, vi, indices=idx, x_out=x, net_out=net, library=cuda_lib)
+    for _ in range(3):
+        graph.replay()
+    ref = x0.clone()  # 1 warm-up + 3 replays = 4 in-place steps
+    for _ in range(4):
+        fused_step(p, ref, vf, vi, indices=idx, x_out=ref, library=cuda_lib)
+    torch.cuda.synchronize()
+    assert not torch.equal(x, x0)
+    assert torch.equal(x, ref)
+    assert torch.equal(net[:n], x) and torch.equal(net[n:], x)
+
+
+def test_cuda_binding_rejects_mixed_devices(cuda_lib):
+    case = P.Case(Family.SIT, "euler", False, False, False, n=2, shape=(3, 2, 2))
+    inp = P.make_inputs(case, device="cuda")
+    p = step_params(case.family, P.sampler_config(case).guidance, inp.step)
+    x = inp.x.reshape(2, 12)
+    vf, vi = inp.outputs[0]
+    with pytest.raises(KernelInputError, match="v_final is on cpu"):
+        fused_step(p, x, vf.cpu(), None, x_out=torch.empty_like(x), library=cuda_lib)
+    with pytest.raises(KernelInputError, match="x_out is on cpu"):
+        fused_step(p, x, vf, None, x_out=torch.empty(2, 12), library=cuda_lib)
+    cpu = library.cpu_library()
+    if cpu is not None:
+        with pytest.raises(KernelInputError, match="cannot run on tensors of cuda"):
+            fused_step(p, x, vf, None, x_out=torch.empty_like(x), library=cpu)
+
+
+# ---- FusedPlanRunner end to end ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name, solver, cfg_interval, shift", P.E2E_RUNS,
+                         ids=[f"{r[0]}-{r[1].value}" for r in P.E2E_RUNS])
+def test_cuda_fused_plan_runner_equals_plan_runner(cuda_discovered, name, solver, cfg_interval, shift):
+    from igengine.kernels.runner import FusedPlanRunner
+    from igengine.sampler import PlanRunner
+
+    backend = P.tiny_backend(name, device="cuda")
+    sampler = P.e2e_sampler(solver, cfg_interval, shift)
+    fused = FusedPlanRunner(backend, sampler)
+    assert fused.path() == "cuda"
+    indices, labels = torch.tensor([3, 2**33 + 1, 11]), torch.tensor([1, 2, 9])
+    ref = PlanRunner(backend, sampler).run(5, indices, labels)
+    got = fused.run(5, indices, labels)
+    assert got.device.type == "cuda"
+    assert P.rel_err(got, ref) <= P.E2E_RTOL, P.rel_err(got, ref)
+
+
+def test_cuda_fused_plan_runner_bf16_network(cuda_discovered):
+    from igengine.kernels.runner import FusedPlanRunner
+    from igengine.sampler import PlanRunner
+
+    backend = P.tiny_backend("LightningDiT-B/1", Precision.BF16, device="cuda")
+    sampler = P.e2e_sampler(Solver.HEUN2, (0.19, 1.0), 0.3, precision=Precision.BF16)
+    indices, labels = torch.tensor([0, 1]), torch.tensor([4, 5])
+    ref = PlanRunner(backend, sampler).run(1, indices, labels)
+    assert P.rel_err(FusedPlanRunner(backend, sampler).run(1, indices, labels), ref) <= P.E2E_RTOL
+
+
+# ---- a library built for another GPU falls back -------------------------------------------------
+
+def test_library_for_another_gpu_falls_back_with_one_warning(cuda_lib, tmp_path, monkeypatch):
+    from igengine.kernels.build import BuildError, build
+
+    other = "80-real" if int(_arch()) >= 90 else "90-real"
+    try:
+        lib_dir = build(cuda="on", cuda_arch=other, build_dir=tmp_path / "b", lib_dir=tmp_path / "lib", quiet=True)
+    except BuildError as exc:
+        pytest.skip(f"cannot build a library for sm_{other}: {exc}")
+    monkeypatch.setenv(library.ENV_DIR, str(lib_dir))
+    library._reset_for_tests()
+    try:
+        with pytest.warns(RuntimeWarning, match="cannot run on cuda:0") as record:
+            assert library.cuda_library(0) is None
+            assert library.cuda_library(0) is None  # cached: no second warning
+        assert len([w for w in record if "igengine kernels" in str(w.message)]) == 1
+        assert library.kernel_path("cuda:0") == "reference"
+        assert library.describe()["cuda"]["state"] == "unusable"
+    finally:
+        library._reset_for_tests()
