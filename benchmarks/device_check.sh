@@ -23,7 +23,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/igengine_device_check.XXXXXX")
 SECTIONS="$WORK/sections.tsv"
 : > "$SECTIONS"
 START=$(date +%s)
-TOTAL_BUDGET=${DEVICE_CHECK_BUDGET:-450}   # seconds; the call limit is 8 minutes
+TOTAL_BUDGET=${DEVICE_CHECK_BUDGET:-460}   # seconds; the call limit is 8 minutes
 SUMMARY_RESERVE=25
 
 remaining() { echo $(( START + TOTAL_BUDGET - SUMMARY_RESERVE - $(date +%s) )); }
@@ -117,9 +117,12 @@ print(json.dumps(d, indent=1))
 open('$WORK/kernels.json', 'w').write(json.dumps(d))
 print('kernel path:', d['path'])"
 
-  run_section pytest-gpu 210 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$PREFIX.pytest.xml" tests
+  run_section pytest-gpu 150 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$PREFIX.pytest.xml" tests
 
-  run_section benchmark 150 $PY benchmarks/kernel_bench.py --device cuda --budget 0.5 --out "$WORK/bench.json"
+  run_section benchmark 110 $PY benchmarks/kernel_bench.py --device cuda --budget 0.5 --out "$WORK/bench.json"
+
+  # End to end on XL-sized models: precision modes and the fused runner, GPU vs CPU reference.
+  run_section sampling 110 $PY benchmarks/gpu_sampling_bench.py --batch 16 --steps 8 --repeats 2 --out "$WORK/sampling"
 
   # ---- record and summarise -------------------------------------------------------------------------
   echo
@@ -186,9 +189,12 @@ if [[ -n "${OUT:-}" ]]; then
   cp -f "$PREFIX".* "$OUT"/ 2>/dev/null
   cp -f "$WORK/bench.json" "$OUT/kernels_cuda_$STAMP.json" 2>/dev/null
   cp -f "$WORK/bench.json" "$RES/kernels_cuda_$STAMP.json" 2>/dev/null
+  cp -f "$WORK"/sampling/*.json "$OUT"/ 2>/dev/null
+  cp -f "$WORK"/sampling/*.json "$RES"/ 2>/dev/null
   echo "copied results to $OUT"
 else
   cp -f "$WORK/bench.json" "$RES/kernels_cuda_$STAMP.json" 2>/dev/null
+  cp -f "$WORK"/sampling/*.json "$RES"/ 2>/dev/null
 fi
 rm -rf "$WORK"
 exit 0

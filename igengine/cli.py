@@ -155,6 +155,9 @@ def info() -> None:
         "onnxruntime": importlib.util.find_spec("onnxruntime") is not None,
         "tensorrt": importlib.util.find_spec("tensorrt") is not None,
     }
+    from igengine.kernels import describe as kernels_describe
+
+    facts["kernels"] = kernels_describe()
     typer.echo(json.dumps(facts, indent=2))
 
 

@@ -33,7 +33,7 @@ from igengine.outputs import (
     prepare_output_folder,
 )
 from igengine.pixels import PIXEL_CONVERSION, to_uint8
-from igengine.sampler import PlanRunner
+from igengine.kernels.runner import FusedPlanRunner
 from igengine.solvers import build_plan
 
 DEFAULT_CHECKPOINT = Path(igengine.__file__).resolve().parent / "assets" / "sit_digits.safetensors"
@@ -257,7 +257,8 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
     prepare_output_folder(out, run_key, job.overwrite)
 
     backend = make_backend(job, loaded, device)
-    runner = PlanRunner(backend, sampler_cfg)
+    # Fused guidance + update kernels for fp32/bf16/fp16 when a library is built; else the reference loop.
+    runner = FusedPlanRunner(backend, sampler_cfg)
     latents = np.empty((job.n, *cfg.latent_shape), dtype=np.float32)
     t0 = time.perf_counter()
     progress.start(job.n)
@@ -300,7 +301,7 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
         "labels": label_info,
         "n": job.n,
         "precision": sampler_cfg.precision.value,
-        "backend": backend.describe(),
+        "backend": {**backend.describe(), "step": runner.path(device)},
         "batch_size": job.batch_size,
         "noise_contract": "igengine.noise: Philox4x32-10, key=(seed lo, hi), counter=(block, stream, index lo, hi)",
         "outputs": outputs,

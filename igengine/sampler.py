@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from igengine.backends.base import Backend
-from igengine.config import Family, ModelConfig, Precision, SamplerConfig, Solver
+from igengine.config import Family, ModelConfig, Precision, SamplerConfig
 from igengine.guidance import cfg_combine, ig_combine
 from igengine.noise import STREAM_INITIAL, gaussian
 from igengine.solvers import (
@@ -114,6 +114,17 @@ class PlanRunner:
         return heun_correct(x, k1, k2, step, self.family)
 
     # -- a whole batch ------------------------------------------------------------------------
+    @staticmethod
+    def prepare(indices, labels, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated sample indices (int64, CPU) and class labels (int64, on ``device``)."""
+        indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1).to(device)
+        if labels.shape[0] != indices.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {indices.shape[0]} samples")
+        if indices.numel() and int(indices.min()) < 0:
+            raise ValueError("sample indices must be >= 0")
+        return indices, labels
+
     def run(
         self,
         seed: int,
@@ -124,10 +135,7 @@ class PlanRunner:
     ) -> torch.Tensor:
         """Final states (N, C, H, W) float32 for the given sample indices and class labels."""
         device = torch.device(device) if device is not None else self.backend.device
-        indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
-        labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1).to(device)
-        if labels.shape[0] != indices.shape[0]:
-            raise ValueError(f"{labels.shape[0]} labels for {indices.shape[0]} samples")
+        indices, labels = self.prepare(indices, labels, device)
         x = gaussian(seed, indices, STREAM_INITIAL, self.model.latent_shape).to(device, self.dtype)
         first_bad = torch.full((x.shape[0],), -1, dtype=torch.int64, device=device)
         steps = self.plan.steps
@@ -136,13 +144,14 @@ class PlanRunner:
             bad = ~torch.isfinite(x).flatten(1).all(dim=1)
             first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step.index), first_bad)
             if (k + 1) % FINITE_CHECK_EVERY == 0 or k + 1 == len(steps):
-                _raise_if_bad(first_bad, indices)
+                raise_if_nonfinite(first_bad, indices)
             if on_step is not None:
                 on_step(k + 1, len(steps))
         return x.float()
 
 
-def _raise_if_bad(first_bad: torch.Tensor, indices: torch.Tensor) -> None:
+def raise_if_nonfinite(first_bad: torch.Tensor, indices: torch.Tensor) -> None:
+    """Raise NonFiniteError for the earliest step recorded in ``first_bad`` (-1 = row still finite)."""
     hit = first_bad >= 0
     if bool(hit.any()):
         first = int(first_bad[hit].min())
@@ -162,4 +171,4 @@ def generate_latents(
     return PlanRunner(backend, sampler).run(seed, indices, labels, on_step=on_step)
 
 
-__all__ = ["NonFiniteError", "PlanRunner", "generate_latents", "state_dtype", "Solver"]
+__all__ = ["NonFiniteError", "PlanRunner", "generate_latents", "raise_if_nonfinite", "state_dtype"]

@@ -25,7 +25,7 @@ from igengine.kernels.binding import fused_step, gaussian
 from igengine.kernels.library import KernelLibrary
 from igengine.kernels.params import Phase, StepLaunches, plan_launches, step_params
 from igengine.noise import STREAM_INITIAL
-from igengine.sampler import FINITE_CHECK_EVERY, PlanRunner, _raise_if_bad
+from igengine.sampler import FINITE_CHECK_EVERY, PlanRunner, raise_if_nonfinite
 from igengine.solvers import Evaluation, Step, StepKind
 
 _NET_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -119,12 +119,7 @@ class FusedPlanRunner(PlanRunner):
         lib = self.library(device)
         if lib is None:
             return super().run(seed, indices, labels, device=device, on_step=on_step)
-        indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
-        labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1).to(device)
-        if labels.shape[0] != indices.shape[0]:
-            raise ValueError(f"{labels.shape[0]} labels for {indices.shape[0]} samples")
-        if indices.numel() and int(indices.min()) < 0:
-            raise ValueError("sample indices must be >= 0")
+        indices, labels = self.prepare(indices, labels, device)
         n = indices.numel()
         shape = self.model.latent_shape
         launches = plan_launches(self.plan, self.sampler.guidance, seed)
@@ -143,7 +138,7 @@ class FusedPlanRunner(PlanRunner):
         for k, sl in enumerate(launches):
             self._fused_step(lib, sl, x, k1, net, n, idx, first_bad, y1, y2)
             if (k + 1) % FINITE_CHECK_EVERY == 0 or k + 1 == len(launches):
-                _raise_if_bad(first_bad, indices)
+                raise_if_nonfinite(first_bad, indices)
             if on_step is not None:
                 on_step(k + 1, len(launches))
         return x.view(n, *shape)
