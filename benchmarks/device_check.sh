@@ -117,12 +117,12 @@ print(json.dumps(d, indent=1))
 open('$WORK/kernels.json', 'w').write(json.dumps(d))
 print('kernel path:', d['path'])"
 
-  run_section pytest-gpu 150 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$PREFIX.pytest.xml" tests
+  run_section pytest-gpu 130 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$PREFIX.pytest.xml" tests
 
   run_section benchmark 110 $PY benchmarks/kernel_bench.py --device cuda --budget 0.5 --out "$WORK/bench.json"
 
   # End to end on XL-sized models: precision modes and the fused runner, GPU vs CPU reference.
-  run_section sampling 110 $PY benchmarks/gpu_sampling_bench.py --batch 16 --steps 8 --repeats 2 --out "$WORK/sampling"
+  run_section sampling 140 $PY benchmarks/gpu_sampling_bench.py --batch 16 --steps 8 --repeats 2 --out "$WORK/sampling"
 
   # ---- record and summarise -------------------------------------------------------------------------
   echo

@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def git_commit() -> str:
+    """HEAD of the checkout (+dirty), or $IGENGINE_COMMIT where the tree was copied without .git."""
+    if not (ROOT / ".git").exists() and os.environ.get("IGENGINE_COMMIT"):
+        return os.environ["IGENGINE_COMMIT"] + " (from IGENGINE_COMMIT)"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
