@@ -182,8 +182,9 @@ def test_cuda_fused_step_can_be_captured_in_a_cuda_graph(cuda_lib):
     for _ in range(3):
         graph.replay()
     ref = x0.clone()  # 1 warm-up + 3 replays = 4 in-place steps
+    ref_net = torch.empty_like(net)  # dup_next is set: the step must be given somewhere to write
     for _ in range(4):
-        fused_step(p, ref, vf, vi, indices=idx, x_out=ref, library=cuda_lib)
+        fused_step(p, ref, vf, vi, indices=idx, x_out=ref, net_out=ref_net, library=cuda_lib)
     torch.cuda.synchronize()
     assert not torch.equal(x, x0)
     assert torch.equal(x, ref)
