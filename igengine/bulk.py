@@ -116,25 +116,33 @@ class BulkSampler:
 
     def __init__(self, store: ChunkStore, plan: ChunkPlan, rank: RankInfo, labels: np.ndarray,
                  make: SampleMaker, batch_size: int, keep_latents: bool, png_dir: Path | None,
-                 progress: Progress, poll_s: float = 1.0):
+                 progress: Progress, poll_s: float = 1.0, started: float | None = None):
         self.store, self.plan, self.rank, self.labels = store, plan, rank, labels
         self.make, self.batch_size, self.keep_latents, self.png_dir = make, batch_size, keep_latents, png_dir
         self.progress = progress
         self.poll_s = poll_s
         self.mine = plan.for_rank(rank.rank, rank.world_size)
+        self._mine_set = set(self.mine)
         self.report = RankReport()
         self._own_done = 0  # samples of this rank's block complete (kept + computed so far)
         self._t0 = time.perf_counter()
+        # Other ranks' chunks written before this process started are "already complete".
+        self._started = time.time() if started is None else started
 
     # -- progress -------------------------------------------------------------------------------
-    def _others_present(self) -> int:
-        """Samples in other ranks' chunk files that exist now (rank 0's whole-run count)."""
-        try:
-            names = set(os.listdir(self.store.folder))
-        except OSError:
-            return 0
-        mine = set(self.mine)
-        return sum(c.size for c in self.plan.chunks if c not in mine and c.name in names)
+    def _others_present(self, before: float | None = None) -> int:
+        """Samples in other ranks' chunk files that exist now (rank 0's whole-run count); with
+        ``before`` (a time.time()), only files written before then."""
+        count = 0
+        for c in self.plan.chunks:
+            if c in self._mine_set:
+                continue
+            try:
+                if before is None or self.store.path(c).stat().st_mtime < before:
+                    count += c.size
+            except OSError:
+                pass
+        return count
 
     def _done(self) -> int:
         return self._own_done + (self._others_present() if self.rank.is_main else 0)
@@ -170,7 +178,7 @@ class BulkSampler:
                 if problem != "missing":
                     self._note(f"chunk {chunk.name} is damaged ({problem}): computing it again")
                 todo.append(chunk)
-        self.report.initial_done = self._done()
+        self.report.initial_done = self._own_done + (self._others_present(self._started) if self.rank.is_main else 0)
         self.progress.start(self._total(), self.report.initial_done)
         for k, chunk in enumerate(todo):
             t_chunk = time.perf_counter()
@@ -216,8 +224,7 @@ class BulkSampler:
         if self.rank.world_size == 1:
             return
         seen: dict[str, tuple[int, int]] = {}
-        mine = set(self.mine)
-        pending = [c for c in self.plan.chunks if c not in mine]
+        pending = [c for c in self.plan.chunks if c not in self._mine_set]
         last_log = time.perf_counter()
         while pending:
             still = []

@@ -47,7 +47,7 @@ Examples:
   igengine sample --ckpt SiT-XL-2-IG.pt --n 8 --no-decode --out out/sit   # paper settings, latents
   igengine sample --ckpt SiT-XL-2-IG.pt --vae sd-vae-ft-ema/ --n 50000 --out out/sit50k
   igengine sample --ckpt lightningdit-xl-1-ig.pt --model LightningDiT-XL/1 --vae vavae-imagenet256-f16d32-dinov2.pt --latent-stats latents_stats.pt --n 50000 --out out/ldit50k
-  torchrun --standalone --nproc-per-node 8 -m igengine sample --ckpt SiT-XL-2-IG.pt --vae sd-vae-ft-ema/ --n 50000 --out out/sit50k
+  torchrun --standalone --nproc-per-node 8 -m igengine sample --ckpt SiT-XL-2-IG.pt --vae sd-vae-ft-ema/ --num-samples 50000 --out out/sit50k
 Rerunning the same command resumes (completed chunks are kept); a larger --n extends the run.
 """
 
@@ -64,7 +64,7 @@ class UsageFailure(Exception):
 @app.command(epilog=SAMPLE_EPILOG)
 def sample(
     out: Path = typer.Option(Path("samples"), "--out", help="Output folder (samples.npz, png/, manifest.json)."),
-    n: int = typer.Option(16, "--n", help="Number of samples (indices 0..n-1)."),
+    n: int = typer.Option(16, "--n", "--num-samples", help="Number of samples (indices 0..n-1); under torchrun write --num-samples (torchrun reads --n as its own --nnodes / --nproc-per-node)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Samples per sampler batch (results do not depend on it)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the noise contract, in [0, 2^64)."),
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint (.pt/.pth/.safetensors); default: the embedded digits model."),

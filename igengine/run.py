@@ -268,6 +268,7 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
     Resumes a run of the same configuration found there; rank 0 (the only process without
     torchrun) packs samples.npz / latents and writes the final manifest once every chunk is there.
     """
+    started = time.time()
     job.validate()
     progress = progress or Progress()
     rank = RankInfo.from_env()
@@ -327,7 +328,7 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
             atomic_write_json(out / MANIFEST, manifest)
         make = SampleMaker(runner, job.seed, labels, device, decoder, cfg.family, pixels=decode)
         bulk = BulkSampler(store, layout.plan, rank, labels.numpy(), make, job.batch_size, keep_latents, png_dir,
-                           progress)
+                           progress, started=started)
         t0 = time.perf_counter()
         report = bulk.run_rank()
         if rank.is_main:
