@@ -7,7 +7,8 @@ Both go to temporary names and are renamed when complete.
 
 Before anything is written, every chunk of the plan must be present with the expected members and
 shapes: every index 0..n-1 is then covered exactly once. A chunk whose data fails its CRC-32 check
-while being copied is renamed to ``NAME.corrupt`` so that rerunning the sampling command recomputes it.
+while being copied stops the pack with its name; rerunning the sampling command recomputes it
+(its resume check reads every chunk in full).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def check_complete(store: ChunkStore, plan: ChunkPlan) -> None:
         shown = ", ".join(f"{a}..{b - 1}" for a, b in ranges[:8]) + (" ..." if len(ranges) > 8 else "")
         parts.append(f"{sum(c.size for c in missing)} of {plan.n} indices are missing ({shown})")
     for c, p in bad[:4]:
-        parts.append(f"chunk {c.name}: {p}")
+        parts.append(f"chunk {c.name} is damaged: {p}")
     raise PackError(f"cannot pack {store.folder}: " + "; ".join(parts) +
                     " -- rerun the same `igengine sample` command to compute them")
 
@@ -83,10 +84,8 @@ def _copy_all(store: ChunkStore, chunks: tuple[Chunk, ...], member: str, sink) -
             with zipfile.ZipFile(path) as zf:
                 copy_member(zf, member, sink)
         except (zipfile.BadZipFile, NpzFormatError, EOFError) as e:
-            aside = path.with_name(path.name + ".corrupt")
-            path.replace(aside)
-            raise PackError(f"chunk {path} is corrupt ({e}); moved it to {aside.name}: rerun the same "
-                            "`igengine sample` command to recompute it, then pack again") from None
+            raise PackError(f"chunk {path} is damaged ({e}): rerun the same `igengine sample` command, which "
+                            "checks every chunk and recomputes damaged ones, then pack again") from None
 
 
 def pack(store: ChunkStore, plan: ChunkPlan, samples: Path | None, latents: Path | None) -> dict:
