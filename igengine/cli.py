@@ -175,9 +175,9 @@ def _rich_progress():
 @app.command(epilog=PACK_EPILOG)
 def pack(out: Path = typer.Argument(..., help="Output folder of `igengine sample`.")) -> None:
     """Assemble samples.npz (and latents) from a run's chunks; checks that every index 0..n-1 is there once."""
-    from igengine.pack import pack_folder
+    from igengine.pack import pack_command
 
-    manifest = pack_folder(out)
+    manifest = pack_command(out)
     typer.echo(json.dumps({"out": str(out), "n": manifest["n"], "outputs": manifest["outputs"],
                            "pack_s": manifest["timing"]["pack_s"]}))
 

@@ -112,13 +112,12 @@ def pack(store: ChunkStore, plan: ChunkPlan, samples: Path | None, latents: Path
 def pack_folder(folder: Path, manifest: dict | None = None) -> dict:
     """Pack the chunked run in ``folder`` (its manifest says how) and write the final manifest.
 
-    Returns the updated manifest: ``complete`` [[0, n]], ``status`` "complete", ``outputs`` naming
-    what was written.
+    The caller holds the folder's rank-0 lock (``launch.rank_lock``): no other process writes these
+    outputs, so temporary files found beside them are leftovers of a killed pack and are removed.
+    Returns the updated manifest: ``complete`` [[0, n]], ``status`` "complete".
     """
     folder = Path(folder)
     if manifest is None:
-        if not folder.is_dir():
-            raise PackError(f"{folder} is not a folder")
         manifest = read_manifest(folder)
         if manifest is None:
             raise PackError(f"{folder} has no {MANIFEST}: it is not the output folder of `igengine sample`")
@@ -129,6 +128,10 @@ def pack_folder(folder: Path, manifest: dict | None = None) -> dict:
     latents = Path(layout.latents_path) if layout.latents_path else None
     if latents is not None and not latents.is_absolute():
         latents = folder / latents
+    for target in (samples, latents):  # what a pack killed half-way left behind
+        if target is not None:
+            for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
     timing = pack(layout.store(folder), layout.plan, samples, latents)
     manifest = dict(manifest)
     manifest["status"] = "complete"
@@ -138,4 +141,15 @@ def pack_folder(folder: Path, manifest: dict | None = None) -> dict:
     return manifest
 
 
-__all__ = ["BulkLayout", "PackError", "check_complete", "pack", "pack_folder"]
+def pack_command(folder: Path) -> dict:
+    """`igengine pack DIR`: take the folder's rank-0 lock (as a sampling run's rank 0 does), then pack."""
+    from igengine.launch import RankInfo, rank_lock
+
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        raise PackError(f"{folder} has no {MANIFEST}: it is not the output folder of `igengine sample`")
+    with rank_lock(folder, RankInfo()):
+        return pack_folder(folder)
+
+
+__all__ = ["BulkLayout", "PackError", "check_complete", "pack", "pack_command", "pack_folder"]

@@ -247,5 +247,10 @@ def test_pack_command_checks_coverage(files, reference, tmp_path, capsys):
     assert "6 of 20 indices are missing (6..11)" in err and "rerun the same `igengine sample` command" in err
     shutil.copy(reference[0] / store.folder.relative_to(out) / "00000006-00000011.npz", store.folder)
     (out / "samples.npz").unlink()
+    (out / ".samples.npz.killed.tmp").write_bytes(b"half a pack")  # left by a pack killed half-way
+    with rank_lock(out, RankInfo()):  # a sampling run's rank 0 is alive: pack must not write beside it
+        assert main(["pack", str(out)]) == 1
+    assert "another igengine run is writing into" in capsys.readouterr().err
     assert main(["pack", str(out)]) == 0
+    assert not list(out.glob(".samples.npz.*.tmp"))
     assert_same_samples(out, reference[1])
