@@ -18,7 +18,6 @@ With torchrun, rank r of W computes the contiguous block of chunks ``[r C / W, (
 
 from __future__ import annotations
 
-import re
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ from igengine.npzstream import NpzFormatError, NpzWriter, member_header, scan_me
 from igengine.outputs import atomic_writer
 
 CHUNKS_DIR = "chunks"
-_NAME = re.compile(r"^(\d+)-(\d+)\.npz$")
 
 
 @dataclass(frozen=True, order=True)
@@ -151,10 +149,10 @@ class ChunkStore:
         return removed
 
 
-def coalesce(indices_sets: Iterable[Chunk]) -> list[list[int]]:
-    """Chunks -> sorted, merged [start, stop) ranges (for messages and the manifest)."""
+def coalesce(chunks: Iterable[Chunk]) -> list[list[int]]:
+    """Chunks -> sorted, merged [start, stop) ranges (for messages)."""
     ranges: list[list[int]] = []
-    for c in sorted(indices_sets):
+    for c in sorted(chunks):
         if ranges and ranges[-1][1] == c.start:
             ranges[-1][1] = c.stop
         else:
@@ -162,9 +160,4 @@ def coalesce(indices_sets: Iterable[Chunk]) -> list[list[int]]:
     return ranges
 
 
-def parse_chunk_name(name: str) -> Chunk | None:
-    m = _NAME.match(name)
-    return Chunk(int(m.group(1)), int(m.group(2)) + 1) if m else None
-
-
-__all__ = ["CHUNKS_DIR", "Chunk", "ChunkPlan", "ChunkSpec", "ChunkStore", "coalesce", "parse_chunk_name"]
+__all__ = ["CHUNKS_DIR", "Chunk", "ChunkPlan", "ChunkSpec", "ChunkStore", "coalesce"]

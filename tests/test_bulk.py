@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from igengine.chunks import ChunkPlan, ChunkSpec, ChunkStore
 from igengine.cli import main
@@ -97,28 +98,44 @@ def test_reference_run_layout(reference):
 
 
 def test_batch_size_does_not_change_the_samples(files, reference, tmp_path, capsys):
+    # Noise and labels are bitwise batch-independent (noise contract). The network is not bitwise
+    # batch-invariant on every backend: for other batch sizes (e.g. 1 vs 64) latents differ by
+    # ~2e-7 and a uint8 value on a rounding boundary can flip; batch 7 vs 64 is exact here.
     code, _, err = run(capsys, *sample_args(files, tmp_path / "b7", batch=7))
     assert code == 0, err
     assert_same_samples(tmp_path / "b7", reference[1])
 
 
-def test_two_processes_under_torchrun_give_the_same_samples(files, reference, tmp_path):
+def test_two_processes_under_torchrun_give_the_same_samples(files, reference, tmp_path, capsys):
+    # Each torchrun worker runs with OMP_NUM_THREADS=1. The CPU's intra-op thread count changes the
+    # order of float reductions (seen: latents 6e-8 apart, 1 of 3072 uint8 values flipped), so the
+    # one-process run compared bit for bit uses one thread as well; the batches are the same by
+    # construction (they never straddle chunks).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, _, err = run(capsys, *sample_args(files, tmp_path / "one", batch=7))
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
     out = tmp_path / "tr"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "igengine", *map(str, sample_args(files, out, batch=7))]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(summaries) == 1 and summaries[0]["world_size"] == 2  # one summary: rank 0's
     assert "rank 1/2: chunk 00000012-00000017.npz written" in proc.stderr  # rank 1 did the second half
     assert "rank 0/2: chunk 00000000-00000005.npz written" in proc.stderr
-    assert_same_samples(out, reference[1])
-    assert not list((out / ".locks").glob("*.tmp"))
+    one, two = load(tmp_path / "one"), load(out)
+    assert all(np.array_equal(a, b) for a, b in zip(one, two))  # pixels, labels and latents: bit for bit
+    _, labels, latents = two
+    assert np.array_equal(labels, reference[1][1]) and np.abs(latents - reference[1][2]).max() <= 1e-5
 
 
 def test_sigkill_loses_at_most_the_chunk_in_flight_and_resume_matches(files, tmp_path, capsys):
-    n = 120
+    n = 48
     ref = tmp_path / "ref"
     assert run(capsys, *sample_args(files, ref, n=n))[0] == 0
     out = tmp_path / "killed"
@@ -133,7 +150,7 @@ def test_sigkill_loses_at_most_the_chunk_in_flight_and_resume_matches(files, tmp
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     store, m = store_of(out)
     done = sorted(store.folder.glob("*.npz"))
-    assert 1 <= len(done) < 20 and m["status"] == "running" and not (out / "samples.npz").exists()
+    assert 1 <= len(done) < 8 and m["status"] == "running" and not (out / "samples.npz").exists()
     plan = ChunkPlan(n, 6)
     for c in plan.chunks:  # every file under a chunk name is a complete, valid chunk
         assert store.problem(c) in (None, "missing")
