@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.provenance import provenance  # noqa: E402
-from igengine.chunks import ChunkPlan, ChunkSpec, ChunkStore  # noqa: E402
+from igengine.chunks import ChunkSpec, ChunkStore  # noqa: E402
 from igengine.outputs import MANIFEST, SAMPLES, atomic_write_json  # noqa: E402
 from igengine.pack import BulkLayout  # noqa: E402
 

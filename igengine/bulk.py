@@ -16,7 +16,6 @@ Per rank:
 from __future__ import annotations
 
 import errno
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field

@@ -29,7 +29,7 @@ import igengine
 from igengine.backends import TorchBackend
 from igengine.bulk import BulkSampler, Progress, SampleMaker
 from igengine.checkpoint import LoadedCheckpoint, load_checkpoint
-from igengine.chunks import CHUNKS_DIR, ChunkPlan
+from igengine.chunks import CHUNKS_DIR
 from igengine.config import Family, GuidanceConfig, ModelConfig, Precision, SamplerConfig, Solver
 from igengine.launch import RankInfo, rank_lock
 from igengine.models import paper_sampler

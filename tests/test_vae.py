@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from igengine.cli import main
-from igengine.pixels import to_uint8
 from igengine.config import Family
-from igengine.vae import LDMDecoder, VAEError, VAEKind, load_vae
+from igengine.pixels import to_uint8
+from igengine.vae import LDMDecoder, VAEKind, load_vae
 from igengine.vae.ldm import infer_config
 from tests.bulk_fixtures import TINY_VAVAE, save_ldit, save_sit, save_stats, save_vavae, tiny_diffusers_vae, tiny_vavae_state
 

@@ -185,7 +185,7 @@ def build_diffusers_decoder(folder: Path) -> tuple[torch.nn.Module, dict, int]:
     try:
         model, info = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
                                                     low_cpu_mem_usage=False)
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VAEError(f"--vae {folder}: diffusers cannot load it as an AutoencoderKL: {first}") from None
     bad = [k for k in info.get("missing_keys", []) if k.startswith(("decoder.", "post_quant_conv."))]
