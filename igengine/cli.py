@@ -45,7 +45,15 @@ SAMPLE_EPILOG = """\b
 Examples:
   igengine sample --n 64 --out out/digits            # the embedded digits model, on the CPU
   igengine sample --ckpt SiT-XL-2-IG.pt --n 8 --no-decode --out out/sit   # paper settings, latents
-  igengine sample --ckpt lightningdit-xl-1-ig.pt --model LightningDiT-XL/1 --cfg-scale 1 --ig-scale 1.7 --no-decode --out out/ldit
+  igengine sample --ckpt SiT-XL-2-IG.pt --vae sd-vae-ft-ema/ --n 50000 --out out/sit50k
+  igengine sample --ckpt lightningdit-xl-1-ig.pt --model LightningDiT-XL/1 --vae vavae-imagenet256-f16d32-dinov2.pt --latent-stats latents_stats.pt --n 50000 --out out/ldit50k
+  torchrun --standalone --nproc-per-node 8 -m igengine sample --ckpt SiT-XL-2-IG.pt --vae sd-vae-ft-ema/ --num-samples 50000 --out out/sit50k
+Rerunning the same command resumes (completed chunks are kept); a larger --n extends the run.
+"""
+
+PACK_EPILOG = """\b
+Example:
+  igengine pack out/sit50k      # (re)assemble samples.npz from out/sit50k/chunks/
 """
 
 
@@ -56,7 +64,7 @@ class UsageFailure(Exception):
 @app.command(epilog=SAMPLE_EPILOG)
 def sample(
     out: Path = typer.Option(Path("samples"), "--out", help="Output folder (samples.npz, png/, manifest.json)."),
-    n: int = typer.Option(16, "--n", help="Number of samples (indices 0..n-1)."),
+    n: int = typer.Option(16, "--n", "--num-samples", help="Number of samples (indices 0..n-1); under torchrun write --num-samples (torchrun reads --n as its own --nnodes / --nproc-per-node)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Samples per sampler batch (results do not depend on it)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the noise contract, in [0, 2^64)."),
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint (.pt/.pth/.safetensors); default: the embedded digits model."),
@@ -78,8 +86,17 @@ def sample(
     save_latents: Optional[Path] = typer.Option(None, "--save-latents", help="Also write the final latents to FILE.npy."),
     no_decode: bool = typer.Option(False, "--no-decode", help="Write latents only (OUT/latents.npy), no pixels."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different run's outputs in OUT."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="VAE for latent models: SD-VAE diffusers folder or LDM file (SiT), VA-VAE f16d32 checkpoint (LightningDiT)."),
+    vae_kind: str = typer.Option("auto", "--vae-kind", help="auto (SiT -> sd, LightningDiT -> vavae) | sd | vavae."),
+    latent_stats: Optional[Path] = typer.Option(None, "--latent-stats", help="VA-VAE: latents_stats.pt ({'mean','std'}, [1,C,1,1])."),
+    latent_multiplier: float = typer.Option(1.0, "--latent-multiplier", help="VA-VAE: x * std / multiplier + mean (released config: 1.0)."),
+    chunk_size: int = typer.Option(1000, "--chunk-size", help="Samples per chunk file (the unit of output and resume; part of the run's identity)."),
 ) -> None:
-    """Draw samples with IG (+CFG), bit-reproducibly, and write samples.npz + manifest.json."""
+    """Draw samples with IG (+CFG), bit-reproducibly, and write samples.npz + manifest.json.
+
+    Output goes to OUT/chunks/ as it is made; a rerun of the same command resumes. Under torchrun
+    each process computes its own block of chunks and rank 0 assembles samples.npz at the end.
+    """
     from igengine.config import Precision
     from igengine.run import SampleJob, parse_interval, run_sample
 
@@ -91,16 +108,25 @@ def sample(
         cfg_interval=parse_interval(cfg_interval, "--cfg-interval") if cfg_interval is not None else None,
         ig_scale=ig_scale, ig_interval=parse_interval(ig_interval, "--ig-interval") if ig_interval is not None else None,
         timestep_shift=timestep_shift, precision=precision, device=device, backend=backend, png=png,
-        save_latents=save_latents, no_decode=no_decode, overwrite=overwrite,
+        save_latents=save_latents, no_decode=no_decode, overwrite=overwrite, vae=vae, vae_kind=vae_kind,
+        latent_stats=latent_stats, latent_multiplier=latent_multiplier, chunk_size=chunk_size,
     )
-    interactive = sys.stderr.isatty()
-    progress = _rich_progress() if interactive else None
+    from igengine.launch import RankInfo
+
+    interactive = sys.stderr.isatty() and RankInfo.from_env().is_main
+    progress = _rich_progress() if interactive else _log_progress()
     result = run_sample(job, progress)
+    if not result.rank.is_main:  # one JSON summary per run: rank 0's
+        typer.echo(f"igengine: {result.rank}: done, computed {result.computed} samples in {result.wall_s:.1f} s "
+                   f"({result.samples_per_s:.2f} samples/s), {result.reused} were already complete", err=True)
+        return
     summary = {
         "out": str(result.out),
         "n": job.n,
         "wall_s": round(result.wall_s, 3),
         "samples_per_s": round(result.samples_per_s, 3),
+        "already_complete": result.manifest["timing"]["already_complete"],
+        "world_size": result.rank.world_size,
         "model": result.manifest["model"]["name"],
         "sampler": result.manifest["sampler"],
         "notes": result.notes,
@@ -113,29 +139,47 @@ def sample(
     typer.echo(json.dumps(summary))
 
 
-def _rich_progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _log_progress():
+    """Without a terminal (or on ranks > 0): one line per chunk on stderr."""
+    from igengine.bulk import Progress as Hooks
 
-    from igengine.run import Progress as Hooks
+    return Hooks(log=lambda line: typer.echo(f"igengine: {line}", err=True))
+
+
+def _rich_progress():
+    """One bar for the whole run: samples done / n (what was complete before included), rate, ETA."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from igengine.bulk import Progress as Hooks
 
     bar = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False)
+                   TextColumn("{task.fields[rate]}"), transient=False)
     state: dict = {}
 
-    def start(total: int) -> None:
-        import time
-
+    def start(total: int, initial: int) -> None:
         bar.start()
-        state["task"] = bar.add_task("sample", total=total, rate="")
-        state["t0"] = time.perf_counter()
+        state.update(task=bar.add_task("sample", total=total, completed=initial, rate=""), t0=time.perf_counter(),
+                     initial=initial, total=total)
 
     def advance(done: int) -> None:
-        import time
-
         dt = time.perf_counter() - state["t0"]
-        bar.update(state["task"], completed=done, rate=f"{done / dt:.2f} samples/s" if dt > 0 else "")
+        rate = (done - state["initial"]) / dt if dt > 0 else 0.0
+        eta = f", ETA {int((state['total'] - done) / rate)} s" if rate > 0 else ""
+        bar.update(state["task"], completed=done, rate=f"{rate:.2f} samples/s{eta}")
 
-    return Hooks(start=start, advance=advance, finish=bar.stop)
+    return Hooks(start=start, advance=advance, finish=bar.stop, log=lambda line: bar.console.print(line))
+
+
+@app.command(epilog=PACK_EPILOG)
+def pack(out: Path = typer.Argument(..., help="Output folder of `igengine sample`.")) -> None:
+    """Assemble samples.npz (and latents) from a run's chunks; checks that every index 0..n-1 is there once."""
+    from igengine.pack import pack_command
+
+    manifest = pack_command(out)
+    typer.echo(json.dumps({"out": str(out), "n": manifest["n"], "outputs": manifest["outputs"],
+                           "pack_s": manifest["timing"]["pack_s"]}))
 
 
 @app.command()

@@ -8,13 +8,15 @@ earlier run's samples.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -40,12 +42,20 @@ def igengine_commit() -> str:
         return "unknown"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_writer(path: Path, tag: str = "") -> Iterator[BinaryIO]:
+    """A binary file object that becomes ``path`` only if the ``with`` block completes.
+
+    The data goes to a temporary name in the same folder (``.NAME.<tag><random>.tmp``), is flushed
+    and fsynced, then renamed over ``path`` (atomic on POSIX) and the folder is fsynced. On any
+    exception (disk full, kill by signal, ...) the temporary file is removed (a SIGKILL leaves it
+    behind under its hidden ``.tmp`` name, never under ``path``).
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{tag}", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -56,6 +66,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -1,13 +1,23 @@
-"""`igengine sample` as a library call: resolve everything, run the sampler in batches, write outputs.
+"""`igengine sample` as a library call: resolve everything, then run the chunked, resumable sampler.
 
-The CLI (``igengine.cli``) only parses flags into a ``SampleJob`` and calls ``run_sample``.
+The CLI (``igengine.cli``) only parses flags into a ``SampleJob`` and calls ``run_sample``, which
+resolves the model, sampler, labels, VAE and device, checks the output folder, takes this rank's
+lock and hands over to ``igengine.bulk`` (chunks, resume, rank 0's pack).
+
+Run identity (``run_key``, stored in the manifest): everything that changes a sample's numbers --
+checkpoint sha256, resolved model and sampler, seed, label source, backend, decoding and the VAE
+(kind, sha256, latent statistics), and the chunk size. ``n`` is not part of it: rerunning with a
+larger ``--n`` extends the run (samples 0..old_n-1 are the same files, by the noise contract),
+a smaller one packs the first n. Batch size, device and the number of processes are not part of
+it either: they do not change which sample an index gets.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,24 +27,19 @@ import torch
 
 import igengine
 from igengine.backends import TorchBackend
+from igengine.bulk import BulkSampler, Progress, SampleMaker
 from igengine.checkpoint import LoadedCheckpoint, load_checkpoint
-from igengine.config import Family, GuidanceConfig, Precision, SamplerConfig, Solver
+from igengine.chunks import CHUNKS_DIR
+from igengine.config import Family, GuidanceConfig, ModelConfig, Precision, SamplerConfig, Solver
+from igengine.launch import RankInfo, rank_lock
 from igengine.models import paper_sampler
 from igengine.noise import balanced_labels, random_labels
-from igengine.outputs import (
-    MANIFEST,
-    SAMPLES,
-    atomic_write_bytes,
-    atomic_write_json,
-    igengine_commit,
-    npy_bytes,
-    npz_bytes,
-    png_bytes,
-    prepare_output_folder,
-)
-from igengine.pixels import PIXEL_CONVERSION, to_uint8
+from igengine.outputs import MANIFEST, SAMPLES, atomic_write_json, igengine_commit, prepare_output_folder
+from igengine.pack import BulkLayout, pack_folder
+from igengine.pixels import PIXEL_CONVERSION
 from igengine.kernels.runner import FusedPlanRunner
 from igengine.solvers import build_plan
+from igengine.vae import LatentDecoder, VAEKind, load_vae, resolve_kind
 
 DEFAULT_CHECKPOINT = Path(igengine.__file__).resolve().parent / "assets" / "sit_digits.safetensors"
 
@@ -70,12 +75,21 @@ class SampleJob:
     save_latents: Path | None = None
     no_decode: bool = False
     overwrite: bool = False
+    vae: Path | None = None  # SD-VAE diffusers folder / LDM file, or VA-VAE checkpoint
+    vae_kind: str = "auto"  # 'auto' (by model family: SiT -> sd, LightningDiT -> vavae), 'sd', 'vavae'
+    latent_stats: Path | None = None  # VA-VAE: latents_stats.pt ({'mean', 'std'}, [1, C, 1, 1])
+    latent_multiplier: float = 1.0  # VA-VAE: x * std / multiplier + mean (1.0 in the released config)
+    chunk_size: int = 1000  # samples per chunk file: the unit of output and of resume
 
     def validate(self) -> None:
         if self.n < 1:
             raise JobError(f"--n must be >= 1, got {self.n}")
         if self.batch_size < 1:
             raise JobError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.chunk_size < 1:
+            raise JobError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+        if self.vae_kind not in ("auto", *(k.value for k in VAEKind)):
+            raise JobError(f"unknown --vae-kind {self.vae_kind!r}; choose auto, sd or vavae")
         if not 0 <= self.seed < 2**64:
             raise JobError(f"--seed must lie in [0, 2^64), got {self.seed}")
         if self.steps is not None and self.steps < 1:
@@ -184,16 +198,41 @@ def resolve_labels(job: SampleJob, num_classes: int) -> tuple[torch.Tensor, dict
     return torch.from_numpy(values), {"mode": "file", "file": str(job.labels), "sha256": digest}
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``auto`` and ``cuda`` mean cuda:LOCAL_RANK (torchrun's GPU for this process) when CUDA is there."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise JobError(f"unknown --device {device!r} (use auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise JobError("--device cuda was asked for but no CUDA GPU is available")
+    if dev.type == "cuda" and dev.index is None:
+        if local_rank >= torch.cuda.device_count():
+            raise JobError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        dev = torch.device("cuda", local_rank)
     return dev
+
+
+FAMILY_VAE = {Family.SIT: VAEKind.SD, Family.LIGHTNINGDIT: VAEKind.VAVAE}
+
+
+def resolve_decoder(job: SampleJob, cfg: ModelConfig) -> LatentDecoder | None:
+    """The VAE decoder of a latent model (None for pixel-space models and --no-decode runs)."""
+    if cfg.pixel_space or job.no_decode:
+        if job.vae is not None or job.latent_stats is not None:
+            why = "--no-decode was given" if job.no_decode else f"{cfg.name} samples pixels"
+            raise JobError(f"--vae / --latent-stats were given but {why}: drop them")
+        return None
+    if job.vae is None:
+        hint = "sd-vae-ft-ema folder or file" if cfg.family == Family.SIT else "VA-VAE f16d32 checkpoint and --latent-stats latents_stats.pt"
+        raise JobError(
+            f"{cfg.name} samples VAE latents ({cfg.in_channels}x{cfg.input_size}x{cfg.input_size}): pass --vae PATH "
+            f"(the {hint}) to decode them, or --no-decode to write latents only"
+        )
+    kind = resolve_kind(job.vae_kind, FAMILY_VAE[cfg.family])
+    return load_vae(Path(job.vae), kind, cfg.in_channels, job.latent_stats, job.latent_multiplier)
 
 
 def make_backend(job: SampleJob, loaded: LoadedCheckpoint, device: torch.device):
@@ -208,26 +247,31 @@ def make_backend(job: SampleJob, loaded: LoadedCheckpoint, device: torch.device)
 
 
 @dataclass
-class Progress:
-    """Callbacks for the CLI's progress display."""
-
-    start: Callable[[int], None] = lambda total: None
-    advance: Callable[[int], None] = lambda done: None
-    finish: Callable[[], None] = lambda: None
-
-
-@dataclass
 class RunResult:
     manifest: dict
     out: Path
     wall_s: float
     samples_per_s: float
     notes: list[str] = field(default_factory=list)
+    computed: int = 0  # samples computed by this process
+    reused: int = 0  # samples already complete when this process started (its view)
+    rank: RankInfo = field(default_factory=RankInfo)
+
+
+def run_key_digest(run_key: dict) -> str:
+    return hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()
 
 
 def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
+    """Sample indices 0..n-1 into ``job.out`` (this process's share when launched by torchrun).
+
+    Resumes a run of the same configuration found there; rank 0 (the only process without
+    torchrun) packs samples.npz / latents and writes the final manifest once every chunk is there.
+    """
+    started = time.time()
     job.validate()
     progress = progress or Progress()
+    rank = RankInfo.from_env()
     ckpt_path = Path(job.ckpt) if job.ckpt is not None else DEFAULT_CHECKPOINT
     overrides = {"encoder_depth": job.encoder_depth, "num_heads": job.num_heads}
     loaded = load_checkpoint(ckpt_path, model_name=job.model, overrides=overrides)
@@ -236,62 +280,89 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
     if sampler_cfg.guidance.uses_cfg and not cfg.has_null_class:
         raise JobError(f"{cfg.name} has no null-class row (trained without label dropout): use --cfg-scale 1")
     labels, label_info = resolve_labels(job, cfg.num_classes)
-    decode = cfg.pixel_space and not job.no_decode
-    if not cfg.pixel_space and not job.no_decode:
-        raise JobError(
-            f"{cfg.name} samples VAE latents ({cfg.in_channels}x{cfg.input_size}x{cfg.input_size}); VAE decoding is not "
-            "available in this version: pass --no-decode to write latents only"
-        )
-    device = resolve_device(job.device)
+    decode = not job.no_decode
+    decoder = resolve_decoder(job, cfg)
+    device = resolve_device(job.device, rank.local_rank)
     run_key = {
         "checkpoint_sha256": loaded.sha256,
         "model": cfg.to_dict(),
         "sampler": sampler_cfg.to_dict(),
         "seed": job.seed,
-        "n": job.n,
         "labels": label_info,
         "backend": job.backend,
         "decode": decode,
+        "vae": decoder.identity if decoder is not None else None,
+        "chunk_size": job.chunk_size,
     }
     out = Path(job.out)
     prepare_output_folder(out, run_key, job.overwrite)
+    key = run_key_digest(run_key)[:16]
 
-    backend = make_backend(job, loaded, device)
-    # Fused guidance + update kernels for fp32/bf16/fp16 when a library is built; else the reference loop.
-    runner = FusedPlanRunner(backend, sampler_cfg)
-    latents = np.empty((job.n, *cfg.latent_shape), dtype=np.float32)
-    t0 = time.perf_counter()
-    progress.start(job.n)
-    for start in range(0, job.n, job.batch_size):
-        idx = torch.arange(start, min(job.n, start + job.batch_size))
-        x = runner.run(job.seed, idx, labels[idx], device=device)
-        latents[idx.numpy()] = x.cpu().numpy()
-        progress.advance(int(idx[-1]) + 1)
-    wall = time.perf_counter() - t0
-    progress.finish()
-
-    outputs: dict[str, Any] = {}
-    if decode:
-        pixels = to_uint8(torch.from_numpy(latents), cfg.family)
-        atomic_write_bytes(out / SAMPLES, npz_bytes(arr_0=pixels, labels=labels.numpy()))
-        outputs["samples"] = SAMPLES
-        outputs["pixel_conversion"] = PIXEL_CONVERSION[cfg.family]
-        if job.png:
+    keep_latents = job.save_latents is not None or not decode
+    latents_path = (str(Path(job.save_latents).resolve()) if job.save_latents is not None
+                    else ("latents.npy" if not decode else None))
+    factor = decoder.upsample_factor if decoder is not None else 1
+    layout = BulkLayout(
+        n=job.n, chunk_size=job.chunk_size, chunks_dir=f"{CHUNKS_DIR}/{key}",
+        pixels=(cfg.input_size * factor, cfg.input_size * factor, 3) if decode else None,
+        latents=cfg.latent_shape if keep_latents else None, latents_path=latents_path,
+    )
+    with rank_lock(out, rank) as lock_note:
+        store = layout.store(out)
+        store.folder.mkdir(parents=True, exist_ok=True)
+        if rank.is_main and job.overwrite:  # chunks of other configurations can never be reused
+            for other in (out / CHUNKS_DIR).iterdir():
+                if other.is_dir() and other.name != key:
+                    shutil.rmtree(other, ignore_errors=True)
+        png_dir = None
+        if job.png and decode:
             png_dir = out / "png"
             png_dir.mkdir(exist_ok=True)
-            for i, img in enumerate(pixels):
-                atomic_write_bytes(png_dir / f"{i:06d}.png", png_bytes(img))
-            outputs["png"] = "png/"
-    if job.save_latents is not None or not decode:
-        lat_path = Path(job.save_latents) if job.save_latents is not None else out / "latents.npy"
-        lat_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(lat_path, npy_bytes(latents))
-        outputs["latents"] = str(lat_path)
-        outputs["labels"] = labels.tolist() if job.n <= 100_000 else "see samples.npz"
+        backend = make_backend(job, loaded, device)
+        # Fused guidance + update kernels for fp32/bf16/fp16 when a library is built; else the reference loop.
+        runner = FusedPlanRunner(backend, sampler_cfg)
+        if decoder is not None:
+            decoder.to(device)
+        manifest = _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, runner, backend, run_key, label_info, labels,
+                             decoder, layout, rank, png_dir is not None)
+        if rank.is_main:
+            atomic_write_json(out / MANIFEST, manifest)
+        make = SampleMaker(runner, job.seed, labels, device, decoder, cfg.family, pixels=decode)
+        bulk = BulkSampler(store, layout.plan, rank, labels.numpy(), make, job.batch_size, keep_latents, png_dir,
+                           progress, started=started)
+        t0 = time.perf_counter()
+        report = bulk.run_rank()
+        if rank.is_main:
+            bulk.wait_for_all()
+        wall = time.perf_counter() - t0
+        progress.finish()
+        notes = list(loaded.notes) + report.notes + ([lock_note] if lock_note else [])
+        new = (job.n - report.initial_done) if rank.is_main else report.computed
+        rate = new / wall if wall > 0 else 0.0
+        if rank.is_main:
+            manifest["timing"] = {"wall_s": round(wall, 3), "samples_per_s": round(rate, 3),
+                                  "computed_this_session": new, "already_complete": report.initial_done}
+            manifest["notes"] = notes
+            manifest = pack_folder(out, manifest)
+    return RunResult(manifest, out, wall, rate, notes, report.computed, report.reused, rank)
 
-    manifest = {
+
+def _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, runner, backend, run_key, label_info, labels, decoder,
+              layout: BulkLayout, rank: RankInfo, png: bool) -> dict:
+    outputs: dict[str, Any] = {"chunks": layout.chunks_dir + "/"}
+    if layout.pixels is not None:
+        outputs["samples"] = SAMPLES
+        outputs["pixel_conversion"] = PIXEL_CONVERSION[cfg.family]
+        if png:
+            outputs["png"] = "png/"
+    if layout.latents_path is not None:
+        outputs["latents"] = layout.latents_path
+        if layout.pixels is None:
+            outputs["labels"] = labels.tolist() if job.n <= 100_000 else "see the chunks' labels"
+    return {
         "igengine": {"version": igengine.__version__, "commit": igengine_commit()},
         "run_key": run_key,
+        "status": "running",
         "checkpoint": {"path": str(ckpt_path), "sha256": loaded.sha256, "weights": loaded.weights,
                        "resolution_notes": loaded.notes},
         "model": cfg.to_dict(),
@@ -301,13 +372,13 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
         "labels": label_info,
         "n": job.n,
         "precision": sampler_cfg.precision.value,
-        "backend": {**backend.describe(), "step": runner.path(device)},
+        "backend": {**backend.describe(), "step": runner.path(backend.device)},
+        "vae": decoder.describe() if decoder is not None else None,
         "batch_size": job.batch_size,
+        "world_size": rank.world_size,
         "noise_contract": "igengine.noise: Philox4x32-10, key=(seed lo, hi), counter=(block, stream, index lo, hi)",
+        "bulk": layout.to_dict(),
         "outputs": outputs,
-        "complete": [[0, job.n]],
-        "timing": {"wall_s": round(wall, 3), "samples_per_s": round(job.n / wall, 3) if wall > 0 else None},
+        "complete": [],  # filled by the pack; until then the valid chunk files are the record
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    atomic_write_json(out / MANIFEST, manifest)
-    return RunResult(manifest, out, wall, job.n / wall if wall > 0 else float("inf"), loaded.notes)

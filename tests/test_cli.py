@@ -61,10 +61,10 @@ def test_embedded_model_end_to_end(tmp_path, capsys):
 def test_a_different_run_into_the_same_folder_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli(capsys, "--n", 2, "--steps", 4, "--out", out)[0] == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     code, _, err = run_cli(capsys, "--n", 2, "--steps", 4, "--seed", 5, "--out", out)
     assert_one_line_error(code, err, "different run")
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert run_cli(capsys, "--n", 2, "--steps", 4, "--seed", 5, "--out", out, "--overwrite")[0] == 0
 
 
@@ -160,7 +160,10 @@ def test_nan_in_latents_is_reported_with_step_and_indices(tmp_path, capsys):
     code, _, err = run_cli(capsys, "--ckpt", path, "--n", 3, "--steps", 5, "--cfg-scale", 1, "--ig-scale", 1,
                            "--no-decode", "--out", tmp_path / "nan")
     assert_one_line_error(code, err, "NaN/Inf in the latents at solver step 0 for sample indices [0, 1, 2]")
-    assert not (tmp_path / "nan" / "manifest.json").exists()
+    # The manifest written at the start says the run is not complete, and no chunk or output exists.
+    m = json.loads((tmp_path / "nan" / "manifest.json").read_text())
+    assert m["status"] == "running" and m["complete"] == []
+    assert not list((tmp_path / "nan").rglob("*.npz")) and not list((tmp_path / "nan").rglob("*.npy"))
 
 
 def test_latent_model_needs_no_decode(tmp_path, capsys):

@@ -1,0 +1,252 @@
+"""Bulk sampling: compute this rank's chunks (resuming), then, on rank 0, wait for the rest and pack.
+
+Data flows one way: sampler (``PlanRunner``) -> decoder (``igengine.vae``) -> uint8 pixels
+(``igengine.pixels``) -> chunk files (``igengine.chunks``) -> ``samples.npz`` (``igengine.pack``).
+
+Per rank:
+  1. For each chunk of its block (``ChunkPlan.for_rank``): a chunk file that passes the full check
+     (members, shapes, CRC-32, labels) is kept; a missing one is computed; a damaged one is computed
+     again, with a note. Batches never straddle chunks, so a chunk's numbers do not depend on which
+     rank computes it or on the world size.
+  2. Rank 0 then polls the chunk folder until every chunk of the plan is there (no collective, no
+     timeout: a rank waiting on files cannot make another rank's NCCL call expire), packs the
+     outputs and writes the final manifest. The other ranks exit when their block is done.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from igengine.chunks import Chunk, ChunkPlan, ChunkStore, coalesce
+from igengine.config import Family
+from igengine.launch import RankInfo
+from igengine.outputs import OutputError, atomic_write_bytes, png_bytes
+from igengine.pixels import to_uint8
+from igengine.sampler import PlanRunner
+from igengine.vae import LatentDecoder
+
+WAIT_LOG_EVERY_S = 60.0
+
+
+@dataclass
+class Progress:
+    """Callbacks for the CLI's display. ``advance`` gets the number of samples of the whole run
+    that are complete (rank 0) or of this rank's block (other ranks); ``log`` gets one line per chunk."""
+
+    start: Callable[[int, int], None] = lambda total, initial: None
+    advance: Callable[[int], None] = lambda done: None
+    finish: Callable[[], None] = lambda: None
+    log: Callable[[str], None] = lambda line: None
+
+
+@dataclass
+class RankReport:
+    computed: int = 0  # samples computed by this process
+    reused: int = 0  # samples of this rank's block already complete at start
+    initial_done: int = 0  # samples of the whole run complete at start (rank 0's view)
+    notes: list[str] = field(default_factory=list)
+
+
+class SampleMaker:
+    """Sample indices -> (latents float32 [m, C, h, w], pixels uint8 [m, H, W, 3] or None), as numpy.
+
+    Labels come from the run's full label vector (int64 [n]); pixels are made only when ``pixels``
+    is set: through ``decoder`` for latent models, directly for pixel-space models.
+    """
+
+    def __init__(self, runner: PlanRunner, seed: int, labels: torch.Tensor, device: torch.device,
+                 decoder: LatentDecoder | None, family: Family, pixels: bool):
+        self.runner, self.seed, self.labels, self.device = runner, seed, labels, device
+        self.decoder, self.family, self.pixels = decoder, family, pixels
+
+    def __call__(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        idx = torch.from_numpy(indices)
+        x = self.runner.run(self.seed, idx, self.labels[idx], device=self.device)  # (m, C, h, w) float32
+        pixels = None
+        if self.pixels:
+            images = self.decoder.decode(x) if self.decoder is not None else x
+            pixels = to_uint8(images, self.family)
+        return x.cpu().numpy(), pixels
+
+
+def compute_chunk(chunk: Chunk, make: SampleMaker, batch_size: int, on_batch: Callable[[int], None]):
+    """(latents, pixels) of one chunk, computed in batches that start at the chunk's first index."""
+    lat_parts, pix_parts = [], []
+    for s in range(chunk.start, chunk.stop, batch_size):
+        lat, pix = make(np.arange(s, min(chunk.stop, s + batch_size), dtype=np.int64))
+        lat_parts.append(lat)
+        if pix is not None:
+            pix_parts.append(pix)
+        on_batch(lat.shape[0])
+    return np.concatenate(lat_parts), (np.concatenate(pix_parts) if pix_parts else None)
+
+
+def write_pngs(png_dir: Path, store: ChunkStore, chunk: Chunk, pixels: np.ndarray) -> None:
+    """PNGs of a chunk's samples (``png/<index:06d>.png``), then the chunk's ``.png-done`` marker.
+
+    The marker lives in the run's chunk folder, so PNGs left by a different run (``--overwrite``)
+    are never taken for this run's.
+    """
+    for i, img in zip(chunk.indices(), pixels):
+        atomic_write_bytes(png_dir / f"{i:06d}.png", png_bytes(img))
+    _png_marker(store, chunk).touch()
+
+
+def _png_marker(store: ChunkStore, chunk: Chunk) -> Path:
+    return store.folder / f"{chunk.name}.png-done"
+
+
+def _eta(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class BulkSampler:
+    """Runs one rank's share of a chunked run. ``run_rank`` then (rank 0) ``wait_for_all``."""
+
+    def __init__(self, store: ChunkStore, plan: ChunkPlan, rank: RankInfo, labels: np.ndarray,
+                 make: SampleMaker, batch_size: int, keep_latents: bool, png_dir: Path | None,
+                 progress: Progress, poll_s: float = 1.0, started: float | None = None):
+        self.store, self.plan, self.rank, self.labels = store, plan, rank, labels
+        self.make, self.batch_size, self.keep_latents, self.png_dir = make, batch_size, keep_latents, png_dir
+        self.progress = progress
+        self.poll_s = poll_s
+        self.mine = plan.for_rank(rank.rank, rank.world_size)
+        self._mine_set = set(self.mine)
+        self.report = RankReport()
+        self._own_done = 0  # samples of this rank's block complete (kept + computed so far)
+        self._t0 = time.perf_counter()
+        # Other ranks' chunks written before this process started are "already complete".
+        self._started = time.time() if started is None else started
+
+    # -- progress -------------------------------------------------------------------------------
+    def _others_present(self, before: float | None = None) -> int:
+        """Samples in other ranks' chunk files that exist now (rank 0's whole-run count); with
+        ``before`` (a time.time()), only files written before then."""
+        count = 0
+        for c in self.plan.chunks:
+            if c in self._mine_set:
+                continue
+            try:
+                if before is None or self.store.path(c).stat().st_mtime < before:
+                    count += c.size
+            except OSError:
+                pass
+        return count
+
+    def _done(self) -> int:
+        return self._own_done + (self._others_present() if self.rank.is_main else 0)
+
+    def _total(self) -> int:
+        return self.plan.n if self.rank.is_main else sum(c.size for c in self.mine)
+
+    def _rate_eta(self, done: int) -> tuple[float, float]:
+        dt = time.perf_counter() - self._t0
+        rate = (done - self.report.initial_done) / dt if dt > 0 else 0.0
+        eta = (self._total() - done) / rate if rate > 0 else float("inf")
+        return rate, eta
+
+    def _note(self, text: str) -> None:
+        self.report.notes.append(text)
+        self.progress.log(f"{self.rank}: {text}" if self.rank.world_size > 1 else text)
+
+    # -- this rank's chunks ---------------------------------------------------------------------
+    def run_rank(self) -> RankReport:
+        removed = self.store.remove_temp_files(self.mine)
+        if removed:
+            self._note(f"removed {len(removed)} temporary file(s) left by an interrupted run")
+        todo = []
+        for chunk in self.mine:
+            problem = self.store.problem(chunk, labels=self.labels[chunk.start:chunk.stop], full=True)
+            if problem is None:
+                self._own_done += chunk.size
+                self.report.reused += chunk.size
+                if self.png_dir is not None and not _png_marker(self.store, chunk).exists():
+                    with np.load(self.store.path(chunk)) as data:
+                        self._guard(chunk, lambda: write_pngs(self.png_dir, self.store, chunk, data["arr_0"]))
+            else:
+                if problem != "missing":
+                    self._note(f"chunk {chunk.name} is damaged ({problem}): computing it again")
+                todo.append(chunk)
+        self.report.initial_done = self._own_done + (self._others_present(self._started) if self.rank.is_main else 0)
+        self.progress.start(self._total(), self.report.initial_done)
+        for k, chunk in enumerate(todo):
+            t_chunk = time.perf_counter()
+            latents, pixels = compute_chunk(chunk, self.make, self.batch_size, self._on_batch)
+            self._write(chunk, latents, pixels)
+            self.report.computed += chunk.size
+            self._log_chunk(chunk, k + 1, len(todo), time.perf_counter() - t_chunk)
+        return self.report
+
+    def _on_batch(self, m: int) -> None:
+        self._own_done += m
+        self.progress.advance(self._done())
+
+    def _write(self, chunk: Chunk, latents: np.ndarray, pixels: np.ndarray | None) -> None:
+        labels = self.labels[chunk.start:chunk.stop]
+        self._guard(chunk, lambda: self.store.write(chunk, labels, pixels, latents if self.keep_latents else None))
+        if self.png_dir is not None:
+            self._guard(chunk, lambda: write_pngs(self.png_dir, self.store, chunk, pixels))
+
+    def _guard(self, chunk: Chunk, write: Callable[[], None]) -> None:
+        """Run a write; turn OSError (disk full, read-only, ...) into one clear OutputError."""
+        try:
+            write()
+        except OSError as e:
+            why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise OutputError(
+                f"cannot write chunk {self.store.path(chunk)}: {why}; the chunks written so far are complete "
+                "and kept: fix this and rerun the same command to resume"
+            ) from None
+
+    def _log_chunk(self, chunk: Chunk, k: int, of: int, dt: float) -> None:
+        done = self._done()
+        rate, eta = self._rate_eta(done)
+        scope = "run" if self.rank.is_main else f"{self.rank}"
+        self.progress.log(
+            f"{self.rank}: chunk {chunk.name} written ({chunk.size} samples in {dt:.1f} s; {k}/{of} to compute "
+            f"here); {scope}: {done}/{self._total()} samples, {rate:.2f} samples/s, ETA {_eta(eta)}"
+        )
+
+    # -- rank 0: the others' chunks -------------------------------------------------------------
+    def wait_for_all(self, sleep: Callable[[float], None] = time.sleep) -> None:
+        """Poll until every chunk of the plan is present and well-formed (headers; pack checks CRCs)."""
+        if self.rank.world_size == 1:
+            return
+        seen: dict[str, tuple[int, int]] = {}
+        pending = [c for c in self.plan.chunks if c not in self._mine_set]
+        last_log = time.perf_counter()
+        while pending:
+            still = []
+            for c in pending:
+                try:
+                    st = self.store.path(c).stat()
+                except FileNotFoundError:
+                    still.append(c)
+                    continue
+                stamp = (st.st_mtime_ns, st.st_size)
+                if seen.get(c.name) != stamp:  # look again only when the file changed
+                    seen[c.name] = stamp
+                    if self.store.problem(c, full=False) is None:
+                        continue
+                still.append(c)
+            pending = still
+            self.progress.advance(self._done())
+            if pending:
+                if time.perf_counter() - last_log >= WAIT_LOG_EVERY_S:
+                    ranges = ", ".join(f"{a}..{b - 1}" for a, b in coalesce(pending)[:6])
+                    self.progress.log(f"{self.rank}: waiting for {len(pending)} chunk(s) of the other ranks: {ranges}")
+                    last_log = time.perf_counter()
+                sleep(self.poll_s)
+
+
+__all__ = ["BulkSampler", "Progress", "RankReport", "SampleMaker", "compute_chunk"]
