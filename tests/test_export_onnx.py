@@ -329,7 +329,7 @@ def test_cli_export_then_sample_with_onnxruntime_matches_torch(tmp_path, capsys,
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["max_batch"] == 8 and summary["files"]["model.onnx"]["bytes"] > 0
-    common = ["sample", "--ckpt", ckpt, "--n", 5, "--steps", 3, "--precision", "fp32", "--no-decode"]
+    common = ["sample", "--ckpt", ckpt, "--n", 5, "--steps", 3, "--precision", "fp32", "--no-decode", "--device", "cpu"]
     assert cli(capsys, *common, "--backend", "onnxruntime", "--onnx", out, "--out", tmp_path / "a")[0] == 0
     assert cli(capsys, *common, "--out", tmp_path / "b")[0] == 0
     a, b = np.load(tmp_path / "a" / "latents.npy"), np.load(tmp_path / "b" / "latents.npy")
@@ -355,7 +355,8 @@ def test_cli_export_then_sample_with_onnxruntime_matches_torch(tmp_path, capsys,
 
 def test_cli_sample_without_onnx_exports_into_the_cache_once(tmp_path, capsys, checkpoint, monkeypatch):
     monkeypatch.setenv("IGENGINE_CACHE", str(tmp_path / "cache"))
-    args = ["sample", "--ckpt", checkpoint["sit"], "--n", 2, "--steps", 3, "--no-decode", "--backend", "onnxruntime"]
+    args = ["sample", "--ckpt", checkpoint["sit"], "--n", 2, "--steps", 3, "--no-decode", "--device", "cpu",
+            "--backend", "onnxruntime"]
     code, _, err = cli(capsys, *args, "--out", tmp_path / "first")
     assert code == 0, err
     graphs = list((tmp_path / "cache" / "onnx").glob(f"*/{GRAPH_FILE}"))
