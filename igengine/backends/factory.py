@@ -59,10 +59,7 @@ def create_backend(
 
         import_onnxruntime()
         graph, record = locate_graph(loaded, precision, onnx_path, cache_root)
-        backend = OnnxRuntimeBackend(graph, record, loaded.config, device)
-        if max_batch is not None:
-            backend.max_batch = max_batch
-        return backend
+        return OnnxRuntimeBackend(graph, record, loaded.config, device, max_batch=max_batch)
 
     from igengine.backends.tensorrt_backend import TensorRTBackend
     from igengine.export.tensorrt import ensure_engine, import_tensorrt, require_gpu

@@ -37,21 +37,21 @@ def import_onnxruntime():
 class OnnxRuntimeBackend:
     """Backend over an ONNX Runtime session of one exported graph.
 
-    ``record`` is the graph's own record (already checked against the run by the caller);
-    ``max_batch`` is the graph's recorded maximum rows per call: the sampler splits larger calls and
-    a direct call above it raises BackendError.
+    ``record`` is the graph's own record (already checked against the run by the caller).
+    ``max_batch`` (default: the graph's recorded --max-batch) is the most rows per call: the sampler
+    splits larger calls and a direct call above it raises BackendError.
     """
 
     name = "onnxruntime"
 
     def __init__(self, graph: Path, record: GraphRecord, config: ModelConfig, device: str | torch.device = "cpu",
-                 threads: int = 0):
+                 max_batch: int | None = None, threads: int = 0):
         ort = import_onnxruntime()
         self.graph = Path(graph)
         self.record = record
         self.config = config
         self.precision = record.export.precision
-        self.max_batch: int | None = record.export.max_batch
+        self.max_batch: int | None = max_batch or record.export.max_batch
         requested = torch.device(device)
         wanted = ["CPUExecutionProvider"]
         if requested.type == "cuda":

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from igengine.checkpoint import LoadedCheckpoint
+from igengine.config import Precision
 from igengine.export.config import ExportConfig, graph_precision
 from igengine.export.contract import (
     GRAPH_CONTRACT,
@@ -63,7 +64,7 @@ def graph_folder(loaded: LoadedCheckpoint, config: ExportConfig, root: Path | No
 
 
 def cached_graph(loaded: LoadedCheckpoint, config: ExportConfig, root: Path | None = None) -> Path:
-    """The cached graph of (``loaded``, ``config``), exported now if the cache has none.
+    """The cached graph of (``loaded``, ``config``), exported now if the cache has none (not yet verified).
 
     Concurrent runs may export the same key at once: each writes a private folder and renames it
     into place; the first rename wins and the others use its result.
@@ -83,12 +84,10 @@ def cached_graph(loaded: LoadedCheckpoint, config: ExportConfig, root: Path | No
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    graph = folder / GRAPH_FILE
-    verify_record(read_record(graph), loaded, config.precision, graph)
-    return graph
+    return folder / GRAPH_FILE
 
 
-def locate_graph(loaded: LoadedCheckpoint, precision, onnx_path: str | Path | None = None,
+def locate_graph(loaded: LoadedCheckpoint, precision: Precision | str, onnx_path: str | Path | None = None,
                  root: Path | None = None) -> tuple[Path, GraphRecord]:
     """The graph a run of ``loaded`` at ``precision`` uses, checked against the run, and its record.
 
@@ -99,8 +98,8 @@ def locate_graph(loaded: LoadedCheckpoint, precision, onnx_path: str | Path | No
     import_onnx(exporter=onnx_path is None)
     if onnx_path is not None:
         graph = graph_path(onnx_path)
-        record = read_record(graph)
-        verify_record(record, loaded, precision, graph)
-        return graph, record
-    graph = cached_graph(loaded, ExportConfig(precision=graph_precision(precision)), root)
-    return graph, read_record(graph)
+    else:
+        graph = cached_graph(loaded, ExportConfig(precision=graph_precision(precision)), root)
+    record = read_record(graph)
+    verify_record(record, loaded, precision, graph)
+    return graph, record

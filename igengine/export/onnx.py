@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import os
 import shutil
@@ -155,8 +156,6 @@ def prepare_export_folder(out: Path, record: GraphRecord, overwrite: bool) -> No
     prepare_output_folder(out, {"export": record.to_dict()}, overwrite)
     sidecar = out / SIDECAR
     if sidecar.exists() and not overwrite:
-        import json
-
         try:
             existing = json.loads(sidecar.read_text()).get("record")
         except (OSError, ValueError):
