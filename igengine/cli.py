@@ -182,10 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     except _USAGE_ERRORS as e:
         typer.echo(f"igengine: error: {e.format_message()}", err=True)
         return 2
-    except (UsageFailure, JobError, CheckpointError, ExportError) as e:
+    except BackendUnavailable as e:  # a missing runtime or GPU: the environment, not the request
+        typer.echo(f"igengine: error: {e}", err=True)
+        return 1
+    except (UsageFailure, JobError, CheckpointError, ExportError, BackendError) as e:
         typer.echo(f"igengine: error: {e}", err=True)
         return 2
-    except (OutputError, NonFiniteError, BackendUnavailable, BackendError) as e:
+    except (OutputError, NonFiniteError) as e:
         typer.echo(f"igengine: error: {e}", err=True)
         return 1
     except OSError as e:

@@ -350,6 +350,7 @@ def test_cli_export_then_sample_with_onnxruntime_matches_torch(tmp_path, capsys,
         assert_one_line_error(code, err, expect)
     code, _, err = cli(capsys, "sample", "--backend", "nope", "--out", tmp_path / "d")
     assert_one_line_error(code, err, "unknown --backend 'nope'")
+    assert code == 2  # a bad request; a missing runtime exits 1
     assert (tmp_path / "a" / "latents.npy").read_bytes() == before
 
 
@@ -412,4 +413,5 @@ def test_missing_onnxruntime_is_one_line_naming_the_install(tmp_path, capsys, ch
     code, _, err = cli(capsys, "sample", "--ckpt", checkpoint["sit"], "--n", 1, "--steps", 2, "--no-decode",
                        "--backend", "onnxruntime", "--onnx", graph("sit", "fp32"), "--out", tmp_path / "o")
     assert_one_line_error(code, err, "needs ONNX Runtime, which is not installed: pip install onnxruntime")
+    assert code == 1
     assert not os.path.exists(tmp_path / "o" / "latents.npy")
