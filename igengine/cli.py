@@ -81,7 +81,9 @@ def sample(
     timestep_shift: Optional[float] = typer.Option(None, "--timestep-shift", help="LightningDiT timestep shift s (0 = none)."),
     precision: str = typer.Option("reference", "--precision", help="reference | fp32 | bf16 | fp16."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    backend: str = typer.Option("torch", "--backend", help="Network backend: torch."),
+    backend: str = typer.Option("torch", "--backend", help="Network backend: torch | onnxruntime | tensorrt (CUDA)."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Exported graph (.onnx or `igengine export` folder) for "
+                                        "onnxruntime/tensorrt; default: exported on first use into the cache."),
     png: bool = typer.Option(False, "--png", help="Also write one PNG per sample under OUT/png/."),
     save_latents: Optional[Path] = typer.Option(None, "--save-latents", help="Also write the final latents to FILE.npy."),
     no_decode: bool = typer.Option(False, "--no-decode", help="Write latents only (OUT/latents.npy), no pixels."),
@@ -107,7 +109,7 @@ def sample(
         num_heads=num_heads, labels=labels, solver=solver, steps=steps, cfg_scale=cfg_scale,
         cfg_interval=parse_interval(cfg_interval, "--cfg-interval") if cfg_interval is not None else None,
         ig_scale=ig_scale, ig_interval=parse_interval(ig_interval, "--ig-interval") if ig_interval is not None else None,
-        timestep_shift=timestep_shift, precision=precision, device=device, backend=backend, png=png,
+        timestep_shift=timestep_shift, precision=precision, device=device, backend=backend, onnx=onnx, png=png,
         save_latents=save_latents, no_decode=no_decode, overwrite=overwrite, vae=vae, vae_kind=vae_kind,
         latent_stats=latent_stats, latent_multiplier=latent_multiplier, chunk_size=chunk_size,
     )
@@ -207,7 +209,9 @@ def info() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script: turns every known failure into one line on stderr."""
+    from igengine.backends.errors import BackendError, BackendUnavailable
     from igengine.checkpoint import CheckpointError
+    from igengine.export.errors import ExportError
     from igengine.outputs import OutputError
     from igengine.run import JobError
     from igengine.sampler import NonFiniteError
@@ -225,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     except _USAGE_ERRORS as e:
         typer.echo(f"igengine: error: {e.format_message()}", err=True)
         return 2
-    except (UsageFailure, JobError, CheckpointError) as e:
+    except BackendUnavailable as e:  # a missing runtime or GPU: the environment, not the request
+        typer.echo(f"igengine: error: {e}", err=True)
+        return 1
+    except (UsageFailure, JobError, CheckpointError, ExportError, BackendError) as e:
         typer.echo(f"igengine: error: {e}", err=True)
         return 2
     except (OutputError, NonFiniteError) as e:
@@ -239,6 +246,37 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo("igengine: interrupted", err=True)
         return 130
     return 0
+
+
+
+EXPORT_EPILOG = """\b
+Examples:
+  igengine export --ckpt igengine/assets/sit_digits.safetensors --out out/digits-onnx   # runnable in a checkout
+  igengine sample --backend onnxruntime --onnx out/digits-onnx --n 8 --precision fp32 --out out/digits-ort
+  igengine export --ckpt SiT-XL-2-IG.pt --precision fp16 --out export-sit-fp16
+  igengine export --ckpt lightningdit-xl-1-ig.pt --model LightningDiT-XL/1 --format tensorrt --precision bf16 --max-batch 64 --out export-ldit-trt
+"""
+
+
+@app.command(epilog=EXPORT_EPILOG)
+def export(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint (.pt/.pth/.safetensors), resolved as by `sample`."),
+    out: Path = typer.Option(..., "--out", help="Output folder (model.onnx, model.onnx.data, export.json[, model.engine])."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name, e.g. SiT-XL/2 (overrides the checkpoint's)."),
+    encoder_depth: Optional[int] = typer.Option(None, "--encoder-depth", help="Block after which the IG head sits."),
+    num_heads: Optional[int] = typer.Option(None, "--num-heads", help="Attention heads (overrides the checkpoint)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx | tensorrt (the ONNX graph, then an engine; needs TensorRT and a GPU)."),
+    precision: str = typer.Option("fp32", "--precision", help="Graph precision: fp32 | fp16 | bf16 (sample's reference runs fp32)."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset, 18 or newer (the dynamo exporter's minimum)."),
+    max_batch: int = typer.Option(64, "--max-batch", help="Most rows per network call (CFG calls carry 2 rows per sample)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an export of something else in OUT."),
+) -> None:
+    """Export a checkpoint as an ONNX graph with both IG outputs (v_final, v_inter), or a TensorRT engine."""
+    from igengine.export.job import ExportJob, run_export
+
+    job = ExportJob(ckpt=ckpt, out=out, model=model, encoder_depth=encoder_depth, num_heads=num_heads, format=fmt,
+                    precision=precision, opset=opset, max_batch=max_batch, overwrite=overwrite)
+    typer.echo(json.dumps(run_export(job)))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import igengine
-from igengine.backends import TorchBackend
+from igengine.backends import create_backend
 from igengine.bulk import BulkSampler, Progress, SampleMaker
 from igengine.checkpoint import LoadedCheckpoint, load_checkpoint
 from igengine.chunks import CHUNKS_DIR
@@ -71,6 +71,7 @@ class SampleJob:
     precision: str = "reference"
     device: str = "auto"
     backend: str = "torch"
+    onnx: Path | None = None  # exported graph (file or folder) for onnxruntime/tensorrt; None: the export cache
     png: bool = False
     save_latents: Path | None = None
     no_decode: bool = False
@@ -236,9 +237,7 @@ def resolve_decoder(job: SampleJob, cfg: ModelConfig) -> LatentDecoder | None:
 
 
 def make_backend(job: SampleJob, loaded: LoadedCheckpoint, device: torch.device):
-    if job.backend == "torch":
-        return TorchBackend(loaded.model, precision=Precision(job.precision), device=device)
-    raise JobError(f"unknown --backend {job.backend!r} (available: torch)")
+    return create_backend(job.backend, loaded, Precision(job.precision), device, onnx_path=job.onnx)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -69,7 +69,9 @@ def test_sit_sde_cfg_acts_on_the_drift():
     t = 0.3
     d = r.field(x, torch.tensor([5]), Evaluation(t=t, ig=False, cfg=True), drift=True)
     drift = lambda v: (2 - t) * v + x  # noqa: E731  (v - t score, simplified)
-    vc, vu = 2 * x + 0.5, 2 * x + 1.0
+    # The network sees x in float32 and answers in float32 (the backend contract); the drift uses x itself.
+    x32 = x.float()
+    vc, vu = (2 * x32 + 0.5).double(), (2 * x32 + 1.0).double()
     # Two float64 evaluations of the same formula (score route vs closed form): relative rounding only.
     assert torch.allclose(d, drift(vu) + 2.0 * (drift(vc) - drift(vu)), rtol=1e-12, atol=1e-12)
 
