@@ -124,6 +124,10 @@ print('kernel path:', d['path'])"
   # End to end on XL-sized models: precision modes and the fused runner, GPU vs CPU reference.
   run_section sampling 140 $PY benchmarks/gpu_sampling_bench.py --batch 16 --steps 8 --repeats 2 --out "$WORK/sampling"
 
+  # Bulk sampling on the GPU: batch 64 vs 7, torchrun with 1 and 2 processes (latents and pixels).
+  run_section bulk 100 bash -c '$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" \
+    && $PY benchmarks/bulk_device_check.py --out "$WORK/bulk.json"'
+
   # ---- record and summarise -------------------------------------------------------------------------
   echo
   echo "=== [summary] ==="
@@ -191,10 +195,13 @@ if [[ -n "${OUT:-}" ]]; then
   cp -f "$WORK/bench.json" "$RES/kernels_cuda_$STAMP.json" 2>/dev/null
   cp -f "$WORK"/sampling/*.json "$OUT"/ 2>/dev/null
   cp -f "$WORK"/sampling/*.json "$RES"/ 2>/dev/null
+  cp -f "$WORK/bulk.json" "$OUT/bulk_gpu_$STAMP.json" 2>/dev/null
+  cp -f "$WORK/bulk.json" "$RES/bulk_gpu_$STAMP.json" 2>/dev/null
   echo "copied results to $OUT"
 else
   cp -f "$WORK/bench.json" "$RES/kernels_cuda_$STAMP.json" 2>/dev/null
   cp -f "$WORK"/sampling/*.json "$RES"/ 2>/dev/null
+  cp -f "$WORK/bulk.json" "$RES/bulk_gpu_$STAMP.json" 2>/dev/null
 fi
 rm -rf "$WORK"
 exit 0
