@@ -125,8 +125,8 @@ print('kernel path:', d['path'])"
   run_section sampling 140 $PY benchmarks/gpu_sampling_bench.py --batch 16 --steps 8 --repeats 2 --out "$WORK/sampling"
 
   # Bulk sampling on the GPU: batch 64 vs 7, torchrun with 1 and 2 processes (latents and pixels).
-  run_section bulk 100 bash -c '$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" \
-    && $PY benchmarks/bulk_device_check.py --out "$WORK/bulk.json"'
+  run_section bulk 100 bash -c "\$PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)' \
+    && \$PY benchmarks/bulk_device_check.py --out '$WORK/bulk.json'"
 
   # ---- record and summarise -------------------------------------------------------------------------
   echo
