@@ -99,7 +99,7 @@ def bench_family(name: str, batch: int, steps: int, repeats: int, device: str) -
             if r is None:
                 rows.append({"mode": label, "skipped": "kernel library not built for this GPU"})
                 continue
-            sec, out = timed(lambda: r.run(0, idx, labels, device=device), repeats, device)
+            sec, out = timed(lambda r=r: r.run(0, idx, labels, device=device), repeats, device)
             out = out.double()
             if ref_out is None:
                 ref_out = out

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.provenance import provenance  # noqa: E402
 from igengine.backends import TorchBackend  # noqa: E402
-from igengine.config import Family, GuidanceConfig, Precision, SamplerConfig, Solver  # noqa: E402
+from igengine.config import GuidanceConfig, Precision, SamplerConfig, Solver  # noqa: E402
 from igengine.models import IGDiT, preset  # noqa: E402
 from igengine.noise import STREAM_INITIAL, gaussian, sde_stream  # noqa: E402
 from igengine.sampler import PlanRunner  # noqa: E402

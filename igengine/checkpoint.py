@@ -31,7 +31,6 @@ import torch
 
 from igengine.config import Family, ModelConfig
 from igengine.models import IGDiT, MODEL_NAMES, family_of, preset
-from igengine.models.registry import OFFICIAL_ENCODER_DEPTH
 
 META_CONFIG = "igengine.model_config"
 META_SAMPLER = "igengine.sampler_defaults"

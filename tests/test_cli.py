@@ -85,7 +85,6 @@ def test_balanced_labels(tmp_path, capsys):
 @pytest.fixture
 def evil_checkpoint(tmp_path):
     import os
-    import pickle
 
     class Payload:
         def __reduce__(self):

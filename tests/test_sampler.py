@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from igengine.backends import TorchBackend
-from igengine.config import Family, GuidanceConfig, Precision, SamplerConfig, Solver
+from igengine.config import GuidanceConfig, Precision, SamplerConfig, Solver
 from igengine.sampler import NonFiniteError, PlanRunner
 from igengine.solvers import Evaluation
 from tests.conftest import TINY, tiny_model
