@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxscript")
-ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx", reason="onnx is the optional 'onnx' extra (in 'test')")
+pytest.importorskip("onnxscript", reason="onnxscript (the dynamo exporter) is the optional 'onnx' extra")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is the optional 'onnx' extra")
 
 from igengine.backends import BackendError, BackendUnavailable, TorchBackend, create_backend  # noqa: E402
 from igengine.checkpoint import load_checkpoint, save_safetensors  # noqa: E402

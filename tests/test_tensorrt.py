@@ -278,7 +278,7 @@ def test_cli_tensorrt_without_tensorrt_is_one_line(tmp_path, capsys, monkeypatch
 @pytest.mark.skipif(not (HAS_TRT and HAS_GPU), reason="needs TensorRT 10.x/11.x and a CUDA GPU (neither in CI)")
 @pytest.mark.parametrize("family", ["sit", "lightningdit"])
 def test_tensorrt_engine_matches_torch_on_the_gpu(family, tmp_path):
-    pytest.importorskip("onnx")
+    pytest.importorskip("onnx", reason="onnx is the optional 'onnx' extra")
     from igengine.backends import create_backend
     from igengine.checkpoint import load_checkpoint, save_safetensors
     from tests.conftest import tiny_model

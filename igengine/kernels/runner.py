@@ -80,11 +80,9 @@ class FusedPlanRunner(PlanRunner):
             return super().advance(step, x, y, seed, indices)
         n = x.shape[0]
         xs = x.reshape(n, -1).contiguous()
-        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        idx, y = self.prepare(indices, y, x.device)  # same checks as a whole run
         if idx.numel() != n:
             raise ValueError(f"{idx.numel()} sample indices for {n} rows of x")
-        if int(idx.min()) < 0:
-            raise ValueError("sample indices must be >= 0")
         idx = idx.to(x.device)
         y1, y2 = self._labels(y)
         ev0 = step.evals[0]
