@@ -55,7 +55,7 @@ def median_time(fn, reps: int) -> float:
 def one_model(name: str, reps: int, threads: int) -> dict:
     """Everything for one model, in this process (called in a child by ``main``)."""
     from igengine.backends import TorchBackend, create_backend
-    from igengine.checkpoint import LoadedCheckpoint
+    from igengine.models.checkpoint import LoadedCheckpoint
     from igengine.config import Precision
     from igengine.export import ExportConfig
     from igengine.export.contract import SIDECAR

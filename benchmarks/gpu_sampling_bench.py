@@ -30,9 +30,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.provenance import provenance  # noqa: E402
 from igengine.backends import TorchBackend  # noqa: E402
 from igengine.config import Precision, SamplerConfig  # noqa: E402
-from igengine.models import IGDiT, paper_sampler, preset  # noqa: E402
-from igengine.sampler import PlanRunner  # noqa: E402
-from igengine.solvers import build_plan  # noqa: E402
+from igengine.models import IGDiT, preset  # noqa: E402
+from igengine.sampling import paper_sampler  # noqa: E402
+from igengine.jobs.backend import sampler_for  # noqa: E402
+from igengine.sampling.plan import build_plan  # noqa: E402
 
 
 def random_model(name: str, device: str, seed: int = 0) -> IGDiT:
@@ -56,13 +57,9 @@ def runner_for(model, sampler: SamplerConfig, precision: Precision, fused: bool,
     cfg = SamplerConfig(solver=sampler.solver, steps=sampler.steps, guidance=sampler.guidance,
                         timestep_shift=sampler.timestep_shift, precision=precision)
     if fused:
-        from igengine.kernels.runner import FusedPlanRunner
-
-        r = FusedPlanRunner(backend, cfg)
-        if r.path(device) not in ("cuda", "cpu-twin"):
-            return None
-        return r
-    return PlanRunner(backend, cfg)
+        r = sampler_for(backend, cfg)
+        return r if r.path in ("cuda", "cpu-twin") else None
+    return sampler_for(backend, cfg, kernels="off")
 
 
 def sync(device: str) -> None:
@@ -99,7 +96,7 @@ def bench_family(name: str, batch: int, steps: int, repeats: int, device: str) -
             if r is None:
                 rows.append({"mode": label, "skipped": "kernel library not built for this GPU"})
                 continue
-            sec, out = timed(lambda r=r: r.run(0, idx, labels, device=device), repeats, device)
+            sec, out = timed(lambda r=r: r(0, idx, labels), repeats, device)
             out = out.double()
             if ref_out is None:
                 ref_out = out
@@ -118,9 +115,9 @@ def bench_family(name: str, batch: int, steps: int, repeats: int, device: str) -
     small = SamplerConfig(solver=base.solver, steps=3, guidance=base.guidance, timestep_shift=base.timestep_shift)
     cross = {}
     try:
-        gpu = PlanRunner(TorchBackend(model, device=device), small).run(5, torch.arange(2), torch.tensor([1, 2]), device=device)
+        gpu = sampler_for(TorchBackend(model, device=device), small)(5, torch.arange(2), torch.tensor([1, 2]))
         cpu_model = model.to("cpu")
-        cpu = PlanRunner(TorchBackend(cpu_model, device="cpu"), small).run(5, torch.arange(2), torch.tensor([1, 2]))
+        cpu = sampler_for(TorchBackend(cpu_model, device="cpu"), small)(5, torch.arange(2), torch.tensor([1, 2]))
         cross = {"max_abs_gpu_vs_cpu_reference_3_steps": float((gpu.cpu().double() - cpu.double()).abs().max())}
     except Exception as e:
         cross = {"error": f"{type(e).__name__}: {e}"}

@@ -10,8 +10,8 @@ network rows and the next input duplicated):
   for batch N in 1, 8, 32, 64, 256 (network rows 2N). The network itself is not run: a constant
   backend hands out precomputed outputs, so only the glue is timed.
 Variants:
-  reference   PlanRunner.advance (the reference step as it runs today: torch ops, NumPy noise on
-              the host copied to the device, torch.cat for the CFG rows);
+  reference   sampling.loop.reference_step with NumPy noise (torch ops, noise drawn on the host and
+              copied to the device, torch.cat for the CFG rows);
   torch_ops   the same maths as torch ops with the noise already on the device (the best an
               unfused implementation can do; capturable in a CUDA graph);
   fused       igengine.kernels.fused_step on fixed buffers (noise drawn in the kernel).
@@ -39,14 +39,17 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.provenance import provenance  # noqa: E402
 from igengine.config import Family, Precision  # noqa: E402
-from igengine.guidance import cfg_combine, ig_combine  # noqa: E402
+from igengine.sampling.guidance import cfg_combine, ig_combine  # noqa: E402
 from igengine.kernels import library  # noqa: E402
 from igengine.kernels.binding import fused_step  # noqa: E402
-from igengine.kernels.params import plan_launches  # noqa: E402
-from igengine.models.registry import paper_sampler, preset  # noqa: E402
+from igengine.sampling.launches import plan_launches  # noqa: E402
+from igengine.models.registry import preset  # noqa: E402
 from igengine.noise import gaussian  # noqa: E402
-from igengine.sampler import PlanRunner  # noqa: E402
-from igengine.solvers import StepKind, heun_correct, heun_predict, sde_update, sit_drift  # noqa: E402
+from igengine.sampling import ModelFacts, build_plan, paper_sampler  # noqa: E402
+from igengine.sampling.loop import reference_step  # noqa: E402
+from igengine.sampling.plan import StepKind  # noqa: E402
+from igengine.sampling.randomness import NUMPY  # noqa: E402
+from igengine.sampling.updates import heun_correct, heun_predict, sde_update, sit_drift  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BATCHES = (1, 8, 32, 64, 256)
@@ -75,8 +78,7 @@ def _setup(family: Family, n: int, device: torch.device):
     cfg = preset(name)
     sampler = paper_sampler(family)
     sampler = dataclasses.replace(sampler, precision=Precision.FP32)
-    runner_probe = PlanRunner(ConstBackend(cfg, {}, device), sampler)
-    plan = runner_probe.plan
+    plan = build_plan(family, sampler)
     # A step inside both intervals whose next step is too (SiT: t ~ 0.6; LightningDiT: t ~ 0.5).
     k = next(i for i, s in enumerate(plan.steps[:-1])
              if all(ev.cfg and ev.ig for ev in s.evals) and plan.steps[i + 1].evals[0].cfg and
@@ -94,12 +96,12 @@ def _setup(family: Family, n: int, device: torch.device):
 
 
 def reference_fn(s) -> Callable[[], object]:
-    runner = PlanRunner(s["backend"], s["sampler"])
     step, x, y, idx = s["step"], s["x"], s["labels"], s["indices"]
+    facts = ModelFacts.of(s["cfg"])
 
     def call():
-        x_next = runner.advance(step, x, y, SEED, idx)
-        return torch.cat([x_next, x_next])  # the next network input, as PlanRunner.field builds it
+        x_next = reference_step(s["backend"], s["plan"], facts, step, x, y, SEED, idx, NUMPY)
+        return torch.cat([x_next, x_next])  # the next network input, as guided_field builds it
     return call
 
 
@@ -124,17 +126,17 @@ def torch_ops_fn(s, device) -> Callable[[], object]:
     def call():
         f = ig_combine(vf, vi, g.ig_scale, family)
         k1 = cfg_combine(f[:n], f[n:], g.cfg_scale)
-        x_pred = heun_predict(x, k1, step, family)
+        x_pred = heun_predict(x, k1, step.dt)
         mid = torch.cat([x_pred, x_pred])  # the corrector's network input
         f2 = ig_combine(vf, vi, g.ig_scale, family)
         k2 = cfg_combine(f2[:n], f2[n:], g.cfg_scale)
-        x_next = heun_correct(x, k1, k2, step, family)
+        x_next = heun_correct(x, k1, k2, step.dt)
         return mid, torch.cat([x_next, x_next])
     return call
 
 
 def fused_fn(s, lib) -> Callable[[], object]:
-    sl = plan_launches(s["plan"], s["sampler"].guidance, SEED)[s["k"]]
+    sl = plan_launches(s["plan"], SEED)[s["k"]]
     x0, vf, vi = s["x"], s["vf"], s["vi"]
     n, e = x0.shape[0], s["e"]
     x = x0.reshape(n, e).clone()

@@ -5,7 +5,7 @@ fairscale, torchdiffeq, scipy; torchvision for timm), which igengine itself does
 
     TORCHDYNAMO_DISABLE=1 python benchmarks/official_parity.py --official-repo PATH/Internal-Guidance
 
-What it checks (DESIGN.md section 9), on SiT-B/2 and LightningDiT-B/1 with random weights (every
+What it checks (docs/CONTRACTS.md, "Tolerances"), on SiT-B/2 and LightningDiT-B/1 with random weights (every
 parameter drawn at random so that no layer is the identity):
   * state dicts: igengine's module tree has exactly the official key set and shapes (strict load);
   * forward: v_final and v_inter of both implementations, several option combinations;
@@ -38,7 +38,7 @@ from igengine.backends import TorchBackend  # noqa: E402
 from igengine.config import GuidanceConfig, Precision, SamplerConfig, Solver  # noqa: E402
 from igengine.models import IGDiT, preset  # noqa: E402
 from igengine.noise import STREAM_INITIAL, gaussian, sde_stream  # noqa: E402
-from igengine.sampler import PlanRunner  # noqa: E402
+from igengine.jobs.backend import sampler_for  # noqa: E402
 
 
 def import_official(repo: Path, family: str):
@@ -96,7 +96,7 @@ def contract_noise(seed: int, indices: torch.Tensor):
 
 def ours_run(model, sampler_cfg, seed, indices, labels):
     backend = TorchBackend(model, precision=sampler_cfg.precision)
-    return PlanRunner(backend, sampler_cfg).run(seed, indices, labels)
+    return sampler_for(backend, sampler_cfg)(seed, indices, labels)
 
 
 def check_sit(repo: Path, report: dict) -> None:

@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.provenance import provenance  # noqa: E402
-from igengine.chunks import ChunkSpec, ChunkStore  # noqa: E402
-from igengine.outputs import MANIFEST, SAMPLES, atomic_write_json  # noqa: E402
-from igengine.pack import BulkLayout  # noqa: E402
+from igengine.store.chunks import ChunkSpec, ChunkStore  # noqa: E402
+from igengine.store.atomic import atomic_write_json  # noqa: E402
+from igengine.store.manifest import MANIFEST, SAMPLES  # noqa: E402
+from igengine.store.pack import BulkLayout  # noqa: E402
 
 
 def synthetic(base: np.ndarray, k: int, size: int) -> np.ndarray:

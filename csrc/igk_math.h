@@ -5,7 +5,7 @@
  * Every function is `IGK_HD inline`: __host__ __device__ under nvcc, plain inline for the host
  * compiler. Both translation units are compiled without floating-point contraction
  * (-ffp-contract=off, nvcc --fmad=false) so that each float32 operation below rounds once, in the
- * order the reference PyTorch code (igengine/guidance.py, solvers.py, sampler.py) performs it.
+ * order the reference PyTorch code (igengine/sampling/: guidance.py, updates.py, loop.py) performs it.
  *
  * Contents
  *   Philox4x32-10 and the Box-Muller of the noise contract (igengine/noise.py);
@@ -186,7 +186,7 @@ IGK_HD inline float igk_ig(float vf, float vi, const igk_step_params& p) {
     return vf + p.ig_w * (vf - vi);
 }
 
-/* SiT SDE drift (solvers.sit_drift): score = (ratio v - x) / var; d = v - (0.5 g^2) score. */
+/* SiT SDE drift (updates.sit_drift): score = (ratio v - x) / var; d = v - (0.5 g^2) score. */
 IGK_HD inline float igk_sit_drift(float v, float x, const igk_step_params& p) {
     const float score = (p.score_ratio * v - x) / p.score_var;
     return v - p.drift_t * score;
@@ -201,18 +201,17 @@ IGK_HD inline float igk_row_field(float vf, float vi, float x, const igk_step_pa
 /* CFG (guidance.cfg_combine): u + w (c - u). */
 IGK_HD inline float igk_cfg(float c, float u, float w) { return u + w * (c - u); }
 
-/* solvers.sde_update, stochastic step: (x + d dt) + sqrt(2t) (eps sqrt|dt|). */
+/* updates.sde_update, stochastic step: (x + d dt) + sqrt(2t) (eps sqrt|dt|). */
 IGK_HD inline float igk_sde(float x, float d, float eps, const igk_step_params& p) {
     return (x + d * p.dt) + p.sqrt_diffusion * (eps * p.sqrt_abs_dt);
 }
 
-/* solvers.sde_update (last step), euler_update, heun_predict: x + dt f. */
+/* updates.sde_update (last step), euler_update, heun_predict: x + dt f. */
 IGK_HD inline float igk_euler(float x, float f, const igk_step_params& p) { return x + p.dt * f; }
 
-/* solvers.heun_correct: SiT x + dt (0.5 k1 + 0.5 k2); LightningDiT x + dt (k1 0.5 + k2 0.5). */
+/* updates.heun_correct: x + dt (0.5 k1 + 0.5 k2), the same bits in both families (0.5 k == k 0.5). */
 IGK_HD inline float igk_heun_correct(float x, float k1, float k2, const igk_step_params& p) {
-    if (p.family == IGK_FAMILY_SIT) return x + p.dt * (0.5f * k1 + 0.5f * k2);
-    return x + p.dt * (k1 * 0.5f + k2 * 0.5f);
+    return x + p.dt * (0.5f * k1 + 0.5f * k2);
 }
 
 /* ---------------------------------------------------------------------------------------------

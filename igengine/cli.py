@@ -6,7 +6,9 @@ input and 1 for failures during a run; never a traceback.
 
 from __future__ import annotations
 
+import enum
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -57,8 +59,52 @@ Example:
 """
 
 
-class UsageFailure(Exception):
-    pass
+# The choices of enum options, written here so that --help needs no torch import; tests check that
+# they equal the library's enums (igengine.config.Precision / Solver, igengine.backends.BackendName).
+class PrecisionChoice(str, enum.Enum):
+    reference = "reference"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class SolverChoice(str, enum.Enum):
+    sde = "sde"
+    ode_euler = "ode-euler"
+    ode_heun = "ode-heun"
+    heun2 = "heun2"
+    euler = "euler"
+
+
+class BackendChoice(str, enum.Enum):
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+class VAEKindChoice(str, enum.Enum):
+    auto = "auto"
+    sd = "sd"
+    vavae = "vavae"
+
+
+class ExportFormatChoice(str, enum.Enum):
+    onnx = "onnx"
+    tensorrt = "tensorrt"
+
+
+class ExportPrecisionChoice(str, enum.Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+_BACKQUOTED = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def flagify(message: str, flags: dict[str, str]) -> str:
+    """A library message for the command line: each `name` that is an option of the command becomes its flag."""
+    return _BACKQUOTED.sub(lambda m: flags.get(m.group(1), m.group(1)), message)
 
 
 @app.command(epilog=SAMPLE_EPILOG)
@@ -72,16 +118,16 @@ def sample(
     encoder_depth: Optional[int] = typer.Option(None, "--encoder-depth", help="Block after which the IG head sits (overrides the checkpoint)."),
     num_heads: Optional[int] = typer.Option(None, "--num-heads", help="Attention heads (overrides the checkpoint/model name)."),
     labels: str = typer.Option("random", "--labels", help="random | balanced | FILE (.npy or text of class ids, one per sample)."),
-    solver: Optional[str] = typer.Option(None, "--solver", help="SiT: sde | ode-euler | ode-heun; LightningDiT: heun2 | euler."),
+    solver: Optional[SolverChoice] = typer.Option(None, "--solver", help="SiT: sde | ode-euler | ode-heun; LightningDiT: heun2 | euler."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Solver steps (SiT) / grid points (LightningDiT)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="CFG scale (1 = off)."),
     cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="LOW,HIGH in the family's time (SiT: t=1 noise)."),
     ig_scale: Optional[float] = typer.Option(None, "--ig-scale", help="Internal Guidance scale (1 = off)."),
     ig_interval: Optional[str] = typer.Option(None, "--ig-interval", help="LOW,HIGH in the family's time."),
     timestep_shift: Optional[float] = typer.Option(None, "--timestep-shift", help="LightningDiT timestep shift s (0 = none)."),
-    precision: str = typer.Option("reference", "--precision", help="reference | fp32 | bf16 | fp16."),
+    precision: PrecisionChoice = typer.Option(PrecisionChoice.reference, "--precision", help="Numerics of the run (see README, Precision modes)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    backend: str = typer.Option("torch", "--backend", help="Network backend: torch | onnxruntime | tensorrt (CUDA)."),
+    backend: BackendChoice = typer.Option(BackendChoice.torch, "--backend", help="Network backend (tensorrt: CUDA only)."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Exported graph (.onnx or `igengine export` folder) for "
                                         "onnxruntime/tensorrt; default: exported on first use into the cache."),
     png: bool = typer.Option(False, "--png", help="Also write one PNG per sample under OUT/png/."),
@@ -89,7 +135,7 @@ def sample(
     no_decode: bool = typer.Option(False, "--no-decode", help="Write latents only (OUT/latents.npy), no pixels."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different run's outputs in OUT."),
     vae: Optional[Path] = typer.Option(None, "--vae", help="VAE for latent models: SD-VAE diffusers folder or LDM file (SiT), VA-VAE f16d32 checkpoint (LightningDiT)."),
-    vae_kind: str = typer.Option("auto", "--vae-kind", help="auto (SiT -> sd, LightningDiT -> vavae) | sd | vavae."),
+    vae_kind: VAEKindChoice = typer.Option(VAEKindChoice.auto, "--vae-kind", help="auto: SiT -> sd, LightningDiT -> vavae."),
     latent_stats: Optional[Path] = typer.Option(None, "--latent-stats", help="VA-VAE: latents_stats.pt ({'mean','std'}, [1,C,1,1])."),
     latent_multiplier: float = typer.Option(1.0, "--latent-multiplier", help="VA-VAE: x * std / multiplier + mean (released config: 1.0)."),
     chunk_size: int = typer.Option(1000, "--chunk-size", help="Samples per chunk file (the unit of output and resume; part of the run's identity)."),
@@ -99,21 +145,22 @@ def sample(
     Output goes to OUT/chunks/ as it is made; a rerun of the same command resumes. Under torchrun
     each process computes its own block of chunks and rank 0 assembles samples.npz at the end.
     """
-    from igengine.config import Precision
-    from igengine.run import SampleJob, parse_interval, run_sample
+    from igengine.backends import BackendName
+    from igengine.config import Precision, Solver
+    from igengine.jobs.sample import SampleJob, parse_interval, run_sample
 
-    if precision not in {p.value for p in Precision}:
-        raise UsageFailure(f"unknown --precision {precision!r}; choose from {', '.join(p.value for p in Precision)}")
     job = SampleJob(
         out=out, n=n, batch_size=batch_size, seed=seed, ckpt=ckpt, model=model, encoder_depth=encoder_depth,
-        num_heads=num_heads, labels=labels, solver=solver, steps=steps, cfg_scale=cfg_scale,
-        cfg_interval=parse_interval(cfg_interval, "--cfg-interval") if cfg_interval is not None else None,
-        ig_scale=ig_scale, ig_interval=parse_interval(ig_interval, "--ig-interval") if ig_interval is not None else None,
-        timestep_shift=timestep_shift, precision=precision, device=device, backend=backend, onnx=onnx, png=png,
-        save_latents=save_latents, no_decode=no_decode, overwrite=overwrite, vae=vae, vae_kind=vae_kind,
-        latent_stats=latent_stats, latent_multiplier=latent_multiplier, chunk_size=chunk_size,
+        num_heads=num_heads, labels=labels, solver=Solver(solver.value) if solver is not None else None, steps=steps,
+        cfg_scale=cfg_scale,
+        cfg_interval=parse_interval(cfg_interval, "cfg_interval") if cfg_interval is not None else None,
+        ig_scale=ig_scale, ig_interval=parse_interval(ig_interval, "ig_interval") if ig_interval is not None else None,
+        timestep_shift=timestep_shift, precision=Precision(precision.value), device=device,
+        backend=BackendName(backend.value), onnx=onnx, png=png, save_latents=save_latents, no_decode=no_decode,
+        overwrite=overwrite, vae=vae, vae_kind=vae_kind.value, latent_stats=latent_stats,
+        latent_multiplier=latent_multiplier, chunk_size=chunk_size,
     )
-    from igengine.launch import RankInfo
+    from igengine.jobs.launch import RankInfo
 
     interactive = sys.stderr.isatty() and RankInfo.from_env().is_main
     progress = _rich_progress() if interactive else _log_progress()
@@ -136,14 +183,15 @@ def sample(
     if interactive:
         typer.echo(f"wrote {job.n} samples to {result.out} in {result.wall_s:.1f} s "
                    f"({result.samples_per_s:.2f} samples/s)", err=True)
+        flags = _command_flags(None)
         for note in result.notes:
-            typer.echo(f"  note: {note}", err=True)
+            typer.echo(f"  note: {flagify(note, flags)}", err=True)
     typer.echo(json.dumps(summary))
 
 
 def _log_progress():
     """Without a terminal (or on ranks > 0): one line per chunk on stderr."""
-    from igengine.bulk import Progress as Hooks
+    from igengine.jobs.bulk import Progress as Hooks
 
     return Hooks(log=lambda line: typer.echo(f"igengine: {line}", err=True))
 
@@ -154,7 +202,7 @@ def _rich_progress():
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from igengine.bulk import Progress as Hooks
+    from igengine.jobs.bulk import Progress as Hooks
 
     bar = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]}"), transient=False)
@@ -177,7 +225,7 @@ def _rich_progress():
 @app.command(epilog=PACK_EPILOG)
 def pack(out: Path = typer.Argument(..., help="Output folder of `igengine sample`.")) -> None:
     """Assemble samples.npz (and latents) from a run's chunks; checks that every index 0..n-1 is there once."""
-    from igengine.pack import pack_command
+    from igengine.store.pack import pack_command
 
     manifest = pack_command(out)
     typer.echo(json.dumps({"out": str(out), "n": manifest["n"], "outputs": manifest["outputs"],
@@ -207,14 +255,24 @@ def info() -> None:
     typer.echo(json.dumps(facts, indent=2))
 
 
+def _command_flags(argv: list[str] | None) -> dict[str, str]:
+    """Argument name -> flag of the command being run (``n`` -> ``--n``, ``format`` -> ``--format``)."""
+    args = sys.argv[1:] if argv is None else argv
+    group = typer.main.get_command(app)
+    name = next((a for a in args if a in getattr(group, "commands", {})), None)
+    if name is None:
+        return {}
+    flags = {}
+    for param in group.commands[name].params:
+        for opt in getattr(param, "opts", ()):
+            if opt.startswith("--"):
+                flags.setdefault(opt[2:].replace("-", "_"), opt)
+    return flags
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script: turns every known failure into one line on stderr."""
-    from igengine.backends.errors import BackendError, BackendUnavailable
-    from igengine.checkpoint import CheckpointError
-    from igengine.export.errors import ExportError
-    from igengine.outputs import OutputError
-    from igengine.run import JobError
-    from igengine.sampler import NonFiniteError
+    from igengine.errors import IgengineError
 
     try:
         app(args=argv, prog_name="igengine", standalone_mode=False)
@@ -229,19 +287,16 @@ def main(argv: list[str] | None = None) -> int:
     except _USAGE_ERRORS as e:
         typer.echo(f"igengine: error: {e.format_message()}", err=True)
         return 2
-    except BackendUnavailable as e:  # a missing runtime or GPU: the environment, not the request
-        typer.echo(f"igengine: error: {e}", err=True)
-        return 1
-    except (UsageFailure, JobError, CheckpointError, ExportError, BackendError) as e:
-        typer.echo(f"igengine: error: {e}", err=True)
-        return 2
-    except (OutputError, NonFiniteError) as e:
-        typer.echo(f"igengine: error: {e}", err=True)
-        return 1
+    except IgengineError as e:  # InputError: exit 2; RunError, a missing runtime: exit 1
+        typer.echo(f"igengine: error: {flagify(str(e), _command_flags(argv))}", err=True)
+        return e.exit_code
     except OSError as e:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         typer.echo(f"igengine: error: {e.strerror or e}{where}", err=True)
         return 1
+    except ValueError as e:  # a library precondition (e.g. a range check of the noise contract)
+        typer.echo(f"igengine: error: {flagify(str(e), _command_flags(argv))}", err=True)
+        return 2
     except KeyboardInterrupt:
         typer.echo("igengine: interrupted", err=True)
         return 130
@@ -265,17 +320,17 @@ def export(
     model: Optional[str] = typer.Option(None, "--model", help="Model name, e.g. SiT-XL/2 (overrides the checkpoint's)."),
     encoder_depth: Optional[int] = typer.Option(None, "--encoder-depth", help="Block after which the IG head sits."),
     num_heads: Optional[int] = typer.Option(None, "--num-heads", help="Attention heads (overrides the checkpoint)."),
-    fmt: str = typer.Option("onnx", "--format", help="onnx | tensorrt (the ONNX graph, then an engine; needs TensorRT and a GPU)."),
-    precision: str = typer.Option("fp32", "--precision", help="Graph precision: fp32 | fp16 | bf16 (sample's reference runs fp32)."),
+    fmt: ExportFormatChoice = typer.Option(ExportFormatChoice.onnx, "--format", help="tensorrt: the ONNX graph, then an engine (needs TensorRT and a GPU)."),
+    precision: ExportPrecisionChoice = typer.Option(ExportPrecisionChoice.fp32, "--precision", help="Graph precision (sample's reference runs the fp32 graph)."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset, 18 or newer (the dynamo exporter's minimum)."),
     max_batch: int = typer.Option(64, "--max-batch", help="Most rows per network call (CFG calls carry 2 rows per sample)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an export of something else in OUT."),
 ) -> None:
     """Export a checkpoint as an ONNX graph with both IG outputs (v_final, v_inter), or a TensorRT engine."""
-    from igengine.export.job import ExportJob, run_export
+    from igengine.jobs.export import ExportJob, run_export
 
-    job = ExportJob(ckpt=ckpt, out=out, model=model, encoder_depth=encoder_depth, num_heads=num_heads, format=fmt,
-                    precision=precision, opset=opset, max_batch=max_batch, overwrite=overwrite)
+    job = ExportJob(ckpt=ckpt, out=out, model=model, encoder_depth=encoder_depth, num_heads=num_heads, format=fmt.value,
+                    precision=precision.value, opset=opset, max_batch=max_batch, overwrite=overwrite)
     typer.echo(json.dumps(run_export(job)))
 
 

@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from igengine.errors import ConfigError
+
 
 class Family(str, enum.Enum):
     """Model family; fixes the time convention and the official solver semantics.
@@ -24,7 +26,7 @@ class Family(str, enum.Enum):
 
 
 class Precision(str, enum.Enum):
-    """Numerical mode of a sampling run (DESIGN.md section 6).
+    """Numerical mode of a sampling run (``igengine.precision`` derives everything from it).
 
     REFERENCE: the family's official numerics (SiT: float64 state and guidance; LightningDiT:
     float32 state), fp32 network, TF32 disabled.
@@ -131,14 +133,10 @@ class ModelConfig:
         return _jsonable(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        d = dict(d)
-        d["family"] = Family(d["family"])
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], source: str = "model config") -> "ModelConfig":
+        """The inverse of ``to_dict``; unknown keys or bad values raise ConfigError naming ``source``."""
+        d = _known_keys(cls, d, source)
+        return _build(cls, source, family=_enum(Family, d.pop("family", None), source, "family"), **d)
 
 
 @dataclass(frozen=True)
@@ -160,11 +158,11 @@ class GuidanceConfig:
         for name in ("ig_scale", "cfg_scale"):
             v = getattr(self, name)
             if not (v >= 0.0) or v != v or v == float("inf"):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {v}")
         for name in ("ig_interval", "cfg_interval"):
             lo, hi = getattr(self, name)
             if not (0.0 <= lo <= hi <= 1.0):
-                raise ValueError(f"{name} must satisfy 0 <= LOW <= HIGH <= 1, got ({lo}, {hi})")
+                raise ValueError(f"`{name}` must be LOW,HIGH with 0 <= LOW <= HIGH <= 1, got {lo},{hi}")
 
     def ig_active(self, t: float) -> bool:
         return self.ig_scale > 1.0 and self.ig_interval[0] <= t <= self.ig_interval[1]
@@ -179,6 +177,14 @@ class GuidanceConfig:
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "guidance config") -> "GuidanceConfig":
+        d = _known_keys(cls, d, source)
+        for key in ("ig_interval", "cfg_interval"):
+            if key in d:
+                d[key] = _interval(d[key], source, key)
+        return _build(cls, source, **d)
+
 
 @dataclass(frozen=True)
 class SamplerConfig:
@@ -192,16 +198,117 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise ValueError(f"`steps` must be >= 1, got {self.steps}")
         if self.solver in (Solver.SDE,) and self.steps < 2:
-            raise ValueError("the SDE solver needs steps >= 2 (linspace(1, 0.04, steps) then 0)")
+            raise ValueError("the SDE solver needs `steps` >= 2 (linspace(1, 0.04, steps) then 0)")
         if self.solver in (Solver.HEUN2, Solver.EULER) and self.steps < 2:
-            raise ValueError("the LightningDiT solvers need steps >= 2 (grid linspace(0, 1, steps))")
-        if not (self.timestep_shift >= 0.0):
-            raise ValueError(f"timestep_shift must be >= 0, got {self.timestep_shift}")
+            raise ValueError("the LightningDiT solvers need `steps` >= 2 (grid linspace(0, 1, steps))")
+        if not (self.timestep_shift >= 0.0 and self.timestep_shift != float("inf")):
+            raise ValueError(f"`timestep_shift` must be a finite number >= 0, got {self.timestep_shift}")
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "sampler config") -> "SamplerConfig":
+        """The inverse of ``to_dict``; unknown keys or bad values raise ConfigError naming ``source``."""
+        d = _known_keys(cls, d, source)
+        if "guidance" in d:
+            g = d["guidance"]
+            d["guidance"] = g if isinstance(g, GuidanceConfig) else GuidanceConfig.from_dict(_mapping(g, source, "guidance"), source)
+        if "solver" in d:
+            d["solver"] = _enum(Solver, d["solver"], source, "solver")
+        if "precision" in d:
+            d["precision"] = _enum(Precision, d["precision"], source, "precision")
+        return _build(cls, source, **d)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Sampler settings given in part (a checkpoint's recommendation, a user's choices): None = not given.
+
+    Flat, as users and checkpoints write them (``igengine.sampler_defaults`` metadata):
+    ``{"solver": "sde", "steps": 50, "cfg_scale": 1.35, "cfg_interval": [0, 0.7], ...}``.
+    ``over(base)`` lays them over a complete SamplerConfig.
+    """
+
+    solver: Solver | None = None
+    steps: int | None = None
+    cfg_scale: float | None = None
+    cfg_interval: tuple[float, float] | None = None
+    ig_scale: float | None = None
+    ig_interval: tuple[float, float] | None = None
+    timestep_shift: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "sampler settings") -> "SamplerSettings":
+        d = _known_keys(cls, _mapping(d, source, "sampler settings"), source)
+        try:
+            if d.get("solver") is not None:
+                d["solver"] = _enum(Solver, d["solver"], source, "solver")
+            if d.get("steps") is not None:
+                if isinstance(d["steps"], bool) or float(d["steps"]) != int(d["steps"]):
+                    raise ValueError
+                d["steps"] = int(d["steps"])
+            for key in ("cfg_scale", "ig_scale", "timestep_shift"):
+                if d.get(key) is not None:
+                    d[key] = float(d[key])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: a value of {sorted(d)} has the wrong type") from None
+        for key in ("cfg_interval", "ig_interval"):
+            if d.get(key) is not None:
+                d[key] = _interval(d[key], source, key)
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in _jsonable(dataclasses.asdict(self)).items() if v is not None}
+
+    def over(self, base: "SamplerConfig", source: str = "sampler settings") -> "SamplerConfig":
+        """``base`` with every given field of these settings replacing its own."""
+        g = base.guidance
+        guidance = {k: getattr(self, k) if getattr(self, k) is not None else getattr(g, k)
+                    for k in ("ig_scale", "ig_interval", "cfg_scale", "cfg_interval")}
+        top = {k: getattr(self, k) if getattr(self, k) is not None else getattr(base, k)
+               for k in ("solver", "steps", "timestep_shift")}
+        return _build(SamplerConfig, source, guidance=_build(GuidanceConfig, source, **guidance),
+                      precision=base.precision, **top)
+
+
+def _mapping(d: Any, source: str, what: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: {what} must be a JSON object, got {type(d).__name__}")
+    return dict(d)
+
+
+def _known_keys(cls: type, d: Any, source: str) -> dict[str, Any]:
+    d = _mapping(d, source, cls.__name__)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}")
+    return d
+
+
+def _enum(cls: type[enum.Enum], value: Any, source: str, key: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        raise ConfigError(f"{source}: {key} {value!r} is not one of {', '.join(m.value for m in cls)}") from None
+
+
+def _interval(value: Any, source: str, key: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {key} must be two numbers [LOW, HIGH], got {value!r}") from None
+    return lo, hi
+
+
+def _build(cls: type, source: str, **fields: Any) -> Any:
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def _jsonable(obj: Any) -> Any:

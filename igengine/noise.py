@@ -78,26 +78,45 @@ def philox4x32(counter: np.ndarray, key: np.ndarray, rounds: int = 10) -> np.nda
     return np.stack([c0, c1, c2, c3], axis=-1).astype(np.uint32)
 
 
-def _seed_key(seed: int) -> np.ndarray:
+def check_seed(seed: int) -> int:
+    """``seed`` as an int, or ValueError unless it lies in [0, 2^64) (the contract's key range)."""
     seed = int(seed)
     if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must lie in [0, 2^64), got {seed}")
+        raise ValueError(f"`seed` must lie in [0, 2^64), got {seed}")
+    return seed
+
+
+def check_stream(stream: int) -> int:
+    stream = int(stream)
+    if not 0 <= stream < 2**32:
+        raise ValueError(f"`stream` must lie in [0, 2^32), got {stream}")
+    return stream
+
+
+def check_indices(indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Sample indices as a flat int64 tensor (on their own device), or ValueError if one is negative.
+
+    Indices on a GPU are not inspected (that would synchronise the host); callers that build them
+    on the GPU build them from checked host values.
+    """
+    idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+    if idx.device.type == "cpu" and idx.numel() and int(idx.min()) < 0:
+        raise ValueError("sample `indices` must be >= 0")
+    return idx
+
+
+def _seed_key(seed: int) -> np.ndarray:
+    seed = check_seed(seed)
     return np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint64)
 
 
 def _as_indices(indices: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(indices, torch.Tensor):
-        indices = indices.cpu().numpy()
-    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if idx.size and idx.min() < 0:
-        raise ValueError("sample indices must be >= 0")
-    return idx.astype(np.uint64)
+    return check_indices(indices).cpu().numpy().astype(np.uint64)
 
 
 def philox_words(seed: int, indices, stream: int, num_blocks: int) -> np.ndarray:
     """Raw words of the contract: (len(indices), num_blocks, 4) uint32."""
-    if not 0 <= int(stream) < 2**32:
-        raise ValueError(f"stream must lie in [0, 2^32), got {stream}")
+    stream = check_stream(stream)
     idx = _as_indices(indices)
     n = idx.size
     ctr = np.empty((n, num_blocks, 4), dtype=np.uint64)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from igengine.checkpoint import save_safetensors
+from igengine.models.checkpoint import save_safetensors
 from igengine.vae import LDMDecoder, LDMDecoderConfig
 from tests.conftest import tiny_model
 

@@ -43,3 +43,6 @@ def _seeded_torch():
     """Every test starts from the same torch RNG state, so unseeded draws are reproducible too."""
     torch.manual_seed(0)
     yield
+
+
+from igengine.jobs.backend import sampler_for  # noqa: E402,F401  (the one helper runs and tests share)

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from igengine.chunks import ChunkPlan, ChunkSpec, ChunkStore
+from igengine.store.chunks import ChunkPlan, ChunkSpec, ChunkStore
 from igengine.cli import main
-from igengine.launch import RankInfo, rank_lock
+from igengine.jobs.launch import RankInfo
+from igengine.store.locks import rank_lock
 from tests.bulk_fixtures import save_ldit, save_stats, save_vavae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +162,7 @@ def test_sigkill_loses_at_most_the_chunk_in_flight_and_resume_matches(files, tmp
 
 def test_disk_full_while_writing_a_chunk_stops_cleanly_and_the_rerun_completes(files, reference, tmp_path, capsys,
                                                                                monkeypatch):
-    from igengine import npzstream
+    from igengine.store import npzstream
 
     real = npzstream.MemberSink.write_bytes
     calls = {"n": 0}
@@ -228,7 +229,7 @@ def test_a_second_run_into_a_locked_folder_is_refused(files, reference, tmp_path
     out = tmp_path / "locked"
     shutil.copytree(reference[0], out)
     before = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file() and ".locks" not in p.parts}
-    with rank_lock(out, RankInfo()):  # a run in progress (rank 0 holds its lock)
+    with rank_lock(out):  # a run in progress (rank 0 holds its lock)
         code, _, err = run(capsys, *sample_args(files, out))
     assert code == 1
     lines = err.strip().splitlines()
@@ -265,7 +266,7 @@ def test_pack_command_checks_coverage(files, reference, tmp_path, capsys):
     shutil.copy(reference[0] / store.folder.relative_to(out) / "00000006-00000011.npz", store.folder)
     (out / "samples.npz").unlink()
     (out / ".samples.npz.killed.tmp").write_bytes(b"half a pack")  # left by a pack killed half-way
-    with rank_lock(out, RankInfo()):  # a sampling run's rank 0 is alive: pack must not write beside it
+    with rank_lock(out):  # a sampling run's rank 0 is alive: pack must not write beside it
         assert main(["pack", str(out)]) == 1
     assert "another igengine run is writing into" in capsys.readouterr().err
     assert main(["pack", str(out)]) == 0

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from igengine.checkpoint import CheckpointError, load_checkpoint, save_safetensors
+from igengine.models.checkpoint import CheckpointError, load_checkpoint, save_safetensors
 from igengine.config import Family
 from igengine.models import IGDiT, preset
 from tests.conftest import randomize_, tiny_model

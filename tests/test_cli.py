@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from igengine.checkpoint import save_safetensors
+from igengine.models.checkpoint import save_safetensors
 from igengine.cli import main
-from igengine.run import DEFAULT_CHECKPOINT
+from igengine.jobs.sample import DEFAULT_CHECKPOINT
 from tests.conftest import randomize_, tiny_model
 
 pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="embedded checkpoint missing")
@@ -51,11 +51,18 @@ def test_embedded_model_end_to_end(tmp_path, capsys):
     assert m["checkpoint"]["sha256"] and m["sampler"]["solver"] == "sde" and m["sampler"]["steps"] == 6
     assert m["complete"] == [[0, 6]] and m["precision"] == "reference" and m["backend"]["backend"] == "torch"
     assert np.load(tmp_path / "lat.npy").shape == (6, 1, 8, 8)
-    # Same command again into the same folder: allowed, same result.
+    # Same command again into the same folder: it resumes, computes nothing, and the outputs stay.
     before = (out / "samples.npz").read_bytes()
-    assert run_cli(capsys, "--n", 6, "--batch-size", 3, "--steps", 6, "--out", out)[0] == 0
-    again = np.load(out / "samples.npz")
-    assert np.array_equal(again["arr_0"], np.load(__import__("io").BytesIO(before))["arr_0"])
+    code, stdout, err = run_cli(capsys, "--n", 6, "--batch-size", 3, "--steps", 6, "--out", out)
+    assert code == 0, err
+    assert json.loads(stdout)["already_complete"] == 6
+    assert (out / "samples.npz").read_bytes() == before
+    # The same run computed afresh elsewhere, with another batch size, gives the same samples.
+    code, _, err = run_cli(capsys, "--n", 6, "--batch-size", 5, "--steps", 6, "--out", tmp_path / "fresh")
+    assert code == 0, err
+    fresh = np.load(tmp_path / "fresh" / "samples.npz")
+    assert np.array_equal(fresh["labels"], data["labels"])
+    assert np.abs(fresh["arr_0"].astype(int) - data["arr_0"].astype(int)).max() <= 1  # see README: uint8 rounding
 
 
 def test_a_different_run_into_the_same_folder_is_refused(tmp_path, capsys):
@@ -95,44 +102,66 @@ def evil_checkpoint(tmp_path):
     return path
 
 
-def test_bad_inputs(tmp_path, capsys, evil_checkpoint):
+BAD_INPUTS = [
+    (["--ckpt", "{tmp}/nope.pt"], "checkpoint not found"),
+    (["--ckpt", "{evil}"], "refusing to load"),
+    (["--ckpt", "{ldit}", "--model", "SiT-B/2"], "does not look like a sit model"),
+    (["--ckpt", "{ldit}", "--model", "Nope-XL/9"], "unknown model"),
+    (["--n", 0], "--n must be >= 1"),
+    (["--n", -3], "--n must be >= 1"),
+    (["--batch-size", 0], "--batch-size must be >= 1"),
+    (["--chunk-size", 0], "--chunk-size must be >= 1"),
+    (["--n", 3, "--labels", "{tmp}/short.txt"], "has 2 class ids but --n is 3"),
+    (["--n", 3, "--labels", "{tmp}/big.txt"], "class id 10 is outside [0, 10)"),
+    (["--n", 3, "--labels", "{tmp}/missing.txt"], "labels file not found"),
+    (["--cfg-interval", "0.5,1.5"], "--cfg-interval must be LOW,HIGH"),
+    (["--ig-interval", "0.8,0.2"], "--ig-interval must be LOW,HIGH"),
+    (["--cfg-interval", "abc"], "--cfg-interval must be LOW,HIGH (two numbers)"),
+    (["--cfg-scale", -1], "--cfg-scale must be a finite number >= 0"),
+    (["--ig-scale", -0.5], "--ig-scale must be a finite number >= 0"),
+    (["--steps", 0], "--steps must be >= 1"),
+    (["--solver", "heun2"], "not a sit solver"),
+    (["--solver", "rk4"], "'rk4' is not one of"),
+    (["--timestep-shift", 0.3], "--timestep-shift applies to LightningDiT models only"),
+    (["--precision", "fp8"], "'fp8' is not one of"),
+    (["--backend", "jax"], "'jax' is not one of"),
+    (["--onnx", "{tmp}/g.onnx"], "--onnx only applies to the onnxruntime and tensorrt backends"),
+    (["--png", "--no-decode"], "--png needs decoded pixels but --no-decode was given"),
+    (["--out", "{tmp}/a_file"], "is not a folder"),
+    (["--out", "{tmp}/a_file/sub"], "cannot create output folder"),
+    (["--seed", -1], "--seed must lie in [0, 2^64)"),
+    (["--seed", 2**64], "--seed must lie in [0, 2^64)"),
+    (["--save-latents", "{tmp}/x.txt"], "--save-latents must name a .npy file"),
+]
+
+
+@pytest.mark.parametrize("args, expect", BAD_INPUTS, ids=[" ".join(map(str, a)) for a, _ in BAD_INPUTS])
+def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, evil_checkpoint, args, expect):
     (tmp_path / "short.txt").write_text("1 2")
     (tmp_path / "big.txt").write_text("1 2 10")
     (tmp_path / "a_file").write_text("x")
     ldit = tmp_path / "ldit.pt"
-    torch.save(tiny_model("lightningdit").state_dict(), ldit)
-    cases = [
-        (["--ckpt", tmp_path / "nope.pt"], "checkpoint not found"),
-        (["--ckpt", evil_checkpoint], "refusing to load"),
-        (["--ckpt", ldit, "--model", "SiT-B/2"], "does not look like a sit model"),
-        (["--ckpt", ldit, "--model", "Nope-XL/9"], "unknown model"),
-        (["--n", 0], "--n must be >= 1"),
-        (["--n", -3], "--n must be >= 1"),
-        (["--batch-size", 0], "--batch-size must be >= 1"),
-        (["--n", 3, "--labels", tmp_path / "short.txt"], "has 2 class ids but --n is 3"),
-        (["--n", 3, "--labels", tmp_path / "big.txt"], "class id 10 is outside [0, 10)"),
-        (["--n", 3, "--labels", tmp_path / "missing.txt"], "labels file not found"),
-        (["--cfg-interval", "0.5,1.5"], "--cfg-interval"),
-        (["--ig-interval", "0.8,0.2"], "--ig-interval"),
-        (["--cfg-interval", "abc"], "LOW,HIGH"),
-        (["--cfg-scale", -1], "--cfg-scale"),
-        (["--ig-scale", -0.5], "--ig-scale"),
-        (["--steps", 0], "--steps must be >= 1"),
-        (["--solver", "heun2"], "not a sit solver"),
-        (["--precision", "fp8"], "unknown --precision"),
-        (["--out", tmp_path / "a_file"], "is not a folder"),
-        (["--out", tmp_path / "a_file" / "sub"], "cannot create output folder"),
-        (["--seed", -1], "--seed"),
-        (["--save-latents", tmp_path / "x.txt"], ".npy"),
-    ]
-    for args, expect in cases:
-        args = list(args)
-        if "--out" not in args:
-            args += ["--out", tmp_path / "o"]
-        code, _, err = run_cli(capsys, *args)
-        assert_one_line_error(code, err, expect)
+    if any("{ldit}" in str(a) for a in args):
+        torch.save(tiny_model("lightningdit").state_dict(), ldit)
+    args = [str(a).format(tmp=tmp_path, evil=evil_checkpoint, ldit=ldit) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "o")]
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, expect)
+    # A bad request exits 2; an output folder that cannot be used is reported as a failed run (1).
+    assert code == (1 if expect in ("is not a folder", "cannot create output folder") else 2)
     assert not (tmp_path / "pwned").exists()
     assert not (tmp_path / "o" / "samples.npz").exists()
+
+
+def test_unknown_sampler_defaults_in_a_checkpoint_are_refused_in_one_line(tmp_path, capsys):
+    """A checkpoint's `igengine.sampler_defaults` with a key igengine does not know names the file and the key."""
+    model = tiny_model("sit", in_channels=1, input_size=8)
+    path = tmp_path / "odd.safetensors"
+    save_safetensors(model, path, sampler_defaults={"sde_steps": 20})
+    code, _, err = run_cli(capsys, "--ckpt", path, "--n", 2, "--no-decode", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "unknown SamplerSettings key(s) ['sde_steps']")
+    assert str(path) in err and code == 2
 
 
 def test_unwritable_folder(tmp_path, capsys):

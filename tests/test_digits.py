@@ -2,11 +2,12 @@
 
 import pytest
 
-from igengine.run import DEFAULT_CHECKPOINT
+from igengine.jobs.sample import DEFAULT_CHECKPOINT
 
 pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="embedded checkpoint missing")
 
 
+@pytest.mark.slow
 def test_held_out_classifier_recognises_90_percent_of_1000_default_samples(tmp_path):
     pytest.importorskip("sklearn", reason="scikit-learn (test extra) not installed")
     from igengine.digits.data import load_split

@@ -25,8 +25,9 @@ onnx = pytest.importorskip("onnx", reason="onnx is the optional 'onnx' extra (in
 pytest.importorskip("onnxscript", reason="onnxscript (the dynamo exporter) is the optional 'onnx' extra")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is the optional 'onnx' extra")
 
-from igengine.backends import BackendError, BackendUnavailable, TorchBackend, create_backend  # noqa: E402
-from igengine.checkpoint import load_checkpoint, save_safetensors  # noqa: E402
+from igengine.backends import BackendError, BackendUnavailable, TorchBackend  # noqa: E402
+from igengine.jobs.backend import build_backend as create_backend  # noqa: E402
+from igengine.models.checkpoint import load_checkpoint, save_safetensors  # noqa: E402
 from igengine.cli import main  # noqa: E402
 from igengine.config import GuidanceConfig, Precision, SamplerConfig, Solver  # noqa: E402
 from igengine.export import ExportConfig, ExportError, GraphMismatchError  # noqa: E402
@@ -34,7 +35,7 @@ from igengine.export.contract import GRAPH_FILE, SIDECAR, read_record  # noqa: E
 from igengine.export.graph_passes import node_module, value_dtypes  # noqa: E402
 from igengine.export.onnx import export_onnx  # noqa: E402
 from igengine.models import IGDiT, apply_precision  # noqa: E402
-from igengine.sampler import PlanRunner  # noqa: E402
+from tests.conftest import sampler_for as make_sampler  # noqa: E402
 from tests.conftest import TINY, randomize_  # noqa: E402
 
 CONFIGS = {
@@ -168,7 +169,7 @@ def test_low_precision_graph_keeps_norms_softmax_adaln_and_heads_fp32(family, pr
 @pytest.mark.parametrize("family", FAMILIES)
 def test_onnxruntime_fp32_matches_torch_at_batch_1_3_8_from_one_graph(family, graph, checkpoint):
     backend = create_backend("onnxruntime", load_checkpoint(checkpoint[family]), "fp32", "cpu",
-                             onnx_path=graph(family, "fp32"))
+                             onnx=graph(family, "fp32"))
     model = fresh_model(family)
     for n in BATCHES:
         x, t, y = inputs(family, n)
@@ -184,7 +185,7 @@ def test_onnxruntime_fp32_matches_torch_at_batch_1_3_8_from_one_graph(family, gr
 @pytest.mark.parametrize("family", FAMILIES)
 def test_onnxruntime_fp16_error_at_most_twice_the_torch_fp16_error(family, graph, checkpoint):
     backend = create_backend("onnxruntime", load_checkpoint(checkpoint[family]), "fp16", "cpu",
-                             onnx_path=graph(family, "fp16"))
+                             onnx=graph(family, "fp16"))
     ref32, naive16 = fresh_model(family), apply_precision(fresh_model(family), Precision.FP16)
     for n in BATCHES:
         x, t, y = inputs(family, n)
@@ -201,7 +202,7 @@ def test_bf16_graph_is_refused_by_the_cpu_provider_with_a_clear_reason(graph, ch
     # ONNX Runtime's CPU provider has no bf16 MatMul kernel: bf16 parity can only run on the CUDA provider.
     with pytest.raises(BackendUnavailable, match="cannot run the bf16 graph"):
         create_backend("onnxruntime", load_checkpoint(checkpoint["lightningdit"]), "bf16", "cpu",
-                       onnx_path=graph("lightningdit", "bf16"))
+                       onnx=graph("lightningdit", "bf16"))
 
 
 def sampler_for(family: str, precision: str) -> SamplerConfig:
@@ -218,14 +219,14 @@ def test_sampling_through_onnxruntime_matches_the_torch_backend(family, precisio
     """IG + CFG for a few steps; 3 samples with CFG make 6-row calls, split by the sampler at max_batch 4."""
     idx, labels = torch.arange(3), torch.tensor([1, 5, 9])
     ort_backend = create_backend("onnxruntime", load_checkpoint(checkpoint[family]), precision, "cpu",
-                                 onnx_path=graph(family, precision), max_batch=4)
-    got = PlanRunner(ort_backend, sampler_for(family, precision)).run(7, idx, labels)
-    ref = PlanRunner(TorchBackend(fresh_model(family), Precision.FP32), sampler_for(family, "fp32")).run(7, idx, labels)
+                                 onnx=graph(family, precision), max_batch=4)
+    got = make_sampler(ort_backend, sampler_for(family, precision))(7, idx, labels)
+    ref = make_sampler(TorchBackend(fresh_model(family), Precision.FP32), sampler_for(family, "fp32"))(7, idx, labels)
     assert float(ref.std()) > 0.5
     if precision == "fp32":
         assert max_abs(got, ref) <= FP32_TOL
     else:
-        naive = PlanRunner(TorchBackend(fresh_model(family), Precision.FP16), sampler_for(family, "fp16")).run(7, idx, labels)
+        naive = make_sampler(TorchBackend(fresh_model(family), Precision.FP16), sampler_for(family, "fp16"))(7, idx, labels)
         assert 0 < max_abs(naive, ref)
         assert max_abs(got, ref) <= 2 * max_abs(naive, ref)
         assert mean_abs(got, ref) <= 2 * mean_abs(naive, ref)
@@ -233,7 +234,7 @@ def test_sampling_through_onnxruntime_matches_the_torch_backend(family, precisio
 
 def test_a_call_above_the_graph_maximum_is_refused(graph, checkpoint):
     backend = create_backend("onnxruntime", load_checkpoint(checkpoint["sit"]), "fp32", "cpu",
-                             onnx_path=graph("sit", "fp32"), max_batch=4)
+                             onnx=graph("sit", "fp32"), max_batch=4)
     with pytest.raises(BackendError, match="above the graph's maximum of 4"):
         backend(*inputs("sit", 5))
     assert backend.describe()["providers"] == ["CPUExecutionProvider"]
@@ -241,7 +242,7 @@ def test_a_call_above_the_graph_maximum_is_refused(graph, checkpoint):
 
 def test_reference_precision_runs_the_fp32_graph(graph, checkpoint):
     backend = create_backend("onnxruntime", load_checkpoint(checkpoint["sit"]), "reference", "cpu",
-                             onnx_path=graph("sit", "fp32"))
+                             onnx=graph("sit", "fp32"))
     assert backend.describe()["graph_precision"] == "fp32"
 
 
@@ -263,7 +264,7 @@ def test_graphs_for_another_checkpoint_config_or_precision_are_refused(graph, ch
     ]
     for loaded, precision, folder, expect in cases:
         with pytest.raises(GraphMismatchError, match=expect):
-            create_backend("onnxruntime", loaded, precision, "cpu", onnx_path=folder)
+            create_backend("onnxruntime", loaded, precision, "cpu", onnx=folder)
 
     plain = tmp_path / "plain"
     shutil.copytree(sit32, plain)
@@ -274,7 +275,7 @@ def test_graphs_for_another_checkpoint_config_or_precision_are_refused(graph, ch
     for path, expect in [(plain, "is not an igengine graph"), (tmp_path / "junk.onnx", "cannot read ONNX graph"),
                          (tmp_path / "missing", "no ONNX graph at")]:
         with pytest.raises(ExportError, match=expect):
-            create_backend("onnxruntime", load_checkpoint(checkpoint["sit"]), "fp32", "cpu", onnx_path=path)
+            create_backend("onnxruntime", load_checkpoint(checkpoint["sit"]), "fp32", "cpu", onnx=path)
 
 
 def test_a_failed_export_leaves_the_earlier_export_untouched(graph, checkpoint, tmp_path, monkeypatch):

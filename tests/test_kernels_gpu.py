@@ -23,11 +23,12 @@ import torch
 
 from igengine.config import Family, Precision, Solver
 from igengine.kernels import library
-from igengine.kernels import parity as P
 from igengine.kernels.binding import KernelInputError, fused_step, gaussian, philox_words
-from igengine.kernels.params import step_params
+from igengine.sampling.launches import step_params
 from igengine.noise import gaussian as ref_gaussian
 from igengine.noise import philox_words as ref_philox_words
+from tests import kernel_parity as P
+from tests.conftest import sampler_for as make_sampler
 
 pytestmark = pytest.mark.gpu
 
@@ -207,34 +208,40 @@ def test_cuda_binding_rejects_mixed_devices(cuda_lib):
             fused_step(p, x, vf, None, x_out=torch.empty_like(x), library=cpu)
 
 
-# ---- FusedPlanRunner end to end ---------------------------------------------------------------
+# ---- the fused loop end to end ------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, solver, cfg_interval, shift", P.E2E_RUNS,
                          ids=[f"{r[0]}-{r[1].value}" for r in P.E2E_RUNS])
-def test_cuda_fused_plan_runner_equals_plan_runner(cuda_discovered, name, solver, cfg_interval, shift):
-    from igengine.kernels.runner import FusedPlanRunner
-    from igengine.sampler import PlanRunner
-
+def test_cuda_fused_loop_equals_the_reference_loop(cuda_discovered, name, solver, cfg_interval, shift):
     backend = P.tiny_backend(name, device="cuda")
-    sampler = P.e2e_sampler(solver, cfg_interval, shift)
-    fused = FusedPlanRunner(backend, sampler)
-    assert fused.path() == "cuda"
+    cfg = P.e2e_sampler(solver, cfg_interval, shift)
+    fused = make_sampler(backend, cfg)
+    assert fused.path == "cuda" and fused.generator == "cuda-kernel"
     indices, labels = torch.tensor([3, 2**33 + 1, 11]), torch.tensor([1, 2, 9])
-    ref = PlanRunner(backend, sampler).run(5, indices, labels)
-    got = fused.run(5, indices, labels)
+    ref = make_sampler(backend, cfg, kernels="off")(5, indices, labels)
+    got = fused(5, indices, labels)
     assert got.device.type == "cuda"
     assert P.rel_err(got, ref) <= P.E2E_RTOL, P.rel_err(got, ref)
 
 
-def test_cuda_fused_plan_runner_bf16_network(cuda_discovered):
-    from igengine.kernels.runner import FusedPlanRunner
-    from igengine.sampler import PlanRunner
-
+def test_cuda_fused_loop_bf16_network(cuda_discovered):
     backend = P.tiny_backend("LightningDiT-B/1", Precision.BF16, device="cuda")
-    sampler = P.e2e_sampler(Solver.HEUN2, (0.19, 1.0), 0.3, precision=Precision.BF16)
+    cfg = P.e2e_sampler(Solver.HEUN2, (0.19, 1.0), 0.3, precision=Precision.BF16)
     indices, labels = torch.tensor([0, 1]), torch.tensor([4, 5])
-    ref = PlanRunner(backend, sampler).run(1, indices, labels)
-    assert P.rel_err(FusedPlanRunner(backend, sampler).run(1, indices, labels), ref) <= P.E2E_RTOL
+    ref = make_sampler(backend, cfg, kernels="off")(1, indices, labels)
+    assert P.rel_err(make_sampler(backend, cfg)(1, indices, labels), ref) <= P.E2E_RTOL
+
+
+def test_cuda_reference_loop_draws_its_noise_on_the_device(cuda_discovered):
+    """The plain loop's SDE noise comes from the CUDA generator (no host NumPy), with the same numbers."""
+    from igengine.sampling.randomness import NUMPY
+
+    backend = P.tiny_backend("SiT-S/2", Precision.REFERENCE, device="cuda")
+    cfg = P.e2e_sampler(Solver.SDE, (0.0, 0.7), 0.0, precision=Precision.REFERENCE, steps=4)
+    device_rng = make_sampler(backend, cfg)
+    assert device_rng.path == "reference" and device_rng.generator == "cuda-kernel"
+    indices, labels = torch.tensor([0, 1]), torch.tensor([4, 5])
+    assert torch.equal(device_rng(1, indices, labels), make_sampler(backend, cfg, randomness=NUMPY)(1, indices, labels))
 
 
 # ---- a library built for another GPU falls back -------------------------------------------------

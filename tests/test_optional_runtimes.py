@@ -9,7 +9,7 @@ import sys
 for name in ("onnx", "onnxscript", "onnxruntime", "tensorrt"):
     sys.modules[name] = None  # any `import name` now raises ImportError, as if not installed
 import igengine, igengine.backends, igengine.export, igengine.export.cache, igengine.export.tensorrt
-import igengine.backends.onnxruntime_backend, igengine.backends.tensorrt_backend, igengine.run
+import igengine.backends.onnxruntime_backend, igengine.backends.tensorrt_backend, igengine.jobs.sample
 from igengine.cli import main
 out = sys.argv[1]
 assert main(["sample", "--n", "2", "--steps", "2", "--out", out + "/torch"]) == 0

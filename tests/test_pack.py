@@ -7,10 +7,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from igengine import npzstream
-from igengine.chunks import ChunkPlan, ChunkSpec, ChunkStore
-from igengine.npzstream import NpzFormatError, NpzWriter
-from igengine.pack import PackError, pack
+from igengine.store import npzstream
+from igengine.store.chunks import ChunkPlan, ChunkSpec, ChunkStore
+from igengine.store.npzstream import NpzFormatError, NpzWriter
+from igengine.store.pack import PackError, pack
 
 
 def evaluator_read(path, name, batch):
@@ -90,7 +90,7 @@ def test_pack_names_missing_ranges_and_damaged_chunks(filled, tmp_path, monkeypa
     with pytest.raises(PackError, match=r"chunk 00000000-00000004.npz is damaged: unreadable \(Bad CRC-32"):
         pack(store, plan, tmp_path / "s.npz", None)
     # ... or, in a large member, only while its data is copied.
-    monkeypatch.setattr("igengine.pack.check_complete", lambda store, plan: None)
+    monkeypatch.setattr("igengine.store.pack.check_complete", lambda store, plan: None)
     with pytest.raises(PackError, match=r"00000000-00000004.npz is damaged \(Bad CRC-32.*rerun the same"):
         pack(store, plan, tmp_path / "s.npz", None)
     assert not (tmp_path / "s.npz").exists() and not list(tmp_path.glob(".s.npz*"))

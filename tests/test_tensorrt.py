@@ -279,14 +279,14 @@ def test_cli_tensorrt_without_tensorrt_is_one_line(tmp_path, capsys, monkeypatch
 @pytest.mark.parametrize("family", ["sit", "lightningdit"])
 def test_tensorrt_engine_matches_torch_on_the_gpu(family, tmp_path):
     pytest.importorskip("onnx", reason="onnx is the optional 'onnx' extra")
-    from igengine.backends import create_backend
-    from igengine.checkpoint import load_checkpoint, save_safetensors
+    from igengine.jobs.backend import build_backend
+    from igengine.models.checkpoint import load_checkpoint, save_safetensors
     from tests.conftest import tiny_model
 
     model = tiny_model(family)
     save_safetensors(model, tmp_path / "m.safetensors")
     loaded = load_checkpoint(tmp_path / "m.safetensors")
-    backend = create_backend("tensorrt", loaded, "fp32", "cuda", cache_root=tmp_path / "cache", max_batch=8)
+    backend = build_backend("tensorrt", loaded, "fp32", "cuda", cache_root=tmp_path / "cache", max_batch=8)
     ref = model.cuda()
     for n in (1, 3, 8):
         x = torch.randn(n, *loaded.config.latent_shape, device="cuda")

@@ -13,12 +13,17 @@ import torch
 
 from igengine.cli import main
 from igengine.config import Family
-from igengine.pixels import to_uint8
+from igengine.vae.pixels import to_uint8
 from igengine.vae import LDMDecoder, VAEKind, load_vae
 from igengine.vae.ldm import infer_config
 from tests.bulk_fixtures import TINY_VAVAE, save_ldit, save_sit, save_stats, save_vavae, tiny_diffusers_vae, tiny_vavae_state
 
-diffusers = pytest.importorskip("diffusers", reason="diffusers is the optional 'vae' extra (SD-VAE folders)")
+
+
+@pytest.fixture(scope="module")
+def diffusers():
+    """Only the SD-VAE tests need diffusers (the optional 'vae' extra); the VA-VAE tests run without it."""
+    return pytest.importorskip("diffusers", reason="diffusers is the optional 'vae' extra (SD-VAE folders)")
 
 
 def diffusers_to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
@@ -39,7 +44,7 @@ def diffusers_to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, t
 
 
 @pytest.fixture(scope="module")
-def sd_vae(tmp_path_factory):
+def sd_vae(tmp_path_factory, diffusers):
     d = tmp_path_factory.mktemp("sdvae")
     vae = tiny_diffusers_vae()
     vae.save_pretrained(d / "folder")
@@ -136,7 +141,7 @@ def test_bad_vae_and_statistics_inputs(tmp_path, capsys, monkeypatch):
         (["--vae", vae_ok], "VA-VAE decoding needs the latent statistics"),
         (["--vae", vae_ok, "--latent-stats", tmp_path / "nope.pt"], "not found"),
         (["--vae", tmp_path / "nope.pt", "--latent-stats", stats], "--vae"),
-        (["--vae", vae_ok, "--latent-stats", stats, "--vae-kind", "vqgan"], "unknown --vae-kind"),
+        (["--vae", vae_ok, "--latent-stats", stats, "--vae-kind", "vqgan"], "'vqgan' is not one of"),
         (["--vae", vae_ok, "--latent-stats", stats, "--vae-kind", "sd"], "--latent-stats applies to VA-VAE"),
         (["--vae", vae_ok, "--latent-stats", stats, "--no-decode"], "drop them"),
         ([], "pass --vae PATH"),

@@ -4,68 +4,81 @@
   onnxruntime  an exported graph on ONNX Runtime (``OnnxRuntimeBackend``).
   tensorrt     a TensorRT engine built from an exported graph (``TensorRTBackend``; CUDA only).
 
-Graphs: ``onnx_path`` (a .onnx file or an export folder, ``igengine sample --onnx``) is used when
-given and refused if it was exported for another checkpoint, architecture or precision; otherwise
-the export cache supplies one (exported on first use, see ``igengine.export.cache``). TensorRT
-engines come from beside the graph or from the engine cache, and are built on first use.
-
-ONNX Runtime and TensorRT are imported only when their backend is asked for, and are checked
-before any graph is exported, so a missing runtime fails at once with a line naming what to install.
+The factory runs nothing but the backend: the caller finds (or exports) the graph and builds the
+engine (``igengine.export.cache.locate_graph``, ``igengine.export.tensorrt.ensure_engine``; the
+sample job does both) and hands them over as ``artifacts``. ONNX Runtime and TensorRT are imported
+only when their backend is asked for.
 """
 
 from __future__ import annotations
 
+import enum
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from igengine.backends.errors import BackendError
 from igengine.backends.torch_backend import TorchBackend
-from igengine.checkpoint import LoadedCheckpoint
 from igengine.config import Precision
+from igengine.errors import BackendError
+from igengine.models.checkpoint import LoadedCheckpoint
 
-BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
+
+class BackendName(str, enum.Enum):
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+    @property
+    def needs_graph(self) -> bool:
+        return self in (BackendName.ONNXRUNTIME, BackendName.TENSORRT)
 
 
-def create_backend(
-    name: str,
-    loaded: LoadedCheckpoint,
-    precision: Precision | str,
-    device: str | torch.device,
-    onnx_path: str | Path | None = None,
-    max_batch: int | None = None,
-    cache_root: Path | None = None,
-):
-    """Build the backend ``name`` for ``loaded`` at ``precision`` on ``device``.
+BACKENDS: tuple[str, ...] = tuple(b.value for b in BackendName)
 
-    max_batch: most rows per network call (the sampler splits larger calls). torch: None means
-    unbounded; onnxruntime: default the graph's recorded --max-batch; tensorrt: the engine's
-    profile maximum, default the graph's recorded --max-batch.
-    Raises BackendError for an unknown name, BackendUnavailable for a missing runtime or GPU,
-    GraphMismatchError for a graph made for something else.
+
+@dataclass(frozen=True)
+class Artifacts:
+    """What a graph backend runs: the exported graph and its record, and (TensorRT) the built engine."""
+
+    graph: Path
+    record: object  # igengine.export.contract.GraphRecord
+    engine: Path | None = None
+    engine_key: object | None = None  # igengine.export.tensorrt.EngineKey
+
+
+def backend_name(name: str | BackendName) -> BackendName:
+    try:
+        return BackendName(name)
+    except ValueError:
+        raise BackendError(f"unknown backend {name!r} (available: {', '.join(BACKENDS)})") from None
+
+
+def create_backend(name: str | BackendName, loaded: LoadedCheckpoint, precision: Precision | str,
+                   device: str | torch.device, artifacts: Artifacts | None = None, max_batch: int | None = None):
+    """Build the backend ``name`` for ``loaded`` at the run's ``precision`` on ``device``.
+
+    max_batch: most rows per network call (``backends.network`` splits larger calls). torch: None
+    means unbounded; onnxruntime: default the graph's recorded max_batch; tensorrt: the engine's
+    profile maximum. Raises BackendError for an unknown name or missing artifacts,
+    BackendUnavailable for a missing runtime or GPU.
     """
+    kind = backend_name(name)
     precision = Precision(precision)
-    if name == "torch":
-        if onnx_path is not None:
-            raise BackendError("--onnx only applies to --backend onnxruntime or tensorrt")
+    if kind == BackendName.TORCH:
+        if artifacts is not None:
+            raise BackendError("an exported graph only applies to the onnxruntime and tensorrt backends")
         return TorchBackend(loaded.model, precision=precision, device=device, max_batch=max_batch)
-    if name not in BACKENDS:
-        raise BackendError(f"unknown --backend {name!r} (available: {', '.join(BACKENDS)})")
+    if artifacts is None:
+        raise BackendError(f"the {kind.value} backend needs an exported graph (igengine.export.cache.locate_graph)")
+    if kind == BackendName.ONNXRUNTIME:
+        from igengine.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    from igengine.export.cache import locate_graph
-
-    if name == "onnxruntime":
-        from igengine.backends.onnxruntime_backend import OnnxRuntimeBackend, import_onnxruntime
-
-        import_onnxruntime()
-        graph, record = locate_graph(loaded, precision, onnx_path, cache_root)
-        return OnnxRuntimeBackend(graph, record, loaded.config, device, max_batch=max_batch)
-
+        return OnnxRuntimeBackend(artifacts.graph, artifacts.record, loaded.config, device, max_batch=max_batch,
+                                  precision=precision)
     from igengine.backends.tensorrt_backend import TensorRTBackend
-    from igengine.export.tensorrt import ensure_engine, import_tensorrt, require_gpu
 
-    import_tensorrt()
-    require_gpu(device)
-    graph, record = locate_graph(loaded, precision, onnx_path, cache_root)
-    engine, key = ensure_engine(graph, record, loaded.config.latent_shape, device, max_batch=max_batch, root=cache_root)
-    return TensorRTBackend(engine, key, record, loaded.config, device)
+    if artifacts.engine is None:
+        raise BackendError("the tensorrt backend needs a built engine (igengine.export.tensorrt.ensure_engine)")
+    return TensorRTBackend(artifacts.engine, artifacts.engine_key, artifacts.record, loaded.config, device,
+                           precision=precision)

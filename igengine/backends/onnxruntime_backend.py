@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from igengine.backends.errors import BackendError, BackendUnavailable
+from igengine.backends.base import check_inputs, output_pair
 from igengine.config import ModelConfig, Precision
+from igengine.errors import BackendError, BackendUnavailable
 from igengine.export.contract import INPUT_NAMES, OUTPUT_NAMES, GraphRecord
 
 INSTALL_HINT = "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA), or pip install 'igengine[onnx]'"
@@ -38,19 +39,22 @@ class OnnxRuntimeBackend:
     """Backend over an ONNX Runtime session of one exported graph.
 
     ``record`` is the graph's own record (already checked against the run by the caller).
-    ``max_batch`` (default: the graph's recorded --max-batch) is the most rows per call: the sampler
-    splits larger calls and a direct call above it raises BackendError.
+    ``max_batch`` (default: the graph's recorded max_batch) is the most rows per call: the sampler's
+    network (``backends.network``) splits larger calls and a direct call above it raises BackendError.
+    ``precision`` is the run precision this backend serves (default: the graph's; ``reference`` runs
+    use the fp32 graph).
     """
 
     name = "onnxruntime"
 
     def __init__(self, graph: Path, record: GraphRecord, config: ModelConfig, device: str | torch.device = "cpu",
-                 max_batch: int | None = None, threads: int = 0):
+                 max_batch: int | None = None, threads: int = 0, precision: Precision | str | None = None):
         ort = import_onnxruntime()
         self.graph = Path(graph)
         self.record = record
         self.config = config
-        self.precision = record.export.precision
+        self.graph_precision = record.export.precision
+        self.precision = Precision(precision) if precision is not None else self.graph_precision
         self.max_batch: int | None = max_batch or record.export.max_batch
         requested = torch.device(device)
         wanted = ["CPUExecutionProvider"]
@@ -63,10 +67,10 @@ class OnnxRuntimeBackend:
             self.session = ort.InferenceSession(str(self.graph), sess_options=options, providers=wanted)
         except Exception as e:  # ORT raises its own exception types (NotImplemented, Fail, ...)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if self.precision == Precision.BF16 and "NOT_IMPLEMENTED" in first:
+            if self.graph_precision == Precision.BF16 and "NOT_IMPLEMENTED" in first:
                 raise BackendUnavailable(
                     f"ONNX Runtime's CPU provider cannot run the bf16 graph {self.graph} (no bf16 MatMul kernel): "
-                    "use --precision fp16 or fp32, or the CUDA provider (onnxruntime-gpu with --device cuda)"
+                    "use `precision` fp16 or fp32, or the CUDA provider (onnxruntime-gpu on a `device` cuda)"
                 ) from None
             raise BackendError(f"ONNX Runtime cannot load {self.graph}: {first}") from None
         self.providers = self.session.get_providers()
@@ -74,19 +78,9 @@ class OnnxRuntimeBackend:
         self.device = requested if self.on_cuda else torch.device("cpu")
         self._ort = ort
 
-    def _check(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> int:
-        n = x.shape[0]
-        if tuple(x.shape[1:]) != self.config.latent_shape or t.shape != (n,) or y.shape != (n,):
-            raise BackendError(f"expected x [N,{','.join(map(str, self.config.latent_shape))}], t [N], y [N]; got "
-                               f"x {list(x.shape)}, t {list(t.shape)}, y {list(y.shape)}")
-        if self.max_batch is not None and n > self.max_batch:
-            raise BackendError(f"batch of {n} rows is above the graph's maximum of {self.max_batch} "
-                               "(re-export with a larger --max-batch, or let the sampler split the call)")
-        return n
-
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x [N,C,H,W], t [N], y [N] int64) -> (v_final, v_inter) [N,C,H,W] float32 on x's device."""
-        n = self._check(x, t, y)
+        n = check_inputs(x, t, y, self.config.latent_shape, self.max_batch, "graph")
         if self.on_cuda and x.is_cuda:
             return self._run_bound(n, x, t, y)
         feeds = {
@@ -102,8 +96,7 @@ class OnnxRuntimeBackend:
         dev = x.device
         inputs = {"x": x.to(dev, torch.float32).contiguous(), "t": t.to(dev, torch.float32).contiguous(),
                   "y": y.to(dev, torch.int64).contiguous()}
-        outputs = {name: torch.empty((n, *self.config.latent_shape), dtype=torch.float32, device=dev)
-                   for name in OUTPUT_NAMES}
+        outputs = output_pair(n, self.config.latent_shape, dev)
         binding = self.session.io_binding()
         np_types = {torch.float32: np.float32, torch.int64: np.int64}
         for name, tensor in [*inputs.items(), *outputs.items()]:
@@ -120,7 +113,7 @@ class OnnxRuntimeBackend:
             "device": str(self.device),
             "providers": self.providers,
             "graph": str(self.graph),
-            "graph_precision": self.precision.value,
+            "graph_precision": self.graph_precision.value,
             "opset": self.record.export.opset,
             "max_batch": self.max_batch,
             "onnxruntime": self._ort.__version__,

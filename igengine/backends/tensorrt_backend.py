@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from igengine.backends.errors import BackendError
-from igengine.config import ModelConfig
+from igengine.backends.base import check_inputs, output_pair
+from igengine.config import ModelConfig, Precision
+from igengine.errors import BackendError
 from igengine.export.contract import INPUT_NAMES, OUTPUT_NAMES, GraphRecord
 from igengine.export.tensorrt import EngineKey, import_tensorrt, require_gpu, select_profile
 
@@ -28,8 +29,9 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, engine_path: Path, key: EngineKey, record: GraphRecord, config: ModelConfig,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, precision: Precision | str | None = None):
         trt = import_tensorrt()
+        self.precision = Precision(precision) if precision is not None else record.export.precision
         self._trt = trt
         self.device = require_gpu(device)
         self.engine_path = Path(engine_path)
@@ -68,18 +70,11 @@ class TensorRTBackend:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x [N,C,H,W], t [N], y [N] int64) CUDA tensors -> (v_final, v_inter) [N,C,H,W] float32 on this device."""
-        n = x.shape[0]
-        if tuple(x.shape[1:]) != self.config.latent_shape or t.shape != (n,) or y.shape != (n,):
-            raise BackendError(f"expected x [N,{','.join(map(str, self.config.latent_shape))}], t [N], y [N]; got "
-                               f"x {list(x.shape)}, t {list(t.shape)}, y {list(y.shape)}")
-        if n > self.max_batch:
-            raise BackendError(f"batch of {n} rows is above the engine's maximum of {self.max_batch} (rebuild with a "
-                               "larger --max-batch, or let the sampler split the call)")
+        n = check_inputs(x, t, y, self.config.latent_shape, self.max_batch, "engine")
         stream = torch.cuda.current_stream(self.device)
         inputs = {"x": x.to(self.device, torch.float32).contiguous(), "t": t.to(self.device, torch.float32).contiguous(),
                   "y": y.to(self.device, torch.int64).contiguous()}
-        outputs = {name: torch.empty((n, *self.config.latent_shape), dtype=torch.float32, device=self.device)
-                   for name in OUTPUT_NAMES}
+        outputs = output_pair(n, self.config.latent_shape, self.device)
         profile = select_profile(self.profiles, n)
         if profile != self._profile:
             self.context.set_optimization_profile_async(profile, stream.cuda_stream)

@@ -6,10 +6,12 @@ import torch
 
 from igengine.config import ModelConfig, Precision
 from igengine.models import IGDiT, apply_precision
-from igengine.models.precision import NETWORK_DTYPE
+from igengine.precision import numerics, policy
 
 
 class TorchBackend:
+    """Eager PyTorch at ``precision`` on ``device``; TF32 and other global flags only during a call."""
+
     name = "torch"
 
     def __init__(self, model: IGDiT, precision: Precision = Precision.REFERENCE, device: str | torch.device = "cpu",
@@ -18,24 +20,21 @@ class TorchBackend:
         self.device = torch.device(device)
         self.config: ModelConfig = model.config
         self.max_batch = max_batch
-        if self.device.type == "cuda" and self.precision == Precision.REFERENCE:
-            # The official numerics: no TF32 in matmuls or convolutions. Set when a reference run is
-            # built, never at import time.
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
+        self.policy = policy(self.precision, self.config.family)
         self.model = apply_precision(model.eval().requires_grad_(False), self.precision).to(self.device)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        v_final, v_inter = self.model(x.to(self.device, torch.float32), t.to(self.device, torch.float32),
-                                      y.to(self.device))
+        with numerics(self.policy):
+            v_final, v_inter = self.model(x.to(self.device, torch.float32), t.to(self.device, torch.float32),
+                                          y.to(self.device))
         return v_final.float(), v_inter.float()
 
     def describe(self) -> dict:
         return {
             "backend": self.name,
             "device": str(self.device),
-            "network_dtype": str(NETWORK_DTYPE[self.precision]).replace("torch.", ""),
+            "network_dtype": str(self.policy.network_dtype).replace("torch.", ""),
             "torch": torch.__version__,
-            "tf32": bool(self.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32),
+            "tf32": bool(self.device.type == "cuda" and self.policy.allow_tf32),
         }

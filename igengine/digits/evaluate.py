@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from igengine.digits.data import load_split, to_unit
-from igengine.pixels import to_uint8
+from igengine.vae.pixels import to_uint8
 from igengine.config import Family
 
 
@@ -72,7 +72,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 def sample_pixels(n: int, seed: int, ig_scale: float, cfg_scale: float, out: Path, batch_size: int = 250,
                   ckpt: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    from igengine.run import SampleJob, run_sample
+    from igengine.jobs.sample import SampleJob, run_sample
 
     job = SampleJob(out=out, n=n, batch_size=batch_size, seed=seed, labels="balanced", ig_scale=ig_scale,
                     cfg_scale=cfg_scale, overwrite=True, ckpt=ckpt, device="cpu")
@@ -88,8 +88,8 @@ def score(clf: Classifier, pixels: np.ndarray, labels: np.ndarray, real_feats: n
 
 
 def evaluate(n: int, seeds: list[int], out_dir: Path, ckpt: Path | None = None) -> dict:
-    from igengine.checkpoint import load_checkpoint
-    from igengine.run import DEFAULT_CHECKPOINT
+    from igengine.models.checkpoint import load_checkpoint
+    from igengine.jobs.sample import DEFAULT_CHECKPOINT
 
     split = load_split()
     clf = train_classifier()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from igengine.checkpoint import save_safetensors
+from igengine.models.checkpoint import save_safetensors
 from igengine.config import Family, ModelConfig
 from igengine.digits.data import load_split
 from igengine.models import IGDiT

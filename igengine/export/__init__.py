@@ -12,7 +12,7 @@ Importing this package imports neither onnx, onnxruntime nor tensorrt.
 """
 
 from igengine.export.config import DEFAULT_MAX_BATCH, DEFAULT_OPSET, ExportConfig, ExportFormat, graph_precision
-from igengine.export.errors import ExportError, GraphMismatchError
+from igengine.errors import ExportError, GraphMismatchError
 
 __all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_OPSET", "ExportConfig", "ExportError", "ExportFormat", "GraphMismatchError",
            "graph_precision"]

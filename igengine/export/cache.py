@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from igengine.checkpoint import LoadedCheckpoint
+from igengine.models.checkpoint import LoadedCheckpoint
 from igengine.config import Precision
 from igengine.export.config import ExportConfig, graph_precision
 from igengine.export.contract import (

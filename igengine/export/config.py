@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from igengine.config import Precision
-from igengine.export.errors import ExportError
+from igengine.errors import ExportError
 
 MIN_OPSET = 18
 MAX_OPSET: int = getattr(getattr(torch.onnx, "_constants", None), "ONNX_MAX_OPSET", 23)
@@ -62,21 +62,21 @@ class ExportConfig:
             precision = Precision(self.precision)
         except ValueError:
             raise ExportError(
-                f"unknown --precision {self.precision!r}; choose from {', '.join(p.value for p in GRAPH_PRECISIONS)}"
+                f"unknown `precision` {self.precision!r}; choose from {', '.join(p.value for p in GRAPH_PRECISIONS)}"
             ) from None
         if precision not in GRAPH_PRECISIONS:
             raise ExportError(
-                f"--precision {precision.value} has no graph of its own (it runs the fp32 graph); "
-                f"export with --precision {', '.join(p.value for p in GRAPH_PRECISIONS)}"
+                f"`precision` {precision.value} has no graph of its own (it runs the fp32 graph); "
+                f"export with `precision` {', '.join(p.value for p in GRAPH_PRECISIONS)}"
             )
         object.__setattr__(self, "precision", precision)
         if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise ExportError(
-                f"unsupported --opset {self.opset}: the torch.onnx dynamo exporter needs opset >= {MIN_OPSET} and "
+                f"unsupported `opset` {self.opset}: the torch.onnx dynamo exporter needs opset >= {MIN_OPSET} and "
                 f"torch {torch.__version__} writes at most {MAX_OPSET}; choose {MIN_OPSET}..{MAX_OPSET}"
             )
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
-            raise ExportError(f"--max-batch must be an integer >= 1, got {self.max_batch}")
+            raise ExportError(f"`max_batch` must be an integer >= 1, got {self.max_batch}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

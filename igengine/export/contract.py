@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from igengine.checkpoint import LoadedCheckpoint
+from igengine.models.checkpoint import LoadedCheckpoint
 from igengine.config import Precision
 from igengine.export.config import ExportConfig, graph_precision
-from igengine.export.errors import ExportError, GraphMismatchError
+from igengine.errors import ExportError, GraphMismatchError
 
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -152,7 +152,7 @@ def verify_record(record: GraphRecord, loaded: LoadedCheckpoint, precision: Prec
     if problems:
         raise GraphMismatchError(
             f"{where} does not match this run: " + "; ".join(problems)
-            + " (export a graph for it with `igengine export`, or omit --onnx to use the export cache)"
+            + " (export a graph for it with `igengine export`, or omit `onnx` to use the export cache)"
         )
 
 

@@ -3,7 +3,7 @@
 All functions work on a ``ModelProto`` loaded *without* its external data (only the structure), so
 they cost the same for a tiny model and for XL.
 
-Precision policy of a bf16/fp16 graph (the torch model's, ``igengine.models.precision``, plus one step):
+Precision policy of a bf16/fp16 graph (the torch model's, ``igengine.models.lowp``, plus one step):
   low precision: the attention and MLP sub-graphs of every block: the qkv / proj / fc / SwiGLU
       matmuls, the Q K^T and P V batched matmuls, GELU / SiLU, and the reshapes between them;
   fp32: the patch, time and label embeddings; every normalisation (LayerNorm, RMSNorm, qk-norm,

@@ -35,7 +35,7 @@ import torch
 from onnx import TensorProto, helper
 
 import igengine
-from igengine.checkpoint import LoadedCheckpoint
+from igengine.models.checkpoint import LoadedCheckpoint
 from igengine.config import ModelConfig, Precision
 from igengine.export.config import ExportConfig
 from igengine.export.contract import (
@@ -50,7 +50,7 @@ from igengine.export.contract import (
     digest_files,
     external_files,
 )
-from igengine.export.errors import ExportError
+from igengine.errors import ExportError
 from igengine.export.graph_passes import (
     einsum_permutations_to_transpose,
     precision_report,
@@ -58,7 +58,8 @@ from igengine.export.graph_passes import (
     strip_debug_metadata,
 )
 from igengine.models import IGDiT, apply_precision
-from igengine.outputs import atomic_write_json, prepare_output_folder
+from igengine.store.atomic import atomic_write_json
+from igengine.store.manifest import prepare_output_folder
 
 _IO_TYPES = {"x": TensorProto.FLOAT, "t": TensorProto.FLOAT, "y": TensorProto.INT64,
              "v_final": TensorProto.FLOAT, "v_inter": TensorProto.FLOAT}
@@ -163,7 +164,7 @@ def prepare_export_folder(out: Path, record: GraphRecord, overwrite: bool) -> No
         if existing != record.to_dict():
             raise ExportError(
                 f"{out} holds an export of another checkpoint, config, precision, opset or igengine version "
-                f"({SIDECAR}); choose another --out or pass --overwrite"
+                f"({SIDECAR}); choose another `out` or pass `overwrite`"
             )
 
 

@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 
-from igengine.backends.errors import BackendUnavailable
+from igengine.errors import BackendUnavailable
 from igengine.export.cache import cache_root
 from igengine.export.contract import GraphRecord, graph_sha256
-from igengine.export.errors import ExportError
-from igengine.outputs import atomic_write_bytes, atomic_write_json
+from igengine.errors import ExportError
+from igengine.store.atomic import atomic_write_bytes, atomic_write_json
 
 SUPPORTED_MAJORS = (10, 11)
 INSTALL_HINT = ("pip install tensorrt-cu12 (or tensorrt-cu13 to match your CUDA; TensorRT 10.x or 11.x) "
@@ -75,7 +75,7 @@ def require_gpu(device: str | torch.device | None = None) -> torch.device:
         raise BackendUnavailable(f"TensorRT needs a CUDA GPU and torch sees none: {INSTALL_HINT}")
     dev = torch.device(device) if device is not None else torch.device("cuda")
     if dev.type != "cuda":
-        raise BackendUnavailable(f"TensorRT runs on CUDA devices only, not on {dev}: use --device cuda")
+        raise BackendUnavailable(f"TensorRT runs on CUDA devices only, not on {dev}: use `device` cuda")
     return torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
 
 
@@ -109,7 +109,7 @@ def batch_profiles(max_batch: int, opt_batch: int | None = None) -> tuple[BatchP
     equal a single profile is returned.
     """
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ExportError(f"--max-batch must be an integer >= 1, got {max_batch}")
+        raise ExportError(f"`max_batch` must be an integer >= 1, got {max_batch}")
     n = max(1, max_batch // 2) if opt_batch is None else opt_batch
     if not 1 <= n <= max_batch:
         raise ExportError(f"the tuned batch must lie in [1, max_batch={max_batch}], got {n}")

@@ -1,4 +1,4 @@
-"""Fused guidance + solver-update kernels (csrc/): CUDA, a bit-faithful CPU twin, or the reference path.
+"""Fused guidance + solver-update kernels (csrc/): CUDA, a bit-faithful CPU twin, or none.
 
 Importing this package loads nothing and never touches CUDA: the libraries are opened on first use.
 
@@ -6,8 +6,12 @@ Importing this package loads nothing and never touches CUDA: the libraries are o
     >>> K.kernel_path()          # 'cuda', 'cpu-twin' or 'reference'
     >>> K.describe()             # JSON-able status of both libraries (for `igengine info`)
 
-Build the libraries with ``python -m igengine.kernels.build`` (CMake; the CUDA one only where nvcc
-is found). ``FusedPlanRunner`` (igengine.kernels.runner) is the sampling loop that uses them.
+  abi      the C ABI (StepParams, StepBuffers, enums) mirrored with ctypes
+  library  finding, loading and probing the libraries
+  binding  checked entry points for torch tensors (fused_step, gaussian, philox_words)
+  build    ``python -m igengine.kernels.build`` (CMake; the CUDA library where nvcc is found)
+
+May import: igengine.config, errors, noise. The sampling loop that uses them is igengine.sampling.fused.
 """
 
 from __future__ import annotations
@@ -27,9 +31,6 @@ _LAZY = {
     "philox_words": "igengine.kernels.binding",
     "KernelInputError": "igengine.kernels.binding",
     "KernelUnavailable": "igengine.kernels.binding",
-    "step_params": "igengine.kernels.params",
-    "Phase": "igengine.kernels.params",
-    "FusedPlanRunner": "igengine.kernels.runner",
 }
 
 __all__ = sorted(_LAZY)

@@ -5,7 +5,7 @@ fix it; nothing reaches the C side that could make it read or write out of bound
 enqueues on ``torch.cuda.current_stream(device)`` and never synchronises, so a call can be captured
 in a CUDA graph. Non-contiguous tensors are refused (call ``.contiguous()``): the kernels address
 dense rows. Negative sample indices are refused when the indices live on the CPU; on a GPU that
-check would need a synchronisation, so it is the caller's (FusedPlanRunner checks them once per run).
+check would need a synchronisation, so it is the caller's (the Sampler checks them once per run).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from igengine.kernels import abi
 from igengine.kernels.library import KernelLibrary, library_for
+from igengine.noise import check_indices, check_seed, check_stream
 
 _VDTYPES = {torch.float32: abi.DType.F32, torch.bfloat16: abi.DType.BF16, torch.float16: abi.DType.F16}
 
@@ -75,7 +76,7 @@ def fused_step(params: abi.StepParams, x: torch.Tensor, v_final: torch.Tensor, v
                library: KernelLibrary | None = None) -> None:
     """One fused guidance + solver-update launch (see csrc/igk_api.h for the maths of each kind).
 
-    params:    per-step scalars (``igengine.kernels.params.step_params``).
+    params:    per-step scalars (``igengine.sampling.launches.step_params``).
     x:         float32 (N, ...) state at t_cur; E = x.numel() / N elements per row.
     v_final:   float32/bfloat16/float16 (R, ...) network output, R = 2N when params.cfg
                (rows 0..N-1 conditional, N..2N-1 unconditional) else N.
@@ -109,8 +110,7 @@ def fused_step(params: abi.StepParams, x: torch.Tensor, v_final: torch.Tensor, v
         _need(indices is not None, "the SDE step draws noise: pass the sample indices (int64, N)")
     if indices is not None:
         _check_tensor("indices", indices, device, (torch.int64,), n, 1)
-        if device.type == "cpu" and n and int(indices.min()) < 0:
-            raise KernelInputError("indices must be >= 0 (sample indices of the noise contract)")
+        _checked(check_indices, indices)
     if kind == abi.Kind.HEUN_CORRECT:
         _need(k1 is not None, "the Heun corrector needs k1 (the predictor's k1_out)")
         _check_tensor("k1", k1, device, (torch.float32,), n, e)
@@ -172,11 +172,16 @@ def _resolve(device) -> torch.device:
     return device
 
 
+def _checked(check, value):
+    """A noise-contract range check (seed, stream, indices) whose ValueError is reported as KernelInputError."""
+    try:
+        return check(value)
+    except ValueError as e:
+        raise KernelInputError(str(e)) from None
+
+
 def _index_tensor(indices, device: torch.device) -> torch.Tensor:
-    idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
-    if idx.device.type == "cpu" and idx.numel() and int(idx.min()) < 0:
-        raise KernelInputError("sample indices must be >= 0")
-    return idx.to(device).contiguous()
+    return _checked(check_indices, indices).to(device).contiguous()
 
 
 def gaussian(seed: int, indices, stream: int, shape, device="cpu", library: KernelLibrary | None = None) -> torch.Tensor:
@@ -184,9 +189,7 @@ def gaussian(seed: int, indices, stream: int, shape, device="cpu", library: Kern
 
     Returns float32 (len(indices), *shape) on ``device``; bitwise the reference's values.
     """
-    seed, stream = int(seed), int(stream)
-    _need(0 <= seed < 2**64, f"seed must lie in [0, 2^64), got {seed}")
-    _need(0 <= stream < 2**32, f"stream must lie in [0, 2^32), got {stream}")
+    seed, stream = _checked(check_seed, seed), _checked(check_stream, stream)
     device = _resolve(device)
     shape = tuple(int(s) for s in shape)
     numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
@@ -207,8 +210,7 @@ def gaussian(seed: int, indices, stream: int, shape, device="cpu", library: Kern
 def philox_words(seed: int, indices, stream: int, num_blocks: int, device="cpu",
                  library: KernelLibrary | None = None) -> np.ndarray:
     """Raw Philox words of the contract (``igengine.noise.philox_words``): uint32 (N, num_blocks, 4) on the host."""
-    seed, stream = int(seed), int(stream)
-    _need(0 <= seed < 2**64 and 0 <= stream < 2**32, "seed must lie in [0, 2^64) and stream in [0, 2^32)")
+    seed, stream = _checked(check_seed, seed), _checked(check_stream, stream)
     device = _resolve(device)
     idx = _index_tensor(indices, device)
     out = torch.empty((idx.numel(), int(num_blocks), 4), dtype=torch.int32, device=device)

@@ -6,7 +6,7 @@ that an official state dict loads with ``strict=True``: e.g. ``x_embedder.proj``
 ``final_layer_xr.linear``.
 
 Mixed precision: the attention and MLP sub-modules may hold bf16/fp16 weights (see
-``igengine.models.precision``). Blocks feed them inputs in their own dtype and bring the result back
+``igengine.models.lowp``). Blocks feed them inputs in their own dtype and bring the result back
 to fp32 before the gated residual update, so normalisation, adaLN modulation and the residual stream
 always run in fp32.
 """

@@ -1,10 +1,10 @@
-"""Named model presets (the official model zoo), and the paper's sampling settings per family."""
+"""Named model presets (the official model zoo)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from igengine.config import Family, GuidanceConfig, ModelConfig, SamplerConfig, Solver
+from igengine.config import Family, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -76,23 +76,3 @@ def preset(name: str, **overrides) -> ModelConfig:
     )
     fields.update(overrides)
     return ModelConfig(**fields)
-
-
-def paper_sampler(family: Family) -> SamplerConfig:
-    """The sampling settings the IG paper reports for each family (DESIGN.md section 4).
-
-    SiT-XL/2+IG: SDE Euler-Maruyama, 250 steps, CFG 1.35 for t <= 0.7, IG 1.4 always.
-    LightningDiT-XL/1+IG: heun2 on 125 grid points, shift 0.3, CFG 1.45 for t >= 0.19, IG 1.4.
-    """
-    if family == Family.SIT:
-        return SamplerConfig(
-            solver=Solver.SDE,
-            steps=250,
-            guidance=GuidanceConfig(ig_scale=1.4, ig_interval=(0.0, 1.0), cfg_scale=1.35, cfg_interval=(0.0, 0.7)),
-        )
-    return SamplerConfig(
-        solver=Solver.HEUN2,
-        steps=125,
-        timestep_shift=0.3,
-        guidance=GuidanceConfig(ig_scale=1.4, ig_interval=(0.0, 1.0), cfg_scale=1.45, cfg_interval=(0.19, 1.0)),
-    )

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from igengine.checkpoint import CheckpointError, check_state_dict, file_sha256, read_checkpoint
+from igengine.errors import CheckpointError, VAEError
+from igengine.safeload import check_state_dict, file_sha256, read_checkpoint
 from igengine.vae.ldm import DECODER_PREFIXES, SD_KL_F8, VAVAE_F16D32, LayoutError, LDMDecoder, infer_config
 
 SD_LATENT_SCALE = 0.18215  # SiT/generate.py: samples / 0.18215 before vae.decode
@@ -38,10 +39,6 @@ DROP_REASONS = {
     "linear_proj": "training-only VF-loss projection",
     "model_ema": "training EMA copy",
 }
-
-
-class VAEError(CheckpointError):
-    """A VAE or latent-statistics file that cannot be used; the message names the file and the fix."""
 
 
 class VAEKind(str, enum.Enum):
@@ -145,19 +142,19 @@ def build_ldm_decoder(path: Path) -> tuple[LDMDecoder, dict]:
     try:
         state, entry, _, _ = read_checkpoint(path)
     except CheckpointError as e:
-        raise VAEError(f"--vae: {e}") from None
+        raise VAEError(f"`vae`: {e}") from None
     decoder_state, dropped = split_decoder_state(state)
     try:
         cfg = infer_config(decoder_state)
     except LayoutError as e:
         raise VAEError(
-            f"--vae {path} is not an LDM AutoencoderKL checkpoint ({e}); igengine expects the decoder.* and "
+            f"`vae` {path} is not an LDM AutoencoderKL checkpoint ({e}); igengine expects the decoder.* and "
             "post_quant_conv.* tensors of VA-VAE f16d32 or of an original-format SD-VAE file (a diffusers "
             "folder for SD-VAE also works)"
         ) from None
     net = LDMDecoder(cfg)
     try:
-        check_state_dict(net, decoder_state, f"--vae {path}: decoder of {cfg.to_dict()} does not load")
+        check_state_dict(net, decoder_state, f"`vae` {path}: decoder of {cfg.to_dict()} does not load")
     except CheckpointError as e:
         raise VAEError(str(e)) from None
     net.load_state_dict({k: v.float() for k, v in decoder_state.items()}, strict=True)
@@ -180,19 +177,19 @@ def build_diffusers_decoder(folder: Path) -> tuple[torch.nn.Module, dict, int]:
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise VAEError(f"--vae {folder} is a diffusers folder, but diffusers is not installed: "
+        raise VAEError(f"`vae` {folder} is a diffusers folder, but diffusers is not installed: "
                        "pip install diffusers (or igengine[vae])") from None
     try:
         model, info = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
                                                     low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VAEError(f"--vae {folder}: diffusers cannot load it as an AutoencoderKL: {first}") from None
+        raise VAEError(f"`vae` {folder}: diffusers cannot load it as an AutoencoderKL: {first}") from None
     bad = [k for k in info.get("missing_keys", []) if k.startswith(("decoder.", "post_quant_conv."))]
     bad += [str(k) for k in info.get("mismatched_keys", [])]
     if bad or info.get("error_msgs"):
         shown = ", ".join(bad[:6]) + (f" (+{len(bad) - 6} more)" if len(bad) > 6 else "")
-        raise VAEError(f"--vae {folder}: {len(bad)} decoder tensors are missing or mis-shaped: {shown}")
+        raise VAEError(f"`vae` {folder}: {len(bad)} decoder tensors are missing or mis-shaped: {shown}")
     factor = 2 ** (len(model.config.block_out_channels) - 1)
     facts = {
         "loader": "diffusers.AutoencoderKL.from_pretrained",
@@ -217,21 +214,21 @@ def load_latent_stats(path: Path, channels: int) -> tuple[torch.Tensor, torch.Te
     try:
         obj, _, _, _ = read_checkpoint(path)  # safe: weights_only for .pt, or safetensors
     except CheckpointError as e:
-        raise VAEError(f"--latent-stats: {e}") from None
+        raise VAEError(f"`latent_stats`: {e}") from None
     if not isinstance(obj, dict) or not {"mean", "std"} <= set(obj):
         keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
-        raise VAEError(f"--latent-stats {path} must hold {{'mean', 'std'}} (LightningDiT's latents_stats.pt), found {keys}")
+        raise VAEError(f"`latent_stats` {path} must hold {{'mean', 'std'}} (LightningDiT's latents_stats.pt), found {keys}")
     want = (1, channels, 1, 1)
     out = []
     for name in ("mean", "std"):
         t = obj[name]
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != want or not t.is_floating_point():
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise VAEError(f"--latent-stats {path}: '{name}' has shape {got}, expected {want} for a model with "
+            raise VAEError(f"`latent_stats` {path}: '{name}' has shape {got}, expected {want} for a model with "
                            f"{channels} latent channels")
         out.append(t.float().clone())
     if not bool(torch.isfinite(out[0]).all() and torch.isfinite(out[1]).all() and (out[1] > 0).all()):
-        raise VAEError(f"--latent-stats {path}: 'mean' must be finite and 'std' finite and > 0")
+        raise VAEError(f"`latent_stats` {path}: 'mean' must be finite and 'std' finite and > 0")
     return out[0], out[1], file_sha256(path)
 
 
@@ -241,7 +238,7 @@ def resolve_kind(kind: str, family_kind: VAEKind) -> VAEKind:
     try:
         return VAEKind(kind)
     except ValueError:
-        raise VAEError(f"unknown --vae-kind {kind!r}; choose auto, sd or vavae") from None
+        raise VAEError(f"unknown `vae_kind` {kind!r}; choose auto, sd or vavae") from None
 
 
 def load_vae(path: Path, kind: VAEKind, latent_channels: int, latent_stats: Path | None = None,
@@ -249,20 +246,20 @@ def load_vae(path: Path, kind: VAEKind, latent_channels: int, latent_stats: Path
     """Build the decoder for ``kind`` from ``path`` and check it fits a model with ``latent_channels``."""
     path = Path(path)
     if not path.exists():
-        raise VAEError(f"--vae {path} not found (a VAE file, or a diffusers folder for SD-VAE)")
+        raise VAEError(f"`vae` {path} not found (a VAE file, or a diffusers folder for SD-VAE)")
     if kind == VAEKind.SD and latent_stats is not None:
-        raise VAEError("--latent-stats applies to VA-VAE (--vae-kind vavae) only; SD-VAE latents use the fixed 0.18215")
+        raise VAEError("`latent_stats` applies to VA-VAE (`vae_kind` vavae) only; SD-VAE latents use the fixed 0.18215")
     if kind == VAEKind.VAVAE and latent_stats is None:
-        raise VAEError("VA-VAE decoding needs the latent statistics the model was trained with: pass --latent-stats "
+        raise VAEError("VA-VAE decoding needs the latent statistics the model was trained with: pass `latent_stats` "
                        "PATH/latents_stats.pt")
     if not (latent_multiplier > 0 and latent_multiplier < float("inf")):
-        raise VAEError(f"--latent-multiplier must be a finite number > 0, got {latent_multiplier}")
+        raise VAEError(f"`latent_multiplier` must be a finite number > 0, got {latent_multiplier}")
 
     if path.is_dir():
         if kind != VAEKind.SD:
-            raise VAEError(f"--vae {path} is a folder; VA-VAE is a single checkpoint file (e.g. vavae-imagenet256-f16d32-dinov2.pt)")
+            raise VAEError(f"`vae` {path} is a folder; VA-VAE is a single checkpoint file (e.g. vavae-imagenet256-f16d32-dinov2.pt)")
         if not (path / "config.json").is_file():
-            raise VAEError(f"--vae {path} is a folder without config.json: not a diffusers AutoencoderKL folder")
+            raise VAEError(f"`vae` {path} is a folder without config.json: not a diffusers AutoencoderKL folder")
         net, facts, factor = build_diffusers_decoder(path)
         channels = int(net.config.latent_channels)
         identity = {"kind": kind.value, "sha256": folder_sha256(path)}
@@ -275,7 +272,7 @@ def load_vae(path: Path, kind: VAEKind, latent_channels: int, latent_stats: Path
 
     facts["path"] = str(path)
     if channels != latent_channels:
-        raise VAEError(f"--vae {path} decodes {channels}-channel latents but the model samples {latent_channels} "
+        raise VAEError(f"`vae` {path} decodes {channels}-channel latents but the model samples {latent_channels} "
                        f"channels: pass the VAE the model was trained with")
     if kind == VAEKind.SD:
         identity["latent_scale"] = SD_LATENT_SCALE

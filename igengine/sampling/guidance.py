@@ -1,4 +1,4 @@
-"""Internal Guidance and classifier-free guidance, in the official order (DESIGN.md section 4).
+"""Internal Guidance and classifier-free guidance, in the official order (docs/CONTRACTS.md, "Guidance").
 
 1. IG, on every row the network computed (conditional and unconditional alike):
        v = v_inter + w_ig (v_final - v_inter)

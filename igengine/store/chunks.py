@@ -9,7 +9,7 @@ A chunk is one file, ``<start:08d>-<last:08d>.npz`` (inclusive range), in the ru
     arr_0    uint8  [m, H, W, 3]   decoded pixels (runs that decode)
     labels   int64  [m]            class labels
     latents  float32 [m, C, h, w]  final latents (runs that keep latents)
-written to a hidden temporary name, fsynced and renamed (``outputs.atomic_writer``): a file under a
+written to a hidden temporary name, fsynced and renamed (``igengine.store.atomic``): a file under a
 chunk name is always complete. Completion is the presence of a valid chunk file; nothing else
 records it, so there is no second source of truth to get out of step.
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from igengine.npzstream import NpzFormatError, NpzWriter, member_header, scan_member
-from igengine.outputs import atomic_writer
+from igengine.store.npzstream import NpzFormatError, NpzWriter, member_header, scan_member
+from igengine.store.atomic import atomic_writer
 
 CHUNKS_DIR = "chunks"
 

@@ -2,7 +2,7 @@
 
 ``samples.npz`` (``arr_0`` uint8 [n, H, W, 3], ``labels`` int64 [n]: the ADM evaluator's format)
 and, when the run keeps latents, a ``.npy`` of float32 [n, C, h, w] are written member by member
-(``igengine.npzstream``): memory stays at a few pieces of ``npzstream.PIECE`` bytes whatever n is.
+(``igengine.store.npzstream``): memory stays at a few pieces of ``npzstream.PIECE`` bytes whatever n is.
 Both go to temporary names and are renamed when complete.
 
 Before anything is written, every chunk of the plan must be present with the expected members and
@@ -20,13 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from igengine.chunks import Chunk, ChunkPlan, ChunkSpec, ChunkStore, coalesce
-from igengine.npzstream import NpzFormatError, NpzWriter, copy_member, start_npy
-from igengine.outputs import MANIFEST, SAMPLES, OutputError, atomic_write_json, atomic_writer, read_manifest
-
-
-class PackError(OutputError):
-    """The chunks cannot be assembled (missing, malformed or corrupt); the message says which."""
+from igengine.store.chunks import Chunk, ChunkPlan, ChunkSpec, ChunkStore, coalesce
+from igengine.store.npzstream import NpzFormatError, NpzWriter, copy_member, start_npy
+from igengine.errors import PackError
+from igengine.store.atomic import atomic_write_json, atomic_writer
+from igengine.store.manifest import MANIFEST, SAMPLES, read_manifest
 
 
 @dataclass(frozen=True)
@@ -112,7 +110,7 @@ def pack(store: ChunkStore, plan: ChunkPlan, samples: Path | None, latents: Path
 def pack_folder(folder: Path, manifest: dict | None = None) -> dict:
     """Pack the chunked run in ``folder`` (its manifest says how) and write the final manifest.
 
-    The caller holds the folder's rank-0 lock (``launch.rank_lock``): no other process writes these
+    The caller holds the folder's rank-0 lock (``igengine.store.locks.rank_lock``): no other process writes these
     outputs, so temporary files found beside them are leftovers of a killed pack and are removed.
     Returns the updated manifest: ``complete`` [[0, n]], ``status`` "complete".
     """
@@ -143,12 +141,12 @@ def pack_folder(folder: Path, manifest: dict | None = None) -> dict:
 
 def pack_command(folder: Path) -> dict:
     """`igengine pack DIR`: take the folder's rank-0 lock (as a sampling run's rank 0 does), then pack."""
-    from igengine.launch import RankInfo, rank_lock
+    from igengine.store.locks import rank_lock
 
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
         raise PackError(f"{folder} has no {MANIFEST}: it is not the output folder of `igengine sample`")
-    with rank_lock(folder, RankInfo()):
+    with rank_lock(folder):
         return pack_folder(folder)
 
 

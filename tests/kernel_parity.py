@@ -1,7 +1,7 @@
-"""Parity harness: one fused launch (or Heun pair) against the reference step of ``PlanRunner``.
+"""Parity harness: one fused launch (or Heun pair) against the reference step of the sampling loop.
 
-The reference is not re-implemented here: ``PlanRunner.advance`` / ``PlanRunner.field`` run unchanged
-on a ``ReplayBackend`` that returns prepared network outputs and records the rows it was fed. The
+The reference is not re-implemented here: ``sampling.loop.reference_step`` / ``guided_field`` run
+unchanged on a ``ReplayBackend`` that returns prepared network outputs and records the rows it was fed. The
 tests (tests/test_kernels.py on the CPU twin, tests/test_kernels_gpu.py on CUDA) and the
 benchmarks drive both sides through this module.
 
@@ -21,15 +21,16 @@ import torch
 from igengine.config import Family, GuidanceConfig, ModelConfig, Precision, SamplerConfig, Solver
 from igengine.kernels.binding import fused_step
 from igengine.kernels.library import KernelLibrary
-from igengine.kernels.params import Phase, step_params
 from igengine.models.registry import preset
 from igengine.noise import sde_stream
-from igengine.sampler import PlanRunner
-from igengine.solvers import SDE_T_END, Evaluation, Step, StepKind
+from igengine.sampling.launches import Phase, step_params
+from igengine.sampling.loop import ModelFacts, guided_field, reference_step
+from igengine.sampling.plan import SDE_T_END, Evaluation, Step, StepKind, build_plan
+from igengine.sampling.randomness import NUMPY
 
 IG_SCALE = 1.4
 CFG_SCALE = 1.5
-# DESIGN.md section 9, kernels: |fused - reference| <= KERNEL_RTOL * max(1, |reference|) elementwise.
+# docs/CONTRACTS.md, tolerances, kernels: |fused - reference| <= KERNEL_RTOL * max(1, |reference|) elementwise.
 KERNEL_RTOL = 1e-6
 
 
@@ -161,16 +162,17 @@ def make_inputs(case: Case, device="cpu") -> Inputs:
 
 
 def reference(case: Case, inp: Inputs, device="cpu") -> dict[str, torch.Tensor]:
-    """PlanRunner's step: x_next, the next network input, and for Heun k1 and the corrector's input rows."""
+    """The reference loop's step: x_next, the next network input, and for Heun k1 and the corrector's input rows."""
     cfg = model_config(case)
     backend = ReplayBackend(cfg, inp.outputs, device)
-    runner = PlanRunner(backend, sampler_config(case))
-    x_next = runner.advance(inp.step, inp.x, inp.labels, case.seed, inp.indices)
+    plan = build_plan(case.family, sampler_config(case))
+    facts = ModelFacts.of(cfg)
+    x_next = reference_step(backend, plan, facts, inp.step, inp.x, inp.labels, case.seed, inp.indices, NUMPY)
     out = {"x_next": x_next.float(), "net_next": (torch.cat([x_next, x_next]) if case.dup_next else x_next).float()}
     if inp.step.kind == StepKind.HEUN:
         out["net_mid"] = backend.inputs[1][0]
         k1_backend = ReplayBackend(cfg, inp.outputs[:1], device)
-        out["k1"] = PlanRunner(k1_backend, sampler_config(case)).field(inp.x, inp.labels, inp.step.evals[0], drift=False)
+        out["k1"] = guided_field(k1_backend, plan, facts, inp.x, inp.labels, inp.step.evals[0], drift=False)
     return out
 
 

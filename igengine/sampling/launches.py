@@ -1,25 +1,27 @@
-"""Per-step scalars of the fused step, computed once per step on the host in float64.
+"""A plan as fused-kernel launches: the per-step scalars, computed once per run on the host in float64.
 
-Each float field of ``StepParams`` is the float64 value the reference code forms in Python, rounded
-to float32 by ctypes exactly as PyTorch rounds a Python scalar that multiplies a float32 tensor.
-So the kernel multiplies by the very float32 numbers the reference multiplies by:
+Each float field of ``StepParams`` (``igengine.kernels.abi``) is the float64 value the reference
+code forms in Python, rounded to float32 by ctypes exactly as PyTorch rounds a Python scalar that
+multiplies a float32 tensor. So the kernel multiplies by the very float32 numbers the reference
+multiplies by, taken from the same helpers:
 
     IG        SiT: v_i + w (v_f - v_i)           ig_w = w            (guidance.ig_combine)
               LightningDiT: v_f + (w-1)(v_f - v_i)  ig_w = w - 1.0
-    drift     ratio = (1 - t) / -1, var = t t - ratio 1.0 t, drift_t = 0.5 (2 t)  (solvers.sit_drift)
+    drift     updates.sit_score_coefficients(t)
     CFG       cfg_w = w_cfg                                        (guidance.cfg_combine)
-    update    dt, sqrt(|dt|), sqrt(2 t_cur)                        (solvers.sde_update, ...)
+    update    dt and updates.sde_noise_scales(step)
 """
 
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
 
 from igengine.config import Family, GuidanceConfig
 from igengine.kernels.abi import FamilyCode, Kind, StepParams
-from igengine.solvers import Evaluation, Plan, Step, StepKind
+from igengine.noise import check_seed
+from igengine.sampling.plan import Evaluation, Plan, Step, StepKind
+from igengine.sampling.updates import sde_noise_scales, sit_score_coefficients
 
 
 class Phase(str, enum.Enum):
@@ -45,13 +47,11 @@ def step_params(family: Family, guidance: GuidanceConfig, step: Step, *, phase: 
     """The scalars of one launch.
 
     family, guidance: the run's model family and guidance scales (the step's evaluations say which
-    guidance is active). step: a record of ``igengine.solvers.build_plan``. phase: see ``Phase``.
+    guidance is active). step: a record of ``igengine.sampling.plan.build_plan``. phase: see ``Phase``.
     dup_next: the next network evaluation is inside the CFG interval, so the launch writes the next
     network input twice (rows 0..N-1 and N..2N-1). seed: in [0, 2^64), used by SDE noise only.
     """
-    seed = int(seed)
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must lie in [0, 2^64), got {seed}")
+    seed = check_seed(seed)
     kind = _kind(step, phase)
     ev: Evaluation = step.evals[1] if kind == Kind.HEUN_CORRECT else step.evals[0]
     drift = kind in (Kind.SDE, Kind.SDE_LAST)
@@ -70,14 +70,14 @@ def step_params(family: Family, guidance: GuidanceConfig, step: Step, *, phase: 
     p.seed_hi = seed >> 32
     p.ig_w = guidance.ig_scale if Family(family) == Family.SIT else guidance.ig_scale - 1.0
     p.cfg_w = guidance.cfg_scale
-    t = float(ev.t)
-    ratio = (1.0 - t) / -1.0
-    p.score_ratio = ratio
-    p.score_var = t * t - ratio * 1.0 * t
-    p.drift_t = 0.5 * (2.0 * t)
+    score = sit_score_coefficients(float(ev.t))
+    p.score_ratio = score.ratio
+    p.score_var = score.var
+    p.drift_t = score.drift_t
     p.dt = float(step.dt)
-    p.sqrt_abs_dt = math.sqrt(abs(step.dt))
-    p.sqrt_diffusion = math.sqrt(step.diffusion) if kind == Kind.SDE else 0.0
+    sqrt_dt, sqrt_g2 = sde_noise_scales(step)
+    p.sqrt_abs_dt = sqrt_dt
+    p.sqrt_diffusion = sqrt_g2 if kind == Kind.SDE else 0.0
     return p
 
 
@@ -96,8 +96,9 @@ class StepLaunches:
     rows_next: int
 
 
-def plan_launches(plan: Plan, guidance: GuidanceConfig, seed: int) -> tuple[StepLaunches, ...]:
+def plan_launches(plan: Plan, seed: int) -> tuple[StepLaunches, ...]:
     """Every launch of a run, precomputed (no per-step Python decisions remain in the loop)."""
+    guidance = plan.guidance
     out = []
     steps = plan.steps
     for k, step in enumerate(steps):

@@ -1,9 +1,10 @@
-"""Time grids, step plans and the reference solver updates of both families (DESIGN.md section 3).
+"""Time grids and step plans of both families (docs/CONTRACTS.md, "Time conventions and solvers").
 
 A sampling run is a precomputed ``Plan``: a tuple of ``Step`` records holding every scalar a step
 needs (times, dt, which guidance is active at each network evaluation, the noise stream). The loop
-that executes a plan (``igengine.sampler``) therefore makes no decisions of its own, and a fused
-kernel or a captured CUDA graph can consume the same records.
+that executes a plan (``igengine.sampling.loop``, ``igengine.sampling.fused``) therefore makes no
+decisions of its own, and a fused kernel or a captured CUDA graph can consume the same records.
+The per-element maths of one step lives in ``igengine.sampling.updates``.
 
 SiT family (t = 1 noise, t = 0 data; official SiT/samplers.py, float64 state in ``reference``):
   * ``sde``: grid linspace(1, 0.04, N) then 0. Steps 0..N-2 are Euler-Maruyama with
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from igengine.config import SOLVERS_BY_FAMILY, Family, GuidanceConfig, SamplerConfig, Solver
+from igengine.errors import ConfigError
 from igengine.noise import sde_stream
 
 SDE_T_END = 0.04  # the last stochastic time of the official SiT SDE grid
@@ -44,7 +46,11 @@ class StepKind(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One network call: the time fed to the network and which guidance applies."""
+    """One network call: the time fed to the network and which guidance applies there.
+
+    ``t`` is in the family's own convention (SiT: 1 = noise; LightningDiT: 0 = noise). When ``cfg``
+    is set the call carries 2N rows (conditional, then unconditional); otherwise N.
+    """
 
     t: float
     ig: bool
@@ -53,6 +59,14 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Step:
+    """One solver step from ``t_cur`` to ``t_next``: x_next = x + dt * (field) [+ noise].
+
+    ``dt = t_next - t_cur`` keeps its sign: negative for SiT (time runs from 1, noise, down to 0,
+    data), positive for LightningDiT (0, noise, up to 1, data). ``evals`` are the step's network
+    calls (two for Heun: the predictor at t_cur, the corrector). ``noise_stream`` is the
+    noise-contract stream of an SDE step's Gaussian (None for deterministic steps).
+    """
+
     index: int
     kind: StepKind
     t_cur: float
@@ -69,17 +83,30 @@ class Step:
 
 @dataclass(frozen=True)
 class Plan:
+    """A whole run's steps, precomputed, with the guidance scales they apply.
+
+    Immutable and independent of batch, device and backend: the same plan drives the reference
+    loop, the fused loop and a captured graph.
+    """
+
     family: Family
     solver: Solver
+    guidance: GuidanceConfig
     steps: tuple[Step, ...]
 
     @property
     def nfe(self) -> int:
+        """Network evaluations per sample (a CFG evaluation counts once: it is one call of 2N rows)."""
         return sum(len(s.evals) for s in self.steps)
 
     @property
-    def t_start(self) -> float:
-        return self.steps[0].t_cur
+    def network_rows(self) -> int:
+        """Network rows per sample over the run (a CFG evaluation costs 2 rows, the others 1)."""
+        return sum(2 if ev.cfg else 1 for s in self.steps for ev in s.evals)
+
+    @property
+    def uses_cfg(self) -> bool:
+        return any(ev.cfg for s in self.steps for ev in s.evals)
 
 
 def shift_grid(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -95,15 +122,18 @@ def _lightning_active(t32: np.float32, interval: tuple[float, float], scale: flo
 
 
 def build_plan(family: Family, cfg: SamplerConfig) -> Plan:
-    """Precompute every step of a run. Raises ValueError if the solver does not fit the family."""
+    """Precompute every step of a run. Raises ConfigError if the solver does not fit the family."""
+    family = Family(family)
     if cfg.solver not in SOLVERS_BY_FAMILY[family]:
         allowed = ", ".join(s.value for s in SOLVERS_BY_FAMILY[family])
-        raise ValueError(f"solver {cfg.solver.value!r} is not a {family.value} solver (choose from {allowed})")
+        raise ConfigError(f"`solver` {cfg.solver.value!r} is not a {family.value} solver (choose from {allowed})")
+    if family == Family.SIT and cfg.timestep_shift not in (0, 0.0):
+        raise ConfigError("`timestep_shift` applies to LightningDiT models only")
     g = cfg.guidance
     n = cfg.steps
     if family == Family.SIT:
-        return Plan(family, cfg.solver, tuple(_sit_steps(cfg.solver, n, g)))
-    return Plan(family, cfg.solver, tuple(_lightning_steps(cfg.solver, n, cfg.timestep_shift, g)))
+        return Plan(family, cfg.solver, g, tuple(_sit_steps(cfg.solver, n, g)))
+    return Plan(family, cfg.solver, g, tuple(_lightning_steps(cfg.solver, n, cfg.timestep_shift, g)))
 
 
 def _sit_eval(t: float, g: GuidanceConfig) -> Evaluation:
@@ -166,44 +196,3 @@ def _lightning_steps(solver: Solver, n: int, shift: float, g: GuidanceConfig):
             evals = (first,)
             kind = StepKind.EULER
         yield Step(index=i, kind=kind, t_cur=float(t0), t_next=float(t1), dt=float(dt), evals=evals)
-
-
-# --------------------------------------------------------------------------------------------
-# Per-element maths of the reference path. Shapes: x, v, d, noise (N, C, H, W); t, dt scalars.
-# --------------------------------------------------------------------------------------------
-
-
-def sit_drift(v: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
-    """SDE drift of the SiT linear path: d = v - 0.5 g^2 score, g^2 = 2t.
-
-    score(v, x, t) = ((alpha/alpha') v - x) / var with alpha = 1 - t, alpha' = -1, sigma = t,
-    var = sigma^2 - (alpha/alpha') sigma' sigma = t. Evaluated in the official order of operations.
-    """
-    ratio = (1.0 - t) / -1.0
-    var = t * t - ratio * 1.0 * t
-    score = (ratio * v - x) / var
-    return v - 0.5 * (2.0 * t) * score
-
-
-def sde_update(x: torch.Tensor, d: torch.Tensor, step: Step, noise: torch.Tensor | None) -> torch.Tensor:
-    """x + d dt + sqrt(2 t) sqrt(|dt|) eps  (or the mean x + dt d on the last step)."""
-    if step.kind == StepKind.SDE_LAST:
-        return x + step.dt * d
-    deps = noise * float(np.sqrt(abs(step.dt)))
-    return x + d * step.dt + float(np.sqrt(step.diffusion)) * deps
-
-
-def euler_update(x: torch.Tensor, v: torch.Tensor, dt: float) -> torch.Tensor:
-    return x + dt * v
-
-
-def heun_predict(x: torch.Tensor, k1: torch.Tensor, step: Step, family: Family) -> torch.Tensor:
-    """Predictor of a Heun step (SiT: x + dt k1; torchdiffeq: x + dt k1 * 1.0, identical)."""
-    return x + step.dt * k1
-
-
-def heun_correct(x: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, step: Step, family: Family) -> torch.Tensor:
-    """Corrector of a Heun step, in each family's order of operations."""
-    if family == Family.SIT:
-        return x + step.dt * (0.5 * k1 + 0.5 * k2)
-    return x + step.dt * (k1 * 0.5 + k2 * 0.5)

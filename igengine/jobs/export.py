@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from igengine.checkpoint import load_checkpoint
+from igengine.models.checkpoint import load_checkpoint
 from igengine.export.config import DEFAULT_MAX_BATCH, DEFAULT_OPSET, ExportConfig, ExportFormat
 from igengine.export.contract import import_onnx
-from igengine.export.errors import ExportError
+from igengine.errors import ExportError
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def run_export(job: ExportJob) -> dict[str, Any]:
     try:
         fmt = ExportFormat(job.format)
     except ValueError:
-        raise ExportError(f"unknown --format {job.format!r}; choose from {', '.join(f.value for f in ExportFormat)}") from None
+        raise ExportError(f"unknown `format` {job.format!r}; choose from {', '.join(f.value for f in ExportFormat)}") from None
     config = ExportConfig(precision=job.precision, opset=job.opset, max_batch=job.max_batch)
     if fmt == ExportFormat.TENSORRT:
         from igengine.export.tensorrt import import_tensorrt, require_gpu

@@ -1,7 +1,7 @@
 """Bulk sampling: compute this rank's chunks (resuming), then, on rank 0, wait for the rest and pack.
 
-Data flows one way: sampler (``PlanRunner``) -> decoder (``igengine.vae``) -> uint8 pixels
-(``igengine.pixels``) -> chunk files (``igengine.chunks``) -> ``samples.npz`` (``igengine.pack``).
+Data flows one way: sampler (``igengine.sampling.Sampler``) -> decoder (``igengine.vae``) -> uint8 pixels
+(``igengine.vae.pixels``) -> chunk files (``igengine.store.chunks``) -> ``samples.npz`` (``igengine.store.pack``).
 
 Per rank:
   1. For each chunk of its block (``ChunkPlan.for_rank``): a chunk file that passes the full check
@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from igengine.chunks import Chunk, ChunkPlan, ChunkStore, coalesce
 from igengine.config import Family
-from igengine.launch import RankInfo
-from igengine.outputs import OutputError, atomic_write_bytes, png_bytes
-from igengine.pixels import to_uint8
-from igengine.sampler import PlanRunner
+from igengine.errors import OutputError
+from igengine.jobs.launch import RankInfo
+from igengine.sampling import Sampler
+from igengine.store.atomic import atomic_write_bytes, png_bytes
+from igengine.store.chunks import Chunk, ChunkPlan, ChunkStore, coalesce
 from igengine.vae import LatentDecoder
+from igengine.vae.pixels import to_uint8
 
 WAIT_LOG_EVERY_S = 60.0
 
@@ -61,14 +62,14 @@ class SampleMaker:
     is set: through ``decoder`` for latent models, directly for pixel-space models.
     """
 
-    def __init__(self, runner: PlanRunner, seed: int, labels: torch.Tensor, device: torch.device,
-                 decoder: LatentDecoder | None, family: Family, pixels: bool):
-        self.runner, self.seed, self.labels, self.device = runner, seed, labels, device
+    def __init__(self, sampler: Sampler, seed: int, labels: torch.Tensor, decoder: LatentDecoder | None,
+                 family: Family, pixels: bool):
+        self.sampler, self.seed, self.labels = sampler, seed, labels
         self.decoder, self.family, self.pixels = decoder, family, pixels
 
     def __call__(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         idx = torch.from_numpy(indices)
-        x = self.runner.run(self.seed, idx, self.labels[idx], device=self.device)  # (m, C, h, w) float32
+        x = self.sampler(self.seed, idx, self.labels[idx])  # (m, C, h, w) float32
         pixels = None
         if self.pixels:
             images = self.decoder.decode(x) if self.decoder is not None else x

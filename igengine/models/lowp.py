@@ -12,13 +12,7 @@ from __future__ import annotations
 import torch
 
 from igengine.config import Precision
-
-NETWORK_DTYPE = {
-    Precision.REFERENCE: torch.float32,
-    Precision.FP32: torch.float32,
-    Precision.BF16: torch.bfloat16,
-    Precision.FP16: torch.float16,
-}
+from igengine.precision import NETWORK_DTYPE
 
 
 def apply_precision(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:

@@ -2,7 +2,7 @@
 
 The CLI (``igengine.cli``) only parses flags into a ``SampleJob`` and calls ``run_sample``, which
 resolves the model, sampler, labels, VAE and device, checks the output folder, takes this rank's
-lock and hands over to ``igengine.bulk`` (chunks, resume, rank 0's pack).
+lock and hands over to ``igengine.jobs.bulk`` (chunks, resume, rank 0's pack).
 
 Run identity (``run_key``, stored in the manifest): everything that changes a sample's numbers --
 checkpoint sha256, resolved model and sampler, seed, label source, backend, decoding and the VAE
@@ -14,6 +14,7 @@ it either: they do not change which sample an index gets.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -26,31 +27,29 @@ import numpy as np
 import torch
 
 import igengine
-from igengine.backends import create_backend
-from igengine.bulk import BulkSampler, Progress, SampleMaker
-from igengine.checkpoint import LoadedCheckpoint, load_checkpoint
-from igengine.chunks import CHUNKS_DIR
-from igengine.config import Family, GuidanceConfig, ModelConfig, Precision, SamplerConfig, Solver
-from igengine.launch import RankInfo, rank_lock
-from igengine.models import paper_sampler
-from igengine.noise import balanced_labels, random_labels
-from igengine.outputs import MANIFEST, SAMPLES, atomic_write_json, igengine_commit, prepare_output_folder
-from igengine.pack import BulkLayout, pack_folder
-from igengine.pixels import PIXEL_CONVERSION
-from igengine.kernels.runner import FusedPlanRunner
-from igengine.solvers import build_plan
+from igengine.backends import BackendName
+from igengine.config import Family, ModelConfig, Precision, SamplerConfig, SamplerSettings, Solver
+from igengine.errors import ConfigError, JobError
+from igengine.jobs.backend import build_backend, sampler_for
+from igengine.jobs.bulk import BulkSampler, Progress, SampleMaker
+from igengine.jobs.launch import RankInfo
+from igengine.models.checkpoint import LoadedCheckpoint, load_checkpoint
+from igengine.noise import balanced_labels, check_seed, random_labels
+from igengine.sampling import ModelFacts, Sampler, build_plan, resolve_sampler
+from igengine.store.atomic import atomic_write_json
+from igengine.store.chunks import CHUNKS_DIR
+from igengine.store.locks import rank_lock
+from igengine.store.manifest import MANIFEST, SAMPLES, igengine_commit, prepare_output_folder
+from igengine.store.pack import BulkLayout, pack_folder
 from igengine.vae import LatentDecoder, VAEKind, load_vae, resolve_kind
+from igengine.vae.pixels import PIXEL_CONVERSION
 
 DEFAULT_CHECKPOINT = Path(igengine.__file__).resolve().parent / "assets" / "sit_digits.safetensors"
 
 
-class JobError(ValueError):
-    """A sampling request that cannot be run as given (bad flag values, missing VAE, ...)."""
-
-
 @dataclass(frozen=True)
 class SampleJob:
-    """Everything `igengine sample` was asked for. None means: the model's default."""
+    """Everything `igengine sample` was asked for. None means: the model's (or checkpoint's) default."""
 
     out: Path
     n: int = 16
@@ -61,16 +60,16 @@ class SampleJob:
     encoder_depth: int | None = None
     num_heads: int | None = None
     labels: str = "random"  # 'random', 'balanced' or a file path
-    solver: str | None = None
+    solver: Solver | None = None
     steps: int | None = None
     cfg_scale: float | None = None
     cfg_interval: tuple[float, float] | None = None
     ig_scale: float | None = None
     ig_interval: tuple[float, float] | None = None
     timestep_shift: float | None = None
-    precision: str = "reference"
+    precision: Precision = Precision.REFERENCE
     device: str = "auto"
-    backend: str = "torch"
+    backend: BackendName = BackendName.TORCH
     onnx: Path | None = None  # exported graph (file or folder) for onnxruntime/tensorrt; None: the export cache
     png: bool = False
     save_latents: Path | None = None
@@ -83,35 +82,36 @@ class SampleJob:
     chunk_size: int = 1000  # samples per chunk file: the unit of output and of resume
 
     def validate(self) -> None:
-        if self.n < 1:
-            raise JobError(f"--n must be >= 1, got {self.n}")
-        if self.batch_size < 1:
-            raise JobError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.chunk_size < 1:
-            raise JobError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+        """The checks that need no file: counts, the seed, the output names. Sampler settings are
+        checked where they are built (``igengine.config``)."""
+        for name in ("n", "batch_size", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise JobError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.vae_kind not in ("auto", *(k.value for k in VAEKind)):
-            raise JobError(f"unknown --vae-kind {self.vae_kind!r}; choose auto, sd or vavae")
-        if not 0 <= self.seed < 2**64:
-            raise JobError(f"--seed must lie in [0, 2^64), got {self.seed}")
-        if self.steps is not None and self.steps < 1:
-            raise JobError(f"--steps must be >= 1, got {self.steps}")
-        for name in ("cfg_scale", "ig_scale", "timestep_shift"):
-            v = getattr(self, name)
-            if v is not None and not (v >= 0 and np.isfinite(v)):
-                raise JobError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-        for name in ("cfg_interval", "ig_interval"):
-            iv = getattr(self, name)
-            if iv is not None and not (0.0 <= iv[0] <= iv[1] <= 1.0):
-                raise JobError(f"--{name.replace('_', '-')} must be LOW,HIGH with 0 <= LOW <= HIGH <= 1, got {iv[0]},{iv[1]}")
+            raise JobError(f"unknown `vae_kind` {self.vae_kind!r}; choose auto, sd or vavae")
+        try:
+            check_seed(self.seed)
+        except ValueError as e:
+            raise JobError(str(e)) from None
         if self.save_latents is not None and Path(self.save_latents).suffix != ".npy":
-            raise JobError(f"--save-latents must name a .npy file, got {self.save_latents}")
+            raise JobError(f"`save_latents` must name a .npy file, got {self.save_latents}")
+        if self.png and self.no_decode:
+            raise JobError("`png` needs decoded pixels but `no_decode` was given: drop one of them")
+        if self.onnx is not None and not BackendName(self.backend).needs_graph:
+            raise JobError("`onnx` only applies to the onnxruntime and tensorrt backends")
+
+    @property
+    def settings(self) -> SamplerSettings:
+        """The sampler settings the job gives explicitly."""
+        return SamplerSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerSettings)})
 
 
-def parse_interval(text: str, flag: str) -> tuple[float, float]:
+def parse_interval(text: str, name: str) -> tuple[float, float]:
+    """``"LOW,HIGH"`` -> (LOW, HIGH); JobError naming the argument ``name`` otherwise."""
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        raise JobError(f"{flag} must be LOW,HIGH (two numbers), got {text!r}") from None
+        raise JobError(f"`{name}` must be LOW,HIGH (two numbers), got {text!r}") from None
     return lo, hi
 
 
@@ -120,45 +120,13 @@ def parse_interval(text: str, flag: str) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_sampler(job: SampleJob, loaded: LoadedCheckpoint) -> SamplerConfig:
+def resolve_sampler_config(job: SampleJob, loaded: LoadedCheckpoint) -> SamplerConfig:
     """The job's explicit values over the checkpoint's recommended settings over the paper's."""
     family = loaded.config.family
-    base = paper_sampler(family)
-    d: dict[str, Any] = {
-        "solver": base.solver.value,
-        "steps": base.steps,
-        "cfg_scale": base.guidance.cfg_scale,
-        "cfg_interval": base.guidance.cfg_interval,
-        "ig_scale": base.guidance.ig_scale,
-        "ig_interval": base.guidance.ig_interval,
-        "timestep_shift": base.timestep_shift,
-    }
-    d.update(loaded.sampler_defaults or {})
-    for key in d:
-        value = getattr(job, key)
-        if value is not None:
-            d[key] = value
     try:
-        solver = Solver(d["solver"])
-    except ValueError:
-        raise JobError(f"unknown --solver {d['solver']!r}; choose from {', '.join(s.value for s in Solver)}") from None
-    if family == Family.SIT and job.timestep_shift not in (None, 0.0):
-        raise JobError("--timestep-shift applies to LightningDiT models only")
-    try:
-        sampler = SamplerConfig(
-            solver=solver,
-            steps=int(d["steps"]),
-            guidance=GuidanceConfig(
-                ig_scale=float(d["ig_scale"]),
-                ig_interval=tuple(map(float, d["ig_interval"])),
-                cfg_scale=float(d["cfg_scale"]),
-                cfg_interval=tuple(map(float, d["cfg_interval"])),
-            ),
-            timestep_shift=float(d["timestep_shift"]),
-            precision=Precision(job.precision),
-        )
+        sampler = resolve_sampler(family, job.precision, loaded.sampler_settings, job.settings)
         build_plan(family, sampler)  # the solver must belong to the family
-    except ValueError as e:
+    except ConfigError as e:
         raise JobError(str(e)) from None
     return sampler
 
@@ -180,7 +148,7 @@ def load_label_file(path: Path, n: int, num_classes: int) -> np.ndarray:
         raise JobError(f"labels file {path} holds non-integer class ids")
     values = values.astype(np.int64)
     if values.size != n:
-        raise JobError(f"labels file {path} has {values.size} class ids but --n is {n}")
+        raise JobError(f"labels file {path} has {values.size} class ids but `n` is {n}")
     bad = values[(values < 0) | (values >= num_classes)]
     if bad.size:
         raise JobError(f"labels file {path}: class id {int(bad[0])} is outside [0, {num_classes}) for this model")
@@ -206,9 +174,9 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise JobError(f"unknown --device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+        raise JobError(f"unknown `device` {device!r} (use auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise JobError("--device cuda was asked for but no CUDA GPU is available")
+        raise JobError("`device` cuda was asked for but no CUDA GPU is available")
     if dev.type == "cuda" and dev.index is None:
         if local_rank >= torch.cuda.device_count():
             raise JobError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible")
@@ -220,24 +188,24 @@ FAMILY_VAE = {Family.SIT: VAEKind.SD, Family.LIGHTNINGDIT: VAEKind.VAVAE}
 
 
 def resolve_decoder(job: SampleJob, cfg: ModelConfig) -> LatentDecoder | None:
-    """The VAE decoder of a latent model (None for pixel-space models and --no-decode runs)."""
+    """The VAE decoder of a latent model (None for pixel-space models and runs without decoding)."""
     if cfg.pixel_space or job.no_decode:
         if job.vae is not None or job.latent_stats is not None:
-            why = "--no-decode was given" if job.no_decode else f"{cfg.name} samples pixels"
-            raise JobError(f"--vae / --latent-stats were given but {why}: drop them")
+            why = "`no_decode` was given" if job.no_decode else f"{cfg.name} samples pixels"
+            raise JobError(f"`vae` / `latent_stats` were given but {why}: drop them")
         return None
     if job.vae is None:
-        hint = "sd-vae-ft-ema folder or file" if cfg.family == Family.SIT else "VA-VAE f16d32 checkpoint and --latent-stats latents_stats.pt"
+        hint = "sd-vae-ft-ema folder or file" if cfg.family == Family.SIT else "VA-VAE f16d32 checkpoint and `latent_stats` latents_stats.pt"
         raise JobError(
-            f"{cfg.name} samples VAE latents ({cfg.in_channels}x{cfg.input_size}x{cfg.input_size}): pass --vae PATH "
-            f"(the {hint}) to decode them, or --no-decode to write latents only"
+            f"{cfg.name} samples VAE latents ({cfg.in_channels}x{cfg.input_size}x{cfg.input_size}): pass `vae` PATH "
+            f"(the {hint}) to decode them, or `no_decode` to write latents only"
         )
     kind = resolve_kind(job.vae_kind, FAMILY_VAE[cfg.family])
     return load_vae(Path(job.vae), kind, cfg.in_channels, job.latent_stats, job.latent_multiplier)
 
 
 def make_backend(job: SampleJob, loaded: LoadedCheckpoint, device: torch.device):
-    return create_backend(job.backend, loaded, Precision(job.precision), device, onnx_path=job.onnx)
+    return build_backend(job.backend, loaded, job.precision, device, onnx=job.onnx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,9 +243,11 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
     overrides = {"encoder_depth": job.encoder_depth, "num_heads": job.num_heads}
     loaded = load_checkpoint(ckpt_path, model_name=job.model, overrides=overrides)
     cfg = loaded.config
-    sampler_cfg = resolve_sampler(job, loaded)
-    if sampler_cfg.guidance.uses_cfg and not cfg.has_null_class:
-        raise JobError(f"{cfg.name} has no null-class row (trained without label dropout): use --cfg-scale 1")
+    sampler_cfg = resolve_sampler_config(job, loaded)
+    try:
+        ModelFacts.of(cfg).check_plan(build_plan(cfg.family, sampler_cfg))
+    except ConfigError as e:
+        raise JobError(f"{cfg.name}: {e}") from None
     labels, label_info = resolve_labels(job, cfg.num_classes)
     decode = not job.no_decode
     decoder = resolve_decoder(job, cfg)
@@ -288,7 +258,7 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
         "sampler": sampler_cfg.to_dict(),
         "seed": job.seed,
         "labels": label_info,
-        "backend": job.backend,
+        "backend": BackendName(job.backend).value,
         "decode": decode,
         "vae": decoder.identity if decoder is not None else None,
         "chunk_size": job.chunk_size,
@@ -306,7 +276,7 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
         pixels=(cfg.input_size * factor, cfg.input_size * factor, 3) if decode else None,
         latents=cfg.latent_shape if keep_latents else None, latents_path=latents_path,
     )
-    with rank_lock(out, rank) as lock_note:
+    with rank_lock(out, rank.rank, rank.world_size) as lock_note:
         store = layout.store(out)
         store.folder.mkdir(parents=True, exist_ok=True)
         if rank.is_main and job.overwrite:  # chunks of other configurations can never be reused
@@ -319,14 +289,14 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
             png_dir.mkdir(exist_ok=True)
         backend = make_backend(job, loaded, device)
         # Fused guidance + update kernels for fp32/bf16/fp16 when a library is built; else the reference loop.
-        runner = FusedPlanRunner(backend, sampler_cfg)
+        sampler = sampler_for(backend, sampler_cfg, device=device)
         if decoder is not None:
             decoder.to(device)
-        manifest = _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, runner, backend, run_key, label_info, labels,
+        manifest = _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, sampler, backend, run_key, label_info, labels,
                              decoder, layout, rank, png_dir is not None)
         if rank.is_main:
             atomic_write_json(out / MANIFEST, manifest)
-        make = SampleMaker(runner, job.seed, labels, device, decoder, cfg.family, pixels=decode)
+        make = SampleMaker(sampler, job.seed, labels, decoder, cfg.family, pixels=decode)
         bulk = BulkSampler(store, layout.plan, rank, labels.numpy(), make, job.batch_size, keep_latents, png_dir,
                            progress, started=started)
         t0 = time.perf_counter()
@@ -346,7 +316,7 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
     return RunResult(manifest, out, wall, rate, notes, report.computed, report.reused, rank)
 
 
-def _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, runner, backend, run_key, label_info, labels, decoder,
+def _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, sampler, backend, run_key, label_info, labels, decoder,
               layout: BulkLayout, rank: RankInfo, png: bool) -> dict:
     outputs: dict[str, Any] = {"chunks": layout.chunks_dir + "/"}
     if layout.pixels is not None:
@@ -365,13 +335,13 @@ def _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, runner, backend, run_key
         "checkpoint": {"path": str(ckpt_path), "sha256": loaded.sha256, "weights": loaded.weights,
                        "resolution_notes": loaded.notes},
         "model": cfg.to_dict(),
-        "sampler": {**sampler_cfg.to_dict(), "nfe_per_sample": runner.plan.nfe,
+        "sampler": {**sampler_cfg.to_dict(), "nfe_per_sample": sampler.plan.nfe,
                     "time_convention": "t=1 noise, t=0 data" if cfg.family == Family.SIT else "t=0 noise, t=1 data"},
         "seed": job.seed,
         "labels": label_info,
         "n": job.n,
         "precision": sampler_cfg.precision.value,
-        "backend": {**backend.describe(), "step": runner.path(backend.device)},
+        "backend": {**backend.describe(), "step": sampler.path, "noise_generator": sampler.generator},
         "vae": decoder.describe() if decoder is not None else None,
         "batch_size": job.batch_size,
         "world_size": rank.world_size,

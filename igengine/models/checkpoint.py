@@ -1,12 +1,8 @@
-"""Safe checkpoint loading and model-config resolution.
+"""IG DiT checkpoints: model-config resolution and loading (the files are read by ``igengine.safeload``).
 
-Formats
-  * ``.pt`` / ``.pth``: a bare state dict, or the official training dict ``{'model', 'ema', 'opt',
-    'args' (argparse.Namespace) | 'config' (dict), 'steps', ...}``; ``'ema'`` is preferred over
-    ``'model'``. Loaded with ``torch.load(weights_only=True)`` and ``argparse.Namespace`` as the only
-    extra safe global: a pickle that would construct anything else (i.e. could run code) is refused.
-  * ``.safetensors``: tensors plus optional igengine metadata (``igengine.model_config`` JSON, and
-    ``igengine.sampler_defaults`` for checkpoints that recommend their own sampler settings).
+Formats: the official training dict or a bare state dict (``.pt`` / ``.pth``), or ``.safetensors``
+with optional igengine metadata (``igengine.model_config`` JSON, and ``igengine.sampler_defaults``
+for checkpoints that recommend their own sampler settings, validated by ``SamplerSettings``).
 
 Config resolution, per field, in this order: explicit overrides (CLI flags) > the checkpoint's own
 record (``args`` of SiT's train.py, ``config`` of LightningDiT's train.py, igengine metadata) >
@@ -17,27 +13,22 @@ checkpoint or a named model (whose official default is stated in the notes), nev
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from igengine.config import Family, ModelConfig
-from igengine.models import IGDiT, MODEL_NAMES, family_of, preset
+from igengine.config import Family, ModelConfig, SamplerSettings
+from igengine.errors import CheckpointError
+from igengine.models.dit import IGDiT
+from igengine.models.registry import MODEL_NAMES, family_of, preset
+from igengine.safeload import check_state_dict, file_sha256, read_checkpoint
 
 META_CONFIG = "igengine.model_config"
 META_SAMPLER = "igengine.sampler_defaults"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and what is wrong."""
 
 
 @dataclass
@@ -51,117 +42,18 @@ class LoadedCheckpoint:
     _sha256: str | None = None
 
     @property
+    def sampler_settings(self) -> SamplerSettings | None:
+        """The checkpoint's recommended sampler settings (``igengine.sampler_defaults``), validated:
+        an unknown key or a bad value is a ConfigError naming the file."""
+        if self.sampler_defaults is None:
+            return None
+        return SamplerSettings.from_dict(self.sampler_defaults, f"{self.path} (metadata {META_SAMPLER})")
+
+    @property
     def sha256(self) -> str:
         if self._sha256 is None:
             self._sha256 = file_sha256(self.path)
         return self._sha256
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading files
-# ----------------------------------------------------------------------------------------------
-
-
-def _read_torch(path: Path) -> Any:
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if not _is_zip(path) and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle stream
-        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (neither zip nor pickle)")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):  # not a refusal by the safe unpickler: a damaged file
-            raise CheckpointError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0]}") from None
-        culprit = _unsafe_global(str(e))
-        raise CheckpointError(
-            f"refusing to load {path}: unpickling it would construct {culprit}, which could run code; "
-            "only tensors, plain containers and argparse.Namespace are accepted (convert it to safetensors "
-            "or re-save its state dict)"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
-
-
-def _is_zip(path: Path) -> bool:
-    try:
-        return zipfile.is_zipfile(path)
-    except OSError:
-        return False
-
-
-def _unsafe_global(message: str) -> str:
-    m = re.search(r"GLOBAL ([\w.]+)", message)
-    if m:
-        return m.group(1)
-    return "objects through pickle instructions the safe loader does not allow"
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        return load_file(str(path)), meta
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any], dict[str, str]]:
-    """(state dict, weights entry, training record as a dict, safetensors metadata)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint is not a file: {path}")
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as e:
-        raise CheckpointError(f"cannot open checkpoint {path}: {e.strerror}") from None
-
-    if path.suffix == ".safetensors":
-        state, meta = _read_safetensors(path)
-        return state, "safetensors", {}, meta
-
-    obj = _read_torch(path)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or a training checkpoint")
-    record: dict[str, Any] = {}
-    if isinstance(obj.get("args"), argparse.Namespace):
-        record = {"source": "args", **vars(obj["args"])}
-    elif isinstance(obj.get("config"), dict):
-        record = {"source": "config", **obj["config"]}
-    for entry in ("ema", "model", "state_dict"):
-        if isinstance(obj.get(entry), dict):
-            return _strip_prefixes(obj[entry]), entry, record, {}
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return _strip_prefixes(obj), "state_dict", record, {}
-    raise CheckpointError(
-        f"{path} has no 'ema', 'model' or 'state_dict' entry and is not a bare state dict "
-        f"(top-level keys: {sorted(map(str, obj))[:8]})"
-    )
-
-
-def _strip_prefixes(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix) :]
-        out[k] = v
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,10 +166,10 @@ def resolve_config(
     name = model_name or rec_name or stored.get("name")
     if name is None:
         raise CheckpointError(
-            f"{path} records no model name: pass --model (one of {', '.join(MODEL_NAMES)}) so that the family, "
+            f"{path} records no model name: pass `model` (one of {', '.join(MODEL_NAMES)}) so that the family, "
             "num_heads and encoder_depth are known rather than guessed"
         )
-    name_src = "--model" if model_name else (source_of_record if rec_name else "checkpoint metadata")
+    name_src = "the model name given" if model_name else (source_of_record if rec_name else "checkpoint metadata")
 
     if stored:
         base = ModelConfig.from_dict(stored)
@@ -347,7 +239,7 @@ def resolve_config(
             if key == "encoder_depth":
                 notes.append(
                     f"encoder_depth {fields[key]} is the official default of {base.name}: the checkpoint records none "
-                    f"(SiT's train.py has no --encoder-depth flag); pass --encoder-depth if the model was trained otherwise"
+                    f"(SiT's train.py has no --encoder-depth flag); pass `encoder_depth` if the model was trained otherwise"
                 )
         fields[f"{key}_source"] = src
 
@@ -374,32 +266,13 @@ def _preset_or_error(name: str, path: Path) -> ModelConfig:
 
 def _family_mismatch(family: Family, facts: ShapeFacts) -> str:
     if family == Family.SIT and (facts.use_swiglu or facts.use_rope or facts.use_rmsnorm or facts.wo_shift):
-        return "it has LightningDiT layers (SwiGLU / RoPE / RMSNorm / no-shift adaLN); pass a LightningDiT --model"
+        return "it has LightningDiT layers (SwiGLU / RoPE / RMSNorm / no-shift adaLN); pass a LightningDiT `model`"
     return ""
 
 
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
-
-
-def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Raise CheckpointError naming missing, unexpected and mis-shaped keys."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = sorted(
-        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-        for k in set(expected) & set(state)
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or misshaped:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if keys:
-                shown = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
-                parts.append(f"{len(keys)} {label} keys: {shown}")
-        raise CheckpointError(f"{what}: " + "; ".join(parts))
 
 
 def load_checkpoint(

@@ -1,0 +1,102 @@
+"""Every error igengine reports to a user, in one place, with the exit status the CLI gives it.
+
+Two kinds:
+  * ``InputError`` (a ValueError, exit status 2): the request or an input file is wrong; the
+    message names the argument or the file and what would fix it.
+  * ``RunError`` (a RuntimeError, exit status 1): a run could not be completed (disk full, NaN in
+    the state, a missing runtime); work already written stays valid.
+
+Library messages name arguments as `name` in backquotes (e.g. "`cfg_scale` must be ..."); only
+``igengine.cli`` turns those names into its flags ("--cfg-scale").
+"""
+
+from __future__ import annotations
+
+
+class IgengineError(Exception):
+    """Base class of the errors igengine reports as one line (``exit_code`` is the CLI's status)."""
+
+    exit_code = 1
+
+
+class InputError(IgengineError, ValueError):
+    """A request or an input that cannot be used as given."""
+
+    exit_code = 2
+
+
+class RunError(IgengineError, RuntimeError):
+    """A run that could not be completed."""
+
+    exit_code = 1
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+
+class ConfigError(InputError):
+    """Settings that contradict each other or the model (unknown keys, a solver of another family, ...)."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+class VAEError(CheckpointError):
+    """A VAE or latent-statistics file that cannot be used; the message names the file and the fix."""
+
+
+class JobError(InputError):
+    """A job (sample, export, bench) that cannot be run as given."""
+
+
+class ExportError(InputError):
+    """An export request that cannot be carried out as given (bad value, unusable output folder, ...)."""
+
+
+class GraphMismatchError(ExportError):
+    """An exported graph or engine was made for another checkpoint, model config, precision or device."""
+
+
+class PrecisionMismatchError(ConfigError):
+    """A network built for one precision driven by a sampler of another."""
+
+
+class BackendError(IgengineError, RuntimeError):
+    """A backend cannot be built or called as asked (unknown name, batch above its maximum, ...)."""
+
+    exit_code = 2
+
+
+class BackendUnavailable(BackendError):
+    """A backend's runtime (ONNX Runtime, TensorRT, a CUDA GPU) is missing here; the message says what to install."""
+
+    exit_code = 1
+
+
+# -- runs ---------------------------------------------------------------------------------------
+
+
+class OutputError(RunError):
+    """The output folder cannot be used or written; the message says why and what to do."""
+
+
+class PackError(OutputError):
+    """The chunks cannot be assembled (missing, malformed or corrupt); the message says which."""
+
+
+class NonFiniteError(RunError):
+    """NaN or Inf appeared in the sampler state; names the first bad step and the sample indices."""
+
+    def __init__(self, step: int, indices: list[int]):
+        self.step = step
+        self.indices = indices
+        shown = ", ".join(map(str, indices[:20])) + (" ..." if len(indices) > 20 else "")
+        super().__init__(f"NaN/Inf in the latents at solver step {step} for sample indices [{shown}]")
+
+
+__all__ = [
+    "BackendError", "BackendUnavailable", "CheckpointError", "ConfigError", "ExportError", "GraphMismatchError",
+    "IgengineError", "InputError", "JobError", "NonFiniteError", "OutputError", "PackError",
+    "PrecisionMismatchError", "RunError", "VAEError",
+]

@@ -1,0 +1,9 @@
+"""Jobs: what the CLI calls. Each resolves a request into configs, builds the pipeline and runs it.
+
+  sample  `igengine sample` (settings resolution, backend, sampler, decoder, writers)
+  bulk    chunked, resumable, torchrun-sharded execution of a sample job
+  launch  where this process sits in a torchrun launch
+  export  `igengine export`
+
+May import every layer below it (models, backends, export, sampling, vae, store); only igengine.cli imports it.
+"""

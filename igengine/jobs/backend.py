@@ -1,0 +1,73 @@
+"""Building a backend with what it runs: the exported graph (found, or exported into the cache) and engine.
+
+The backend factory (``igengine.backends.create_backend``) only constructs backends; finding or making
+their artifacts is export work, done here, by the jobs that need a backend (sample, bench). Runtimes
+are checked first, so a missing one fails at once, before anything is exported or built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from igengine.backends import Artifacts, BackendName, create_backend, network
+from igengine.backends.factory import backend_name
+from igengine.config import Precision, SamplerConfig
+from igengine.models.checkpoint import LoadedCheckpoint
+from igengine.sampling import ModelFacts, Sampler, build_plan
+from igengine.sampling.randomness import Randomness
+
+
+def graph_artifacts(name: str | BackendName, loaded: LoadedCheckpoint, precision: Precision | str,
+                    device: str | torch.device, onnx: str | Path | None = None,
+                    max_batch: int | None = None, cache_root: Path | None = None) -> Artifacts | None:
+    """The graph (and TensorRT engine) backend ``name`` runs for ``loaded`` at ``precision``; None for torch.
+
+    onnx: a .onnx file or an `igengine export` folder (refused if made for another checkpoint,
+    architecture or precision); None: the export cache (exported on first use).
+    """
+    kind = backend_name(name)
+    if not kind.needs_graph:
+        return None
+    from igengine.export.cache import locate_graph
+
+    if kind == BackendName.ONNXRUNTIME:
+        from igengine.backends.onnxruntime_backend import import_onnxruntime
+
+        import_onnxruntime()
+        return Artifacts(*locate_graph(loaded, precision, onnx, cache_root))
+    from igengine.export.tensorrt import ensure_engine, import_tensorrt, require_gpu
+
+    import_tensorrt()
+    require_gpu(device)
+    graph, record = locate_graph(loaded, precision, onnx, cache_root)
+    engine, key = ensure_engine(graph, record, loaded.config.latent_shape, device, max_batch=max_batch,
+                                root=cache_root)
+    return Artifacts(graph, record, engine, key)
+
+
+def build_backend(name: str | BackendName, loaded: LoadedCheckpoint, precision: Precision | str,
+                  device: str | torch.device, onnx: str | Path | None = None, max_batch: int | None = None,
+                  cache_root: Path | None = None):
+    """The backend ``name`` for ``loaded`` at the run's ``precision`` on ``device``, with its artifacts."""
+    if onnx is not None and not backend_name(name).needs_graph:
+        from igengine.errors import BackendError
+
+        raise BackendError("`onnx` only applies to the onnxruntime and tensorrt backends")
+    artifacts = graph_artifacts(name, loaded, precision, device, onnx, max_batch, cache_root)
+    return create_backend(name, loaded, precision, device, artifacts=artifacts, max_batch=max_batch)
+
+
+def sampler_for(backend, sampler: SamplerConfig, kernels: str = "auto", randomness: Randomness | None = None,
+                device: str | torch.device | None = None) -> Sampler:
+    """The Sampler of a run on ``backend``: its network, the plan of ``sampler``, the model's facts, one precision.
+
+    ``backend`` is any backend (or a callable with ``config`` and ``device``, e.g. a test double).
+    """
+    net = network(backend) if hasattr(backend, "precision") else backend
+    return Sampler(net, build_plan(backend.config.family, sampler), ModelFacts.of(backend.config), sampler.precision,
+                   device if device is not None else backend.device, randomness, kernels)
+
+
+__all__ = ["build_backend", "graph_artifacts", "sampler_for"]

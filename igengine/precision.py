@@ -1,0 +1,94 @@
+"""One source of truth for a run's numerics: everything follows from (precision, family).
+
+A run's precision is chosen once (``Precision``); ``policy`` derives every consequence from it:
+
+| precision | network dtype | state and guidance dtype | fused kernels | TF32 (CUDA matmul, cuDNN) |
+|---|---|---|---|---|
+| reference | fp32 | SiT float64, LightningDiT float32 (the official numerics) | no | off |
+| fp32 | fp32 | float32 | yes | off |
+| bf16 / fp16 | attention and MLP matmuls in bf16/fp16, the rest fp32 | float32 | yes | off |
+
+Backends build their network from ``policy.network_dtype``; the sampler keeps its state in
+``policy.state_dtype`` and refuses a network built for another precision. Global flags (TF32) are
+set only inside ``numerics(policy)``, around the calls that need them, and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from igengine.config import Family, Precision
+from igengine.errors import PrecisionMismatchError
+
+NETWORK_DTYPE = {
+    Precision.REFERENCE: torch.float32,
+    Precision.FP32: torch.float32,
+    Precision.BF16: torch.bfloat16,
+    Precision.FP16: torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """What a precision means for one model family (see the module docstring)."""
+
+    precision: Precision
+    family: Family
+    network_dtype: torch.dtype
+    state_dtype: torch.dtype
+    fused_kernels: bool  # the fused guidance + update kernels may run (they keep float32 state)
+    allow_tf32: bool  # TF32 in CUDA matmuls and cuDNN convolutions
+
+    def describe(self) -> dict:
+        return {
+            "precision": self.precision.value,
+            "network_dtype": str(self.network_dtype).replace("torch.", ""),
+            "state_dtype": str(self.state_dtype).replace("torch.", ""),
+            "tf32": self.allow_tf32,
+        }
+
+
+def policy(precision: Precision | str, family: Family | str) -> PrecisionPolicy:
+    """The PrecisionPolicy of ``precision`` for ``family``."""
+    precision, family = Precision(precision), Family(family)
+    reference = precision == Precision.REFERENCE
+    return PrecisionPolicy(
+        precision=precision,
+        family=family,
+        network_dtype=NETWORK_DTYPE[precision],
+        state_dtype=torch.float64 if (reference and family == Family.SIT) else torch.float32,
+        fused_kernels=not reference,
+        allow_tf32=False,
+    )
+
+
+def check_network_precision(network_precision: Precision | str | None, run: PrecisionPolicy) -> None:
+    """Raise PrecisionMismatchError when a network declares another precision than the run's."""
+    if network_precision is None:
+        return
+    if Precision(network_precision) != run.precision:
+        raise PrecisionMismatchError(
+            f"the network was built for precision {Precision(network_precision).value!r} but the sampler runs "
+            f"{run.precision.value!r}: build both from the same `precision`"
+        )
+
+
+@contextlib.contextmanager
+def numerics(p: PrecisionPolicy) -> Iterator[None]:
+    """Set the process-global matmul flags the policy needs for the duration of the block, then restore them."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    cudnn = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = p.allow_tf32
+    torch.backends.cudnn.allow_tf32 = p.allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+__all__ = ["NETWORK_DTYPE", "PrecisionPolicy", "check_network_precision", "numerics", "policy"]

@@ -1,0 +1,76 @@
+"""Atomic writes: a file appears under its name complete, or not at all.
+
+Every file goes to a temporary name in the same folder, is flushed and fsynced, then renamed over
+its final name (atomic on POSIX) and the folder is fsynced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, tag: str = "") -> Iterator[BinaryIO]:
+    """A binary file object that becomes ``path`` only if the ``with`` block completes.
+
+    The data goes to a temporary name in the same folder (``.NAME.<tag><random>.tmp``), is flushed
+    and fsynced, then renamed over ``path`` (atomic on POSIX) and the folder is fsynced. On any
+    exception (disk full, kill by signal, ...) the temporary file is removed (a SIGKILL leaves it
+    behind under its hidden ``.tmp`` name, never under ``path``).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{tag}", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(data)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+

@@ -1,0 +1,124 @@
+"""The house rules of the package: every import goes down the data flow, and nothing imports in a circle.
+
+The layers (README, "Layout"), lowest first. A module may import its own package and any package of
+a lower rank; two packages of the same rank never import each other. Every import statement counts,
+also those inside functions (a lazy import is still a dependency).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "igengine"
+
+RANKS = {
+    # foundation: shared vocabulary, no knowledge of any stage
+    "errors": 0, "config": 0, "noise": 0, "precision": 0, "safeload": 0, "__init__": 0,
+    # independent stages
+    "store": 1, "models": 1, "kernels": 1, "vae": 1,
+    "export": 2, "sampling": 2, "metrics": 2,
+    "backends": 3,
+    # orchestration
+    "jobs": 4,
+    "bench": 5, "digits": 5,
+    "cli": 6,
+    "__main__": 7,
+}
+# Foundation modules may use each other only in this order (an import must go to the left).
+FOUNDATION_ORDER = ["errors", "config", "noise", "precision", "safeload", "__init__"]
+# Same-or-lower rank but still not allowed: the sampler never knows the model or how it is run.
+FORBIDDEN = {("sampling", "models"), ("sampling", "backends"), ("sampling", "export"), ("kernels", "sampling")}
+
+
+def _group(module: str) -> str:
+    """igengine.sampling.loop -> 'sampling'; igengine.config -> 'config'; igengine -> '__init__'."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT.parent).with_suffix("")
+        name = ".".join(rel.parts)
+        out[name.removesuffix(".__init__")] = path
+    return out
+
+
+def _imports(path: Path, top_level_only: bool = False) -> set[str]:
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "igengine"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] == "igengine":
+                found.add(node.module)
+                found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+MODULES = _modules()
+
+
+def _resolve(name: str) -> str | None:
+    """The igengine module an imported name lives in (``from a.b import c`` may name a module or an object)."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_go_down_the_layers(module):
+    if _group(module) not in RANKS:
+        pytest.fail(f"{module}: package {_group(module)!r} has no rank in tests/test_layers.py (add it)")
+    src = _group(module)
+    bad = []
+    for imported in sorted({m for n in _imports(MODULES[module]) if (m := _resolve(n))}):
+        dst = _group(imported)
+        if dst == src:
+            continue
+        if dst not in RANKS:
+            bad.append(f"{imported} (unranked)")
+        elif (src, dst) in FORBIDDEN:
+            bad.append(f"{imported} (forbidden: {src} never imports {dst})")
+        elif RANKS[dst] > RANKS[src] or (RANKS[dst] == RANKS[src] and not (
+                RANKS[src] == 0 and FOUNDATION_ORDER.index(dst) < FOUNDATION_ORDER.index(src))):
+            bad.append(f"{imported} ({dst}, rank {RANKS[dst]}, is not below {src}, rank {RANKS[src]})")
+    assert not bad, f"{module} imports upwards or sideways: {bad}"
+
+
+def test_no_import_cycles():
+    """Module-level imports form no cycle (a cycle makes import order matter and hides a layering error)."""
+    graph = {m: {r for n in _imports(p, top_level_only=True) if (r := _resolve(n)) and r != m}
+             for m, p in MODULES.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                cycle = stack[stack.index(n):] + [n]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_the_checker_sees_a_violation():
+    """The rules can fail: an upward import written into a sampling module is reported."""
+    src, dst = "sampling", "backends"
+    assert (src, dst) in FORBIDDEN and RANKS["backends"] > RANKS["sampling"]
+    imported = _imports(MODULES["igengine.jobs.sample"])
+    assert any(_group(_resolve(n) or "") == "backends" for n in imported)  # jobs do import backends
