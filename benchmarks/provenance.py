@@ -1,40 +1,5 @@
-"""Who/where/when of a benchmark result: recorded in every JSON under benchmarks/results/."""
+"""Who/where/when of a benchmark result: recorded in every JSON under benchmarks/results/ (see igengine.bench.provenance)."""
 
-from __future__ import annotations
+from igengine.bench.provenance import ROOT, git_commit, provenance
 
-import datetime as _dt
-import os
-import platform
-import subprocess
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def git_commit() -> str:
-    """HEAD of the checkout (+dirty), or $IGENGINE_COMMIT where the tree was copied without .git."""
-    if not (ROOT / ".git").exists() and os.environ.get("IGENGINE_COMMIT"):
-        return os.environ["IGENGINE_COMMIT"] + " (from IGENGINE_COMMIT)"
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):  # no git binary, or not a repository
-        return os.environ.get("IGENGINE_COMMIT", "unknown")
-
-
-def provenance() -> dict:
-    import torch
-
-    device = "cpu"
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name(0)
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": device,
-    }
+__all__ = ["ROOT", "git_commit", "provenance"]

@@ -62,8 +62,10 @@ Example:
 # The choices of enum options, written here so that --help needs no torch import; tests check that
 # they equal the library's enums (igengine.config.Precision / Solver, igengine.backends.BackendName).
 class PrecisionChoice(str, enum.Enum):
+    auto = "auto"
     reference = "reference"
     fp32 = "fp32"
+    tf32 = "tf32"
     bf16 = "bf16"
     fp16 = "fp16"
 
@@ -125,7 +127,7 @@ def sample(
     ig_scale: Optional[float] = typer.Option(None, "--ig-scale", help="Internal Guidance scale (1 = off)."),
     ig_interval: Optional[str] = typer.Option(None, "--ig-interval", help="LOW,HIGH in the family's time."),
     timestep_shift: Optional[float] = typer.Option(None, "--timestep-shift", help="LightningDiT timestep shift s (0 = none)."),
-    precision: PrecisionChoice = typer.Option(PrecisionChoice.reference, "--precision", help="Numerics of the run (see README, Precision modes)."),
+    precision: PrecisionChoice = typer.Option(PrecisionChoice.auto, "--precision", help="Numerics of the run (README, Precision modes); auto: bf16 on CUDA, reference on the CPU."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     backend: BackendChoice = typer.Option(BackendChoice.torch, "--backend", help="Network backend (tensorrt: CUDA only)."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Exported graph (.onnx or `igengine export` folder) for "
@@ -155,7 +157,7 @@ def sample(
         cfg_scale=cfg_scale,
         cfg_interval=parse_interval(cfg_interval, "cfg_interval") if cfg_interval is not None else None,
         ig_scale=ig_scale, ig_interval=parse_interval(ig_interval, "ig_interval") if ig_interval is not None else None,
-        timestep_shift=timestep_shift, precision=Precision(precision.value), device=device,
+        timestep_shift=timestep_shift, precision=None if precision.value == "auto" else Precision(precision.value), device=device,
         backend=BackendName(backend.value), onnx=onnx, png=png, save_latents=save_latents, no_decode=no_decode,
         overwrite=overwrite, vae=vae, vae_kind=vae_kind.value, latent_stats=latent_stats,
         latent_multiplier=latent_multiplier, chunk_size=chunk_size,
@@ -193,7 +195,8 @@ def _log_progress():
     """Without a terminal (or on ranks > 0): one line per chunk on stderr."""
     from igengine.jobs.bulk import Progress as Hooks
 
-    return Hooks(log=lambda line: typer.echo(f"igengine: {line}", err=True))
+    flags = _command_flags(None)
+    return Hooks(log=lambda line: typer.echo(f"igengine: {flagify(line, flags)}", err=True))
 
 
 def _rich_progress():
@@ -219,7 +222,8 @@ def _rich_progress():
         eta = f", ETA {int((state['total'] - done) / rate)} s" if rate > 0 else ""
         bar.update(state["task"], completed=done, rate=f"{rate:.2f} samples/s{eta}")
 
-    return Hooks(start=start, advance=advance, finish=bar.stop, log=lambda line: bar.console.print(line))
+    flags = _command_flags(None)
+    return Hooks(start=start, advance=advance, finish=bar.stop, log=lambda line: bar.console.print(flagify(line, flags)))
 
 
 @app.command(epilog=PACK_EPILOG)
@@ -302,6 +306,78 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return 0
 
+
+
+BENCH_EPILOG = """\b
+Examples:
+  igengine bench --model SiT-B/2 --precision reference,fp32 --batch-size 1,4 --steps 2 --repeats 2
+  igengine bench --ckpt igengine/assets/sit_digits.safetensors --batch-size 16,64 --json bench.json
+  igengine bench --model SiT-XL/2 --device cuda --precision reference,bf16 --backend torch,compiled --batch-size 1,16,64,256 --json sit.json --plot sit.png
+Rows run interleaved after warm-up; throughput is that of the full run (paper settings unless changed).
+"""
+
+
+def _choices(text: str, enum_cls: type[enum.Enum], flag: str) -> tuple:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    known = {m.value: m for m in enum_cls}
+    bad = [v for v in values if v not in known]
+    if bad or not values:
+        raise typer.BadParameter(f"{bad[0] if bad else text!r} is not one of {', '.join(known)}", param_hint=flag)
+    return tuple(known[v] for v in values)
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=flag) from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"batch sizes must be integers >= 1, got {text!r}", param_hint=flag)
+    return values
+
+
+@app.command(epilog=BENCH_EPILOG)
+def bench(
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint to time (its own sampler defaults apply)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A model preset with random weights, e.g. SiT-XL/2."),
+    precision: str = typer.Option("reference,fp32,bf16", "--precision", help="Comma-separated precisions."),
+    backend: str = typer.Option("torch", "--backend", help="Comma-separated backends."),
+    batch_size: str = typer.Option("1,16", "--batch-size", help="Comma-separated batch sizes."),
+    steps: int = typer.Option(4, "--steps", help="K: steps per timed window (per class of step)."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed repeats per row (interleaved)."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed runs per row before timing."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the noise and of the random weights."),
+    no_anchor: bool = typer.Option(False, "--no-anchor", help="Do not add the reference/torch anchor row."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to FILE."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of throughput and MFU vs batch size (matplotlib)."),
+) -> None:
+    """Time configurations side by side (precision x backend x batch size) against the reference."""
+    from igengine.backends import BackendName
+    from igengine.bench.job import BenchError, BenchJob, run_bench
+    from igengine.bench.report import summary_line, table, write_json, write_plot
+    from igengine.config import Precision
+
+    job = BenchJob(ckpt=ckpt, model=model, precisions=_choices(precision, Precision, "--precision"),
+                   backends=_choices(backend, BackendName, "--backend"), batch_sizes=_ints(batch_size, "--batch-size"),
+                   steps=steps, repeats=repeats, warmup=warmup, device=device, anchor=not no_anchor, seed=seed)
+    if plot is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise typer.BadParameter("needs matplotlib, which is not installed: pip install matplotlib", param_hint="--plot")
+    from rich.console import Console
+
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+    report = run_bench(job, log=lambda line: console.print(f"[dim]bench:[/dim] {line}"))
+    console.print(table(report))
+    if json_out is not None:
+        write_json(report, json_out)
+    if plot is not None:
+        write_plot(report, plot)
+    typer.echo(summary_line(report))
+    if report.get("error"):
+        raise BenchError(report["error"])
 
 
 EXPORT_EPILOG = """\b

@@ -30,13 +30,16 @@ class Precision(str, enum.Enum):
 
     REFERENCE: the family's official numerics (SiT: float64 state and guidance; LightningDiT:
     float32 state), fp32 network, TF32 disabled.
-    FP32: fp32 network and fp32 state.
+    FP32: fp32 network and fp32 state, TF32 disabled (IEEE fp32 matmuls).
+    TF32: as FP32, but CUDA matmuls and convolutions may use TF32 tensor cores: what the official
+    sampling scripts run on a GPU (they set allow_tf32 = True). On the CPU identical to FP32.
     BF16 / FP16: attention and MLP matmuls in low precision; normalisation, adaLN modulation,
     embeddings, output heads, the residual stream, the solver state and guidance stay fp32.
     """
 
     REFERENCE = "reference"
     FP32 = "fp32"
+    TF32 = "tf32"
     BF16 = "bf16"
     FP16 = "fp16"
 

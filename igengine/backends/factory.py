@@ -55,12 +55,14 @@ def backend_name(name: str | BackendName) -> BackendName:
 
 
 def create_backend(name: str | BackendName, loaded: LoadedCheckpoint, precision: Precision | str,
-                   device: str | torch.device, artifacts: Artifacts | None = None, max_batch: int | None = None):
+                   device: str | torch.device, artifacts: Artifacts | None = None, max_batch: int | None = None,
+                   row_counts: tuple[int, ...] | None = None):
     """Build the backend ``name`` for ``loaded`` at the run's ``precision`` on ``device``.
 
     max_batch: most rows per network call (``backends.network`` splits larger calls). torch: None
     means unbounded; onnxruntime: default the graph's recorded max_batch; tensorrt: the engine's
-    profile maximum. Raises BackendError for an unknown name or missing artifacts,
+    profile maximum. row_counts: the row counts a compiled backend specialises to (ignored by the
+    others). Raises BackendError for an unknown name or missing artifacts,
     BackendUnavailable for a missing runtime or GPU.
     """
     kind = backend_name(name)

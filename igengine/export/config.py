@@ -38,7 +38,7 @@ class ExportFormat(str, enum.Enum):
 def graph_precision(precision: Precision | str) -> Precision:
     """The precision of the graph a sampling precision runs: ``reference`` and ``fp32`` share the fp32 graph."""
     p = Precision(precision)
-    return Precision.FP32 if p == Precision.REFERENCE else p
+    return Precision.FP32 if p in (Precision.REFERENCE, Precision.TF32) else p
 
 
 @dataclass(frozen=True)

@@ -49,14 +49,19 @@ def graph_artifacts(name: str | BackendName, loaded: LoadedCheckpoint, precision
 
 def build_backend(name: str | BackendName, loaded: LoadedCheckpoint, precision: Precision | str,
                   device: str | torch.device, onnx: str | Path | None = None, max_batch: int | None = None,
-                  cache_root: Path | None = None):
-    """The backend ``name`` for ``loaded`` at the run's ``precision`` on ``device``, with its artifacts."""
+                  cache_root: Path | None = None, row_counts: tuple[int, ...] | None = None):
+    """The backend ``name`` for ``loaded`` at the run's ``precision`` on ``device``, with its artifacts.
+
+    row_counts: the network row counts the run feeds (N and 2N per batch size), for backends that
+    specialise to them (the compiled backend); ignored by the others.
+    """
     if onnx is not None and not backend_name(name).needs_graph:
         from igengine.errors import BackendError
 
         raise BackendError("`onnx` only applies to the onnxruntime and tensorrt backends")
     artifacts = graph_artifacts(name, loaded, precision, device, onnx, max_batch, cache_root)
-    return create_backend(name, loaded, precision, device, artifacts=artifacts, max_batch=max_batch)
+    return create_backend(name, loaded, precision, device, artifacts=artifacts, max_batch=max_batch,
+                          row_counts=row_counts)
 
 
 def sampler_for(backend, sampler: SamplerConfig, kernels: str = "auto", randomness: Randomness | None = None,

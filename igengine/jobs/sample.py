@@ -35,6 +35,7 @@ from igengine.jobs.bulk import BulkSampler, Progress, SampleMaker
 from igengine.jobs.launch import RankInfo
 from igengine.models.checkpoint import LoadedCheckpoint, load_checkpoint
 from igengine.noise import balanced_labels, check_seed, random_labels
+from igengine.precision import default_precision
 from igengine.sampling import ModelFacts, Sampler, build_plan, resolve_sampler
 from igengine.store.atomic import atomic_write_json
 from igengine.store.chunks import CHUNKS_DIR
@@ -67,7 +68,7 @@ class SampleJob:
     ig_scale: float | None = None
     ig_interval: tuple[float, float] | None = None
     timestep_shift: float | None = None
-    precision: Precision = Precision.REFERENCE
+    precision: Precision | None = None  # None: precision.default_precision(device)
     device: str = "auto"
     backend: BackendName = BackendName.TORCH
     onnx: Path | None = None  # exported graph (file or folder) for onnxruntime/tensorrt; None: the export cache
@@ -243,6 +244,12 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
     overrides = {"encoder_depth": job.encoder_depth, "num_heads": job.num_heads}
     loaded = load_checkpoint(ckpt_path, model_name=job.model, overrides=overrides)
     cfg = loaded.config
+    device = resolve_device(job.device, rank.local_rank)
+    chosen = []
+    if job.precision is None:
+        job = dataclasses.replace(job, precision=default_precision(device))
+        chosen.append(f"precision {job.precision.value} (the default on {device.type}; choose with `precision`)")
+        progress.log(chosen[-1])
     sampler_cfg = resolve_sampler_config(job, loaded)
     try:
         ModelFacts.of(cfg).check_plan(build_plan(cfg.family, sampler_cfg))
@@ -251,7 +258,6 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
     labels, label_info = resolve_labels(job, cfg.num_classes)
     decode = not job.no_decode
     decoder = resolve_decoder(job, cfg)
-    device = resolve_device(job.device, rank.local_rank)
     run_key = {
         "checkpoint_sha256": loaded.sha256,
         "model": cfg.to_dict(),
@@ -305,7 +311,7 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
             bulk.wait_for_all()
         wall = time.perf_counter() - t0
         progress.finish()
-        notes = list(loaded.notes) + report.notes + ([lock_note] if lock_note else [])
+        notes = chosen + list(loaded.notes) + report.notes + ([lock_note] if lock_note else [])
         new = (job.n - report.initial_done) if rank.is_main else report.computed
         rate = new / wall if wall > 0 else 0.0
         if rank.is_main:

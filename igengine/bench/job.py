@@ -1,0 +1,420 @@
+"""`igengine bench` as a library call: configurations side by side, timed in one run, interleaved.
+
+Workload: a model (a checkpoint, or a named preset with EVERY parameter random, so that no layer is
+the identity: the official initialisation zeroes adaLN and output layers) and sampler settings
+(default: the checkpoint's own, else the family's paper settings). Rows: every combination of
+precision x backend x batch size, plus the ``reference`` precision on the torch backend as the
+anchor (accuracy is measured against it).
+
+Method
+  * The full run's plan is cut into classes of steps by their network rows (a step whose
+    evaluations are all inside the CFG interval costs 2N rows per evaluation, one outside N). For
+    every class a window of up to K consecutive steps of that class is timed (K = ``steps``).
+  * After warm-up (compilation, capture, caches), the configurations are run in turn, A B C A B C,
+    ``repeats`` times; each repeat times every window of every configuration.
+  * Throughput at the FULL run = N / sum over classes (steps of that class in the full plan x
+    seconds per step of that class). The report says so (``throughput_basis``).
+  * The network's own time: a forward of N and of 2N rows timed alone; ``outside_network_share``
+    = 1 - network time / step time, over the windows.
+  * MFU = analytic FLOPs (``igengine.bench.flops``, 2 x multiply-adds) / time / the matmul peak
+    of the row's dtype measured in the same run (``igengine.bench.peak``).
+  * Accuracy: final latents after the first window against the anchor's at the same batch size
+    (max abs and relative L2).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from igengine.backends import BackendName
+from igengine.backends.factory import BACKENDS
+from igengine.config import Family, ModelConfig, Precision, SamplerConfig, SamplerSettings
+from igengine.errors import BackendUnavailable, JobError, RunError
+from igengine.jobs.backend import build_backend
+from igengine.jobs.sample import resolve_device
+from igengine.models import IGDiT, preset
+from igengine.models.checkpoint import LoadedCheckpoint, load_checkpoint
+from igengine.precision import NETWORK_DTYPE
+from igengine.sampling import ModelFacts, Plan, Sampler, build_plan, resolve_sampler
+
+DEFAULT_STEPS = 4
+
+
+class BenchError(RunError):
+    """A benchmark that ran but broke one of its own rules (e.g. a recompilation after warm-up)."""
+
+
+@dataclass(frozen=True)
+class BenchJob:
+    """Everything `igengine bench` was asked for."""
+
+    ckpt: Path | None = None
+    model: str | None = None
+    precisions: tuple[Precision, ...] = (Precision.REFERENCE, Precision.FP32, Precision.BF16)
+    backends: tuple[BackendName, ...] = (BackendName.TORCH,)
+    batch_sizes: tuple[int, ...] = (1, 16)
+    steps: int = DEFAULT_STEPS
+    repeats: int = 3
+    warmup: int = 1
+    device: str = "auto"
+    anchor: bool = True
+    seed: int = 0
+    settings: SamplerSettings = field(default_factory=SamplerSettings)
+    encoder_depth: int | None = None
+    num_heads: int | None = None
+
+    def validate(self) -> None:
+        if (self.ckpt is None) == (self.model is None):
+            raise JobError("give exactly one of `ckpt` (a checkpoint) or `model` (a preset with random weights)")
+        for name in ("steps", "repeats"):
+            if getattr(self, name) < 1:
+                raise JobError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise JobError(f"`warmup` must be >= 0, got {self.warmup}")
+        bad = [b for b in self.batch_sizes if b < 1]
+        if bad or not self.batch_sizes:
+            raise JobError(f"`batch_size` values must be >= 1, got {list(self.batch_sizes)}")
+        if not self.precisions or not self.backends:
+            raise JobError("give at least one `precision` and one `backend`")
+
+
+# ----------------------------------------------------------------------------------------------
+# The workload
+# ----------------------------------------------------------------------------------------------
+
+
+def random_model(name: str, seed: int = 0, **overrides) -> IGDiT:
+    """A named preset with every parameter random (std 0.02 around 0, norms around 1): no identity paths."""
+    model = IGDiT(preset(name, **overrides))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname == "pos_embed":
+                continue
+            base = 1.0 if pname.endswith("norm.weight") or pname.endswith("norm1.weight") else 0.0
+            p.copy_(base + 0.02 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def load_workload(job: BenchJob) -> LoadedCheckpoint:
+    overrides = {"encoder_depth": job.encoder_depth, "num_heads": job.num_heads}
+    if job.ckpt is not None:
+        return load_checkpoint(job.ckpt, model_name=None, overrides=overrides)
+    try:
+        model = random_model(job.model, job.seed, **{k: v for k, v in overrides.items() if v is not None})
+    except KeyError as e:
+        raise JobError(str(e).strip("'\"")) from None
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):  # identifies the random weights (export cache key)
+        digest.update(name.encode() + tensor.detach().contiguous().numpy().tobytes())
+    return LoadedCheckpoint(model, model.config, Path(f"<random {job.model} seed {job.seed}>"), "random", [], None,
+                            digest.hexdigest())
+
+
+@dataclass(frozen=True)
+class StepClass:
+    """Steps with the same network rows per evaluation (1 = N rows, 2 = 2N rows for CFG)."""
+
+    rows: tuple[int, ...]
+    count: int  # steps of this class in the full plan
+    window: Plan  # up to K consecutive steps of this class
+
+
+def step_classes(plan: Plan, k: int) -> list[StepClass]:
+    """Group the full plan's steps by their rows signature; a timing window of <= k consecutive steps each."""
+    sig = [tuple(2 if ev.cfg else 1 for ev in s.evals) for s in plan.steps]
+    out = []
+    for rows in sorted(set(sig), key=sig.index):
+        start = sig.index(rows)
+        stop = start
+        while stop < len(sig) and sig[stop] == rows and stop - start < k:
+            stop += 1
+        window = Plan(plan.family, plan.solver, plan.guidance, plan.steps[start:stop])
+        out.append(StepClass(rows, sig.count(rows), window))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: writing 5 resets the process's peak resident set size (VmHWM)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def _peak_bytes(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated during the row's run"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "process peak RSS during the row's run (whole process)"
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS since start"
+
+
+def _peak_dtype(precision: Precision) -> torch.dtype:
+    return NETWORK_DTYPE[precision]
+
+
+# ----------------------------------------------------------------------------------------------
+# Configurations
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    precision: Precision
+    backend: BackendName
+    batch_size: int
+    anchor: bool = False
+    net: object = None
+    backend_obj: object = None
+    build_s: float = 0.0
+    first_run_s: float = 0.0
+    samplers: dict = field(default_factory=dict)  # class rows -> Sampler
+    times: dict = field(default_factory=dict)  # class rows -> [seconds per window run]
+    net_times: dict = field(default_factory=dict)  # rows multiplier -> seconds per forward
+    latents: torch.Tensor | None = None
+    peak_memory: tuple[int, str] = (0, "")
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.precision.value}/{self.backend.value}/N={self.batch_size}"
+
+
+def _configs(job: BenchJob) -> list[Config]:
+    out = []
+    seen = set()
+    for n in job.batch_sizes:
+        if job.anchor and (Precision.REFERENCE, BackendName.TORCH) not in {(p, b) for p in job.precisions
+                                                                          for b in job.backends}:
+            out.append(Config(Precision.REFERENCE, BackendName.TORCH, n, anchor=True))
+        for p in job.precisions:
+            for b in job.backends:
+                key = (p, b, n)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(Config(p, b, n, anchor=(p == Precision.REFERENCE and b == BackendName.TORCH)))
+    return out
+
+
+def run_bench(job: BenchJob, log: Callable[[str], None] = lambda line: None) -> dict:
+    """Run the benchmark; returns the report (``rows`` and provenance), see the module docstring."""
+    from igengine.bench.flops import forward_flops
+    from igengine.bench.peak import matmul_peak
+    from igengine.bench.provenance import provenance
+
+    job.validate()
+    device = resolve_device(job.device)
+    loaded = load_workload(job)
+    cfg: ModelConfig = loaded.config
+    sampler_cfg = resolve_sampler(cfg.family, Precision.REFERENCE, loaded.sampler_settings, job.settings)
+    full = build_plan(cfg.family, sampler_cfg)
+    classes = step_classes(full, job.steps)
+    facts = ModelFacts.of(cfg)
+    facts.check_plan(full)
+    configs = _configs(job)
+    log(f"workload: {cfg.name} ({loaded.weights} weights), {sampler_cfg.solver.value} {sampler_cfg.steps} steps, "
+        f"{len(full.steps)} plan steps in {len(classes)} classes, windows of <= {job.steps} steps; "
+        f"{len(configs)} rows on {device}")
+
+    # Build every backend (one per precision x backend; compiled backends know every batch's row counts).
+    built: dict[tuple[Precision, BackendName], tuple[object, float]] = {}
+    row_counts = tuple(sorted({m * n for n in job.batch_sizes for m in (1, 2)}))
+    for c in configs:
+        key = (c.precision, c.backend)
+        if key not in built:
+            log(f"building {c.precision.value}/{c.backend.value} ...")
+            t0 = time.perf_counter()
+            try:
+                backend = _build(c.backend, loaded, c.precision, device, row_counts)
+            except BackendUnavailable as e:
+                raise JobError(str(e)) from None
+            built[key] = (backend, time.perf_counter() - t0)
+        backend, build_s = built[key]
+        c.backend_obj, c.build_s = backend, build_s
+        from igengine.backends import network
+
+        c.net = network(backend)
+        for sc in classes:
+            c.samplers[sc.rows] = Sampler(c.net, sc.window, facts, c.precision, device)
+
+    idx_for = {n: torch.arange(n) for n in job.batch_sizes}
+    labels_for = {n: torch.arange(n) % cfg.num_classes for n in job.batch_sizes}
+
+    def run_window(c: Config, sc: StepClass) -> tuple[float, torch.Tensor]:
+        n = c.batch_size
+        return _timed(lambda: c.samplers[sc.rows](job.seed, idx_for[n], labels_for[n]), device)
+
+    # Warm-up: the first run of each configuration is its time to first sample (compile, capture, caches).
+    for c in configs:
+        log(f"warm-up {c.label}")
+        first = 0.0
+        for w in range(max(1, job.warmup)):
+            for sc in classes:
+                dt, out = run_window(c, sc)
+                if w == 0:
+                    first += dt
+                if sc is classes[0]:
+                    c.latents = out.detach().float().cpu()
+        c.first_run_s = first
+
+    # Interleaved timing: A B C A B C ...
+    for r in range(job.repeats):
+        log(f"repeat {r + 1}/{job.repeats}")
+        for c in configs:
+            for sc in classes:
+                dt, _ = run_window(c, sc)
+                c.times.setdefault(sc.rows, []).append(dt)
+
+    # The network alone, and the peak memory of each row.
+    for c in configs:
+        n = c.batch_size
+        for m in sorted({r for sc in classes for r in sc.rows}):
+            x = torch.randn(m * n, *cfg.latent_shape, device=device)
+            t = torch.full((m * n,), 0.5, device=device)
+            y = torch.arange(m * n, device=device) % cfg.num_classes
+            c.net(x, t, y)
+            c.net_times[m] = statistics.median(_timed(lambda: c.net(x, t, y), device)[0] for _ in range(3))
+        gc.collect()
+        _reset_peak(device)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        run_window(c, classes[0])
+        peak, how = _peak_bytes(device)
+        if device.type == "cuda":
+            own = sum(p.numel() * p.element_size() for p in _parameters(c.backend_obj))
+            c.peak_memory = (peak - before + own, how + " minus other rows' resident tensors, plus this row's weights")
+        else:
+            c.peak_memory = (peak, how)
+
+    # Peaks of the dtypes the rows use, measured in this run.
+    peaks = {}
+    for p in sorted({c.precision for c in configs}, key=lambda p: p.value):
+        dt = _peak_dtype(p)
+        if dt not in peaks:
+            log(f"matmul peak {str(dt).replace('torch.', '')} on {device}")
+            peaks[dt] = matmul_peak(dt, device)
+
+    rows = [_row(c, classes, full, cfg, peaks, configs, forward_flops) for c in configs]
+    bad = [r for r in rows if r["recompiles"]]
+    report = {
+        "provenance": provenance(),
+        "workload": {
+            "model": cfg.name, "weights": loaded.weights, "checkpoint": str(loaded.path),
+            "sampler": sampler_cfg.to_dict(), "plan_steps": len(full.steps), "nfe_per_sample": full.nfe,
+            "network_rows_per_sample": full.network_rows,
+            "classes": [{"rows_per_eval": list(sc.rows), "steps_in_full_run": sc.count,
+                         "window_steps": len(sc.window.steps)} for sc in classes],
+            "throughput_basis": "the full run, from per-class step times measured on windows of at most "
+                                f"{job.steps} steps and the plan's exact step counts per class",
+            "device": str(device), "repeats": job.repeats, "warmup": job.warmup, "seed": job.seed,
+        },
+        "peaks": {str(k).replace("torch.", ""): v for k, v in peaks.items()},
+        "rows": rows,
+    }
+    if bad:
+        report["error"] = "recompilation after warm-up: " + ", ".join(f"{r['precision']}/{r['backend']}/N={r['batch_size']}"
+                                                                     for r in bad)
+    return report
+
+
+def _parameters(backend) -> list[torch.Tensor]:
+    model = getattr(backend, "model", None)
+    return list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+
+
+def _build(name: BackendName, loaded: LoadedCheckpoint, precision: Precision, device: torch.device,
+           row_counts: tuple[int, ...]):
+    import copy
+
+    fresh = copy.copy(loaded)
+    fresh.model = copy.deepcopy(loaded.model)  # each backend casts and moves its own copy
+    return build_backend(name, fresh, precision, device, row_counts=row_counts)
+
+
+def _row(c: Config, classes: list[StepClass], full: Plan, cfg: ModelConfig, peaks: dict, configs: list[Config],
+         forward_flops) -> dict:
+    n = c.batch_size
+    per_repeat = []  # seconds of the full run per repeat
+    for r in range(len(next(iter(c.times.values())))):
+        per_repeat.append(sum(sc.count * c.times[sc.rows][r] / len(sc.window.steps) for sc in classes))
+    full_s = statistics.median(per_repeat)
+    rates = sorted(n / s for s in per_repeat)
+    steps_total = len(full.steps)
+    evals_total = full.nfe
+    window_s = sum(statistics.median(c.times[sc.rows]) for sc in classes)
+    net_s = sum(c.net_times[m] for sc in classes for s in sc.window.steps for m in sc.rows)
+    flops_full = sum(forward_flops(cfg, rows=(2 if ev.cfg else 1) * n) for s in full.steps for ev in s.evals)
+    peak = peaks[_peak_dtype(c.precision)]
+    mfu = flops_full / full_s / peak["max_flops"]
+    anchor = next((a for a in configs if a.anchor and a.batch_size == n), None)
+    max_abs = rel_l2 = None
+    if anchor is not None and anchor.latents is not None and c.latents is not None:
+        d = (c.latents.double() - anchor.latents.double())
+        max_abs = float(d.abs().max())
+        rel_l2 = float(d.norm() / anchor.latents.double().norm().clamp_min(1e-30))
+    backend = c.backend_obj
+    describe = backend.describe() if hasattr(backend, "describe") else {}
+    return {
+        "precision": c.precision.value,
+        "backend": c.backend.value,
+        "batch_size": n,
+        "anchor": c.anchor,
+        "samples_per_s": n / full_s,
+        "samples_per_s_min": rates[0],
+        "samples_per_s_max": rates[-1],
+        "full_run_s_per_batch": full_s,
+        "ms_per_step": 1e3 * full_s / steps_total,
+        "ms_per_nfe": 1e3 * full_s / evals_total,
+        "outside_network_share": max(0.0, 1.0 - net_s / window_s) if window_s > 0 else None,
+        "network_ms_per_forward": {f"{m}N": 1e3 * s for m, s in c.net_times.items()},
+        "build_s": c.build_s,
+        "first_sample_s": c.build_s + c.first_run_s,
+        "peak_memory_bytes": c.peak_memory[0],
+        "peak_memory_how": c.peak_memory[1],
+        "flops_per_sample_full_run": flops_full / n,
+        "mfu": mfu,
+        "mfu_peak_flops": peak["max_flops"],
+        "max_abs_vs_reference": max_abs,
+        "rel_l2_vs_reference": rel_l2,
+        "recompiles": int(getattr(backend, "recompiles", 0) or 0),
+        "step_path": c.samplers[classes[0].rows].path,
+        "backend_facts": describe,
+    }
+
+
+__all__ = ["BACKENDS", "BenchError", "BenchJob", "random_model", "run_bench", "step_classes"]

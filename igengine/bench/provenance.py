@@ -1,0 +1,54 @@
+"""Who, where and when of a measurement: recorded in every benchmark result (``igengine bench --json``)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def git_commit() -> str:
+    """HEAD of the checkout (+dirty when tracked files differ), or $IGENGINE_COMMIT where the tree has no .git."""
+    if not (ROOT / ".git").exists() and os.environ.get("IGENGINE_COMMIT"):
+        return os.environ["IGENGINE_COMMIT"] + " (from IGENGINE_COMMIT)"
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):  # no git binary, or not a repository
+        return os.environ.get("IGENGINE_COMMIT", "unknown")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def provenance() -> dict:
+    import torch
+
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": [round(v, 2) for v in load] if load else None,
+    }

@@ -1,0 +1,89 @@
+"""`igengine bench`: the window arithmetic, the report's contract, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from igengine.cli import main
+from igengine.config import Family, GuidanceConfig, SamplerConfig, Solver
+from igengine.models.checkpoint import save_safetensors
+from igengine.sampling import build_plan
+from tests.conftest import tiny_model
+
+REQUIRED = ["precision", "backend", "batch_size", "samples_per_s", "ms_per_nfe", "ms_per_step", "outside_network_share",
+            "first_sample_s", "peak_memory_bytes", "mfu", "max_abs_vs_reference", "rel_l2_vs_reference", "recompiles"]
+
+
+def test_step_classes_cover_the_full_plan_exactly():
+    from igengine.bench.job import step_classes
+
+    g = GuidanceConfig(ig_scale=1.4, cfg_scale=1.35, cfg_interval=(0.0, 0.7))
+    plan = build_plan(Family.SIT, SamplerConfig(solver=Solver.SDE, steps=250, guidance=g))
+    classes = step_classes(plan, 4)
+    assert sum(c.count for c in classes) == 250
+    by_rows = {c.rows: c for c in classes}
+    cfg_steps = sum(1 for s in plan.steps if s.evals[0].cfg)
+    assert by_rows[(2,)].count == cfg_steps and by_rows[(1,)].count == 250 - cfg_steps
+    assert 0 < cfg_steps < 250
+    for c in classes:  # each window is consecutive steps of its class, at most K of them
+        assert 1 <= len(c.window.steps) <= 4
+        assert all(tuple(2 if ev.cfg else 1 for ev in s.evals) == c.rows for s in c.window.steps)
+        idx = [s.index for s in c.window.steps]
+        assert idx == list(range(idx[0], idx[0] + len(idx)))
+    # Heun on LightningDiT: the corrector can sit on the other side of the interval from its predictor.
+    ld = build_plan(Family.LIGHTNINGDIT, SamplerConfig(solver=Solver.HEUN2, steps=125, timestep_shift=0.3,
+                                                       guidance=GuidanceConfig(cfg_scale=1.45, cfg_interval=(0.19, 1.0))))
+    assert sum(c.count for c in step_classes(ld, 3)) == 124
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    save_safetensors(tiny_model("sit", in_channels=1, input_size=8), path,
+                     sampler_defaults={"solver": "sde", "steps": 6, "cfg_scale": 1.5, "cfg_interval": [0.0, 0.6]})
+    return path
+
+
+@pytest.mark.slow
+def test_bench_report_has_the_documented_rows_and_the_anchor_agrees_with_itself(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    code = main(["bench", "--ckpt", str(tiny_ckpt), "--precision", "fp32,bf16", "--batch-size", "1,3", "--steps", "2",
+                 "--repeats", "2", "--device", "cpu", "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert {"commit", "machine", "device", "torch", "date"} <= set(report["provenance"])
+    rows = report["rows"]
+    assert {(r["precision"], r["batch_size"]) for r in rows} == {(p, n) for p in ("reference", "fp32", "bf16")
+                                                                   for n in (1, 3)}
+    for r in rows:
+        assert all(k in r for k in REQUIRED), set(REQUIRED) - set(r)
+        assert r["samples_per_s"] > 0 and r["samples_per_s_min"] <= r["samples_per_s"] <= r["samples_per_s_max"]
+        assert 0 < r["mfu"] < 1.5 and 0 <= r["outside_network_share"] <= 1 and r["recompiles"] == 0
+    anchor = [r for r in rows if r["anchor"]]
+    assert len(anchor) == 2 and all(r["max_abs_vs_reference"] == 0 for r in anchor)
+    fp32 = [r for r in rows if r["precision"] == "fp32"]
+    bf16 = [r for r in rows if r["precision"] == "bf16"]
+    # fp32 differs from the float64-state reference by rounding only; bf16 by far more (and not zero).
+    assert all(0 < r["max_abs_vs_reference"] < 1e-4 for r in fp32)
+    assert all(r["max_abs_vs_reference"] > 10 * max(f["max_abs_vs_reference"] for f in fp32) for r in bf16)
+    # The full run's throughput comes from the plan: 6 SDE steps, CFG below t = 0.6.
+    w = report["workload"]
+    assert w["plan_steps"] == 6 and sum(c["steps_in_full_run"] for c in w["classes"]) == 6
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--model", "SiT-S/2", "--precision", "fp8"], "'fp8' is not one of"),
+    (["--model", "SiT-S/2", "--backend", "jax"], "'jax' is not one of"),
+    (["--model", "SiT-S/2", "--batch-size", "0"], "batch sizes must be integers >= 1"),
+    (["--model", "SiT-S/2", "--batch-size", "a,b"], "not a comma-separated list of integers"),
+    (["--model", "Nope/2"], "unknown model 'Nope/2'"),
+    ([], "give exactly one of --ckpt"),
+    (["--model", "SiT-S/2", "--steps", "0"], "--steps must be >= 1"),
+])
+def test_bad_bench_input_is_one_line_and_exit_2(args, expect, capsys):
+    code = main(["bench", *args, "--device", "cpu"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("igengine: error:"), err
+    assert expect in lines[0], lines[0]
