@@ -6,7 +6,8 @@
 #
 # Needs: python with torch (CUDA build), pytest, cmake, nvcc (CUDACXX, PATH or /usr/local/cuda/bin).
 # No network access and no pip installs. Every section is independent (a failing or hanging section
-# is recorded and the next one runs) and the whole script stops itself before 8 minutes.
+# is recorded and the next one runs) and the whole script stops itself before 9 minutes (the bench and
+# official-speed sections take at most 7 of them).
 # Results: benchmarks/results/device_check_<stamp>.{json,log} (+ the benchmark JSON and a JUnit XML),
 # copied to "$OUT" when that is set. Without a GPU it degrades to a build + skipped tests.
 set -u
@@ -23,7 +24,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/igengine_device_check.XXXXXX")
 SECTIONS="$WORK/sections.tsv"
 : > "$SECTIONS"
 START=$(date +%s)
-TOTAL_BUDGET=${DEVICE_CHECK_BUDGET:-460}   # seconds; the call limit is 8 minutes
+TOTAL_BUDGET=${DEVICE_CHECK_BUDGET:-540}   # seconds; the call limit is 10 minutes
 SUMMARY_RESERVE=25
 
 remaining() { echo $(( START + TOTAL_BUDGET - SUMMARY_RESERVE - $(date +%s) )); }
@@ -119,10 +120,21 @@ print('kernel path:', d['path'])"
 
   run_section pytest-gpu 130 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$PREFIX.pytest.xml" tests
 
-  run_section benchmark 110 $PY benchmarks/kernel_bench.py --device cuda --budget 0.5 --out "$WORK/bench.json"
+  # igengine bench on XL-sized random-weight models at the paper settings: K-step windows per class of
+  # step, reference vs eager bf16 vs compiled bf16 (plus compiled bf16 alone at batch 256).
+  run_section bench-sit 150 $PY -m igengine bench --model SiT-XL/2 --device cuda --precision reference,bf16 \
+    --backend torch,compiled --batch-size 1,16,64 --steps 2 --repeats 2 --json "$WORK/bench_sit.json" --plot "$WORK/bench_sit.png"
+  run_section bench-ldit 130 $PY -m igengine bench --model LightningDiT-XL/1 --device cuda --precision reference,bf16 \
+    --backend torch,compiled --batch-size 1,16,64 --steps 2 --repeats 2 --json "$WORK/bench_ldit.json"
+  run_section bench-256 60 $PY -m igengine bench --model SiT-XL/2 --device cuda --precision bf16 --backend compiled \
+    --batch-size 256 --steps 2 --repeats 2 --no-anchor --json "$WORK/bench_sit_256.json"
 
-  # End to end on XL-sized models: precision modes and the fused runner, GPU vs CPU reference.
-  run_section sampling 140 $PY benchmarks/gpu_sampling_bench.py --batch 16 --steps 8 --repeats 2 --out "$WORK/sampling"
+  # Against the official scripts (needs their files beside the tree: OFFICIAL_REPO, default ./official/Internal-Guidance).
+  run_section official-speed 100 bash -c "test -d \"\${OFFICIAL_REPO:-official/Internal-Guidance}\" || { echo 'no official repo here'; exit 3; }; \
+    \$PY benchmarks/official_speed.py --official-repo \"\${OFFICIAL_REPO:-official/Internal-Guidance}\" --quick --json '$WORK/official_speed.json'"
+
+  # The fused step alone against the reference glue (last: earlier device checks recorded it already).
+  run_section benchmark 110 $PY benchmarks/kernel_bench.py --device cuda --budget 0.5 --out "$WORK/bench.json"
 
   # Bulk sampling on the GPU: batch 64 vs 7, torchrun with 1 and 2 processes (latents and pixels).
   run_section bulk 100 bash -c "\$PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)' \
@@ -193,14 +205,19 @@ if [[ -n "${OUT:-}" ]]; then
   cp -f "$PREFIX".* "$OUT"/ 2>/dev/null
   cp -f "$WORK/bench.json" "$OUT/kernels_cuda_$STAMP.json" 2>/dev/null
   cp -f "$WORK/bench.json" "$RES/kernels_cuda_$STAMP.json" 2>/dev/null
-  cp -f "$WORK"/sampling/*.json "$OUT"/ 2>/dev/null
-  cp -f "$WORK"/sampling/*.json "$RES"/ 2>/dev/null
+  for f in bench_sit bench_ldit bench_sit_256 official_speed; do
+    cp -f "$WORK/$f.json" "$OUT/${f}_gpu_$STAMP.json" 2>/dev/null
+    cp -f "$WORK/$f.json" "$RES/${f}_gpu_$STAMP.json" 2>/dev/null
+  done
+  cp -f "$WORK/bench_sit.png" "$OUT/bench_sit_gpu_$STAMP.png" 2>/dev/null
   cp -f "$WORK/bulk.json" "$OUT/bulk_gpu_$STAMP.json" 2>/dev/null
   cp -f "$WORK/bulk.json" "$RES/bulk_gpu_$STAMP.json" 2>/dev/null
   echo "copied results to $OUT"
 else
   cp -f "$WORK/bench.json" "$RES/kernels_cuda_$STAMP.json" 2>/dev/null
-  cp -f "$WORK"/sampling/*.json "$RES"/ 2>/dev/null
+  for f in bench_sit bench_ldit bench_sit_256 official_speed; do
+    cp -f "$WORK/$f.json" "$RES/${f}_gpu_$STAMP.json" 2>/dev/null
+  done
   cp -f "$WORK/bulk.json" "$RES/bulk_gpu_$STAMP.json" 2>/dev/null
 fi
 rm -rf "$WORK"
