@@ -185,7 +185,7 @@ def sample(
     if interactive:
         typer.echo(f"wrote {job.n} samples to {result.out} in {result.wall_s:.1f} s "
                    f"({result.samples_per_s:.2f} samples/s)", err=True)
-        flags = _command_flags(None)
+        flags = _flags_of("sample")
         for note in result.notes:
             typer.echo(f"  note: {flagify(note, flags)}", err=True)
     typer.echo(json.dumps(summary))
@@ -195,7 +195,7 @@ def _log_progress():
     """Without a terminal (or on ranks > 0): one line per chunk on stderr."""
     from igengine.jobs.bulk import Progress as Hooks
 
-    flags = _command_flags(None)
+    flags = _flags_of("sample")
     return Hooks(log=lambda line: typer.echo(f"igengine: {flagify(line, flags)}", err=True))
 
 
@@ -222,7 +222,7 @@ def _rich_progress():
         eta = f", ETA {int((state['total'] - done) / rate)} s" if rate > 0 else ""
         bar.update(state["task"], completed=done, rate=f"{rate:.2f} samples/s{eta}")
 
-    flags = _command_flags(None)
+    flags = _flags_of("sample")
     return Hooks(start=start, advance=advance, finish=bar.stop, log=lambda line: bar.console.print(flagify(line, flags)))
 
 
@@ -259,19 +259,23 @@ def info() -> None:
     typer.echo(json.dumps(facts, indent=2))
 
 
-def _command_flags(argv: list[str] | None) -> dict[str, str]:
-    """Argument name -> flag of the command being run (``n`` -> ``--n``, ``format`` -> ``--format``)."""
-    args = sys.argv[1:] if argv is None else argv
+def _flags_of(command: str) -> dict[str, str]:
+    """Argument name -> flag of a command's options (``n`` -> ``--n``, ``format`` -> ``--format``)."""
     group = typer.main.get_command(app)
-    name = next((a for a in args if a in getattr(group, "commands", {})), None)
-    if name is None:
-        return {}
-    flags = {}
-    for param in group.commands[name].params:
+    flags: dict[str, str] = {}
+    for param in getattr(group, "commands", {}).get(command, group).params:
         for opt in getattr(param, "opts", ()):
             if opt.startswith("--"):
                 flags.setdefault(opt[2:].replace("-", "_"), opt)
     return flags
+
+
+def _command_flags(argv: list[str] | None) -> dict[str, str]:
+    """The flags of the command being run (the first word of ``argv`` that names a command)."""
+    args = sys.argv[1:] if argv is None else argv
+    commands = getattr(typer.main.get_command(app), "commands", {})
+    name = next((a for a in args if a in commands), None)
+    return _flags_of(name) if name is not None else {}
 
 
 def main(argv: list[str] | None = None) -> int:

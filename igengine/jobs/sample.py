@@ -249,7 +249,6 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
     if job.precision is None:
         job = dataclasses.replace(job, precision=default_precision(device))
         chosen.append(f"precision {job.precision.value} (the default on {device.type}; choose with `precision`)")
-        progress.log(chosen[-1])
     sampler_cfg = resolve_sampler_config(job, loaded)
     try:
         ModelFacts.of(cfg).check_plan(build_plan(cfg.family, sampler_cfg))
