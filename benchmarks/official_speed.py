@@ -48,6 +48,12 @@ cost per evaluation; throughput N / T_full; ratio = T_full(official) / T_full(ig
 (paired: interleaved measurements) and reported as median and min-max. The estimate covers the solver
 loop only: no VAE decoding, no image writing, no per-run setup.
 
+Also recorded: the process CPU time (all threads) of the same windows and the ratio computed from it, a
+second view that is less sensitive to other work on a shared machine than wall time (it still counts
+spin-waiting threads); the ratio of the best repeats; the load average before each repeat; each worker's
+setup and first-call times (the official LightningDiT's first call includes torch.compile, shorter when
+inductor's on-disk cache in /tmp/torchinductor_<user> holds an earlier compilation).
+
 Correctness guard (not the parity test, official_parity.py is): during warm-up every worker runs a
 1-step window from the start of the plan (outside the CFG interval; the official SiT sampler fed the
 noise contract's streams there, via official_parity.contract_noise) and, for LightningDiT, one inside
@@ -61,12 +67,25 @@ and the JSON says so. Results: benchmarks/results/official_speed_<device>_<date>
 the official commit (``git`` in the checkout, or ``--official-commit``) and the sha256 of each official
 file used. Never commit official code.
 
+Virtual environment that worked (CPU, Python 3.11; only torch 2.13.0 is allowed here):
+    python3 -m venv /work/venv-official
+    /work/venv-official/bin/pip install torch==2.13.0 timm==0.9.16 einops fairscale torchdiffeq scipy numpy \
+        typer rich safetensors pillow onnxruntime onnx onnxscript
+    /work/venv-official/bin/pip uninstall -y torchvision      # pulled in by timm; cannot load here (see above)
+    /work/venv-official/bin/pip install -e . --no-deps && /work/venv-official/bin/python -m igengine.kernels.build
+
 Official files needed (paths inside the checkout; all a GPU device check has to carry, ~60 kB):
     SiT/models/sit.py  SiT/samplers.py
     LightningDiT/models/__init__.py  LightningDiT/models/lightningdit.py  LightningDiT/models/swiglu_ffn.py
     LightningDiT/models/pos_embed.py  LightningDiT/models/rmsnorm.py
     LightningDiT/transport/__init__.py  LightningDiT/transport/transport.py  LightningDiT/transport/path.py
     LightningDiT/transport/integrators.py  LightningDiT/transport/utils.py
+On a GPU machine the official code also needs timm, einops, torchdiffeq, scipy, tqdm and fairscale (imported
+by models/rmsnorm.py; a pure-Python wheel: ``pip wheel --no-deps fairscale==0.4.13``, to carry where it
+is not installed), and the fused CUDA kernels need ``python -m igengine.kernels.build`` there. With
+``--quick`` a device check runs both XL families at the paper batches (32, 128), K = 2, 2 repeats,
+igengine fp32 and bf16, all workers of a family set up in parallel; the official LightningDiT's
+torch.compile dominates its setup. Not yet run on a GPU: size the call with room to spare.
 """
 
 from __future__ import annotations
@@ -717,14 +736,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="model per family (repeatable); default B models on CPU, XL on CUDA")
     parser.add_argument("--batch-size", type=int, help="N samples per batch (default 2 on CPU; 32 SiT / 128 "
                                                        "LightningDiT on CUDA, the paper's per-GPU batches)")
-    parser.add_argument("--steps", type=int, help="K: solver steps per timed window (default 2 on CPU and with --quick, 4 on CUDA)")
+    parser.add_argument("--steps", type=int,
+                        help="K: solver steps per timed window (default 2 on CPU and with --quick, 4 on CUDA)")
     parser.add_argument("--repeats", type=int, help="R interleaved repeats (default 3; 2 with --quick)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--igengine-config", help=f"comma list from {', '.join(IGENGINE_CONFIGS)} (default CPU: "
-                                                  "reference,fp32,onnxruntime; CUDA: reference,fp32,bf16)")
+                                                  "reference,fp32,onnxruntime; CUDA: reference,fp32,bf16, "
+                                                  "with --quick fp32,bf16)")
     parser.add_argument("--official-compile", choices=("on", "off"), default="on",
                         help="keep the official LightningDiT's @torch.compile (default on, as the official code)")
-    parser.add_argument("--quick", action="store_true", help="GPU device-check preset: XL models, K=2, 2 repeats")
+    parser.add_argument("--quick", action="store_true",
+                        help="device-check preset: K=2, 2 repeats, igengine fp32,bf16 on CUDA (XL models there)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights-seed", type=int, default=1)
     parser.add_argument("--setup-timeout", type=float, default=1200.0, help="seconds for a worker's setup+warm-up")
@@ -745,16 +767,21 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"official_speed: {args.official_repo} lacks official files: {', '.join(missing)}")
     args.model = parse_models(args.model)
-    args.steps = args.steps or (2 if args.quick or kind == "cpu" else 4)
-    args.repeats = args.repeats or (2 if args.quick else 3)
-    default_cfg = "reference,fp32,onnxruntime" if kind == "cpu" else "reference,fp32,bf16"
+    if args.steps is None:
+        args.steps = 2 if args.quick or kind == "cpu" else 4
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 3
+    if args.steps < 1 or args.repeats < 1 or (args.batch_size is not None and args.batch_size < 1):
+        raise SystemExit("official_speed: --steps, --repeats and --batch-size must be >= 1")
+    if kind == "cpu":
+        default_cfg = "reference,fp32,onnxruntime"
+    else:
+        default_cfg = "fp32,bf16" if args.quick else "reference,fp32,bf16"
     args.igengine_config = [c.strip() for c in (args.igengine_config or default_cfg).split(",") if c.strip()]
     for c in args.igengine_config:
         if c not in IGENGINE_CONFIGS:
             raise SystemExit(f"official_speed: unknown --igengine-config {c!r} "
                              f"(choose from {', '.join(IGENGINE_CONFIGS)})")
-    if args.steps < 1 or args.repeats < 1:
-        raise SystemExit("official_speed: --steps and --repeats must be >= 1")
     args.parallel_setup = kind == "cuda"  # many cores there; on a 2-core CPU setups run one after another
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d")
     out = args.json or ROOT / "benchmarks" / "results" / f"official_speed_{kind}_{stamp}.json"
