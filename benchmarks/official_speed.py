@@ -7,7 +7,7 @@ Not a test: it needs a local checkout of the official repository and the officia
     python benchmarks/official_speed.py --official-repo PATH --family sit --steps 2 --repeats 2
     python benchmarks/official_speed.py --official-repo PATH --quick                       # GPU, XL models
 
-What is timed, per family, at the paper settings (DESIGN.md section 4):
+What is timed, per family, at the paper settings (docs/CONTRACTS.md, "Guidance"):
   * SiT: the official ``samplers.euler_maruyama_ig_sampler`` (SDE Euler-Maruyama, 250 steps, CFG 1.35
     for t <= 0.7, IG 1.4) on the official ``models.sit`` model as ``generate.py`` builds it (timm
     attention with ``fused_attn`` off, the script's default; float64 sampler state; TF32 allowed);
@@ -17,8 +17,8 @@ What is timed, per family, at the paper settings (DESIGN.md section 4):
     decorators kept (TF32 allowed, as ``inference.py`` sets);
   * igengine, in its configurations (``--igengine-config``): ``reference`` (the official numerics),
     ``fp32`` (fused step kernels when built: ``python -m igengine.kernels.build``), ``onnxruntime``
-    (fp32 graph; CPU provider, or CUDA with onnxruntime-gpu), ``bf16``/``fp16``, and ``compiled``, a
-    hook for a backend igengine does not have yet (recorded as unavailable).
+    (fp32 graph; CPU provider, or CUDA with onnxruntime-gpu), ``bf16``/``fp16``, and ``compiled``
+    (``compiled-bf16``, ``compiled-fp16``): the torch.compile backend at that precision.
 The same random weights go into both implementations (igengine's model, every parameter random, loaded
 strictly into the official module tree); batch N, labels and the initial latents are the same.
 
@@ -116,64 +116,60 @@ sys.path.insert(0, str(ROOT))
 # new sampler API and the rest of the file is unchanged.
 # ================================================================================================
 
-IGENGINE_CONFIGS = ("reference", "fp32", "bf16", "fp16", "onnxruntime", "compiled")
+IGENGINE_CONFIGS = ("reference", "fp32", "bf16", "fp16", "onnxruntime", "compiled", "compiled-bf16", "compiled-fp16")
 
 
 def igengine_plan_kinds(family: str) -> list[tuple[bool, ...]]:
     """For each solver step of the paper plan of ``family``: the CFG flag of each of its network evaluations."""
     from igengine.config import Family
-    from igengine.models import paper_sampler
-    from igengine.solvers import build_plan
+    from igengine.sampling import build_plan, paper_sampler
 
     fam = Family(family)
     return [tuple(ev.cfg for ev in s.evals) for s in build_plan(fam, paper_sampler(fam)).steps]
 
 
-def igengine_step_runner(model, config: str, device: str, work_dir: Path) -> tuple[Callable, dict]:
+def igengine_step_runner(model, config: str, device: str, work_dir: Path, batch: int) -> tuple[Callable, dict]:
     """A callable running windows of the paper plan with igengine in configuration ``config``, and facts.
 
     model: an ``igengine.models.IGDiT`` (CPU, eval). config: one of IGENGINE_CONFIGS. work_dir: scratch
-    space (the ONNX export). Returns (run, facts); ``run(start, count, seed, indices, labels)`` runs
-    solver steps start .. start+count-1 of the paper plan (for the SiT SDE, then the deterministic
-    closing step from the time of step start+count, as the official sampler ends any grid) from the
-    noise contract's initial latents, and returns the final state (N, C, H, W) on ``device``.
-    Raises NotImplementedError for a configuration igengine does not have yet.
+    space (the ONNX export, the compile cache). batch: the N of the timed runs (a compiled backend
+    specialises to N and 2N rows). Returns (run, facts); ``run(start, count, seed,
+    indices, labels)`` runs solver steps start .. start+count-1 of the paper plan (for the SiT SDE,
+    then the deterministic closing step from the time of step start+count, as the official sampler
+    ends any grid) from the noise contract's initial latents, and returns the final state
+    (N, C, H, W) on ``device``.
     """
-    from igengine.backends import TorchBackend, create_backend
+    from igengine.backends import network
     from igengine.config import Family, Precision
-    from igengine.kernels.runner import FusedPlanRunner
-    from igengine.models import paper_sampler
-    from igengine.sampler import PlanRunner
-    from igengine.solvers import Plan, StepKind
+    from igengine.jobs.backend import build_backend
+    from igengine.models.checkpoint import LoadedCheckpoint
+    from igengine.sampling import ModelFacts, Plan, Sampler, StepKind, build_plan, paper_sampler
 
     family = model.config.family
     facts: dict = {"config": config}
-    if config == "compiled":
-        # HOOK: a compiled backend (torch.compile / CUDA graphs) goes here once igengine has one:
-        # build its backend, and the FusedPlanRunner below drives it like any other.
-        raise NotImplementedError("igengine has no 'compiled' backend yet (hook in igengine_step_runner)")
-    if config == "onnxruntime":
-        from igengine.checkpoint import LoadedCheckpoint
-
-        precision = Precision.FP32
-        # The export cache is keyed by checkpoint digest: a digest of (a sample of) these random weights.
-        digest = hashlib.sha256(b"".join(p.detach().flatten()[:1024].float().numpy().tobytes()
-                                         for p in model.state_dict().values())).hexdigest()
-        loaded = LoadedCheckpoint(model, model.config, Path(f"random-{model.config.name.replace('/', '-')}"),
-                                  "random", _sha256=digest)
-        t0 = time.perf_counter()
-        backend = create_backend("onnxruntime", loaded, precision, device, cache_root=work_dir)
-        facts["export_and_load_s"] = round(time.perf_counter() - t0, 2)
+    # The export/compile caches are keyed by checkpoint digest: a digest of (a sample of) these random weights.
+    digest = hashlib.sha256(b"".join(p.detach().flatten()[:1024].float().numpy().tobytes()
+                                     for p in model.state_dict().values())).hexdigest()
+    loaded = LoadedCheckpoint(model, model.config, Path(f"random-{model.config.name.replace('/', '-')}"),
+                              "random", _sha256=digest)
+    if config in ("onnxruntime", "compiled"):
+        name, precision = config, Precision.FP32
+    elif config.startswith("compiled-"):
+        name, precision = "compiled", Precision(config.split("-", 1)[1])
+    else:
+        name, precision = "torch", Precision(config)
+    t0 = time.perf_counter()
+    os.environ.setdefault("IGENGINE_CACHE", str(work_dir / "cache"))
+    backend = build_backend(name, loaded, precision, device, cache_root=work_dir,
+                            row_counts=(batch, 2 * batch) if name == "compiled" else None)
+    facts["build_s"] = round(time.perf_counter() - t0, 2)
+    if name == "onnxruntime":
         facts["providers"] = backend.providers
         if torch.device(device).type == "cuda" and not backend.on_cuda:
             raise RuntimeError("ONNX Runtime has no working CUDA provider here (install onnxruntime-gpu)")
-    else:
-        precision = Precision(config)
-        backend = TorchBackend(model, precision=precision, device=device)
     base = paper_sampler(family)
-    runner = FusedPlanRunner(backend, dataclasses.replace(base, precision=precision))
-    full = runner.plan
-    facts["step_path"] = runner.path(device)
+    full = build_plan(family, dataclasses.replace(base, precision=precision))
+    net, model_facts = network(backend), ModelFacts.of(model.config)
     facts["backend"] = backend.describe()
 
     def window(start: int, count: int) -> Plan:
@@ -183,13 +179,15 @@ def igengine_step_runner(model, config: str, device: str, work_dir: Path) -> tup
             closing = dataclasses.replace(nxt, kind=StepKind.SDE_LAST, t_next=0.0, dt=0.0 - nxt.t_cur,
                                           noise_stream=None)
             steps = steps + (closing,)
-        return Plan(full.family, full.solver, steps)
+        return Plan(full.family, full.solver, full.guidance, steps)
 
     def run(start: int, count: int, seed: int, indices: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        runner.plan = window(start, count)
-        if not runner.plan.steps:  # nothing to step: the fused run needs at least one launch
-            return PlanRunner.run(runner, seed, indices, labels, device=device)
-        return runner.run(seed, indices, labels, device=device)
+        plan = window(start, count)
+        # An empty window (no steps) has nothing for the fused loop to launch: the reference loop returns x_T.
+        sampler = Sampler(net, plan, model_facts, precision, torch.device(device),
+                          kernels="auto" if plan.steps else "off")
+        facts.setdefault("step_path", sampler.path)
+        return sampler(seed, indices, labels)
 
     return run, facts
 
@@ -385,7 +383,7 @@ def worker_main(spec: dict) -> int:
         if spec["impl"] == "official":
             run, facts = official_runner(Path(spec["official_repo"]), family, spec["model"], ours, device)
         else:
-            run, facts = igengine_step_runner(ours, spec["impl"].split(":", 1)[1], device, work)
+            run, facts = igengine_step_runner(ours, spec["impl"].split(":", 1)[1], device, work, spec["batch"])
         facts["setup_s"] = round(time.perf_counter() - t0, 2)
         facts["threads"] = torch.get_num_threads()
         facts["torchdynamo_disable_env"] = os.environ.get("TORCHDYNAMO_DISABLE")
