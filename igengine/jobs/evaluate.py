@@ -276,57 +276,12 @@ def run_evaluate(job: EvaluateJob, progress: EvaluateProgress | None = None,
         progress.finish()
 
     t = time.perf_counter()
-    metrics: dict = dict.fromkeys(ADM_NAMES)
-    not_computed: dict = {}
-    notes = list(plan.notes)
-    reference_stats = "none"
-    smp_pool, smp_spatial = smp.pool_moments.result(), smp.spatial_moments.result()
-    if ref is not None:
-        if ref.pool is not None:
-            ref_pool = ref.pool
-            reference_stats = ("precomputed in REF ('mu'/'sigma'), as the ADM evaluator uses them"
-                               if ref.kind != "igengine-stats" else "from the igengine statistics file")
-        else:
-            ref_pool = ref_set.pool_moments.result()
-            reference_stats = f"computed from REF's {ref_set.n} images with this network"
-        metrics["fid"] = frechet_distance(smp_pool.mu, smp_pool.sigma, ref_pool.mu, ref_pool.sigma)
-        if ref.spatial is not None:
-            ref_spatial = ref.spatial
-        elif ref_set is not None:
-            ref_spatial = ref_set.spatial_moments.result()
-            if ref.pool is not None:
-                notes.append("REF has 'mu'/'sigma' but no 'mu_s'/'sigma_s': sFID uses statistics computed from "
-                             "REF's images")
-        else:
-            ref_spatial = None
-            not_computed["sfid"] = "REF has no spatial statistics ('mu_s', 'sigma_s') and no images"
-        if ref_spatial is not None:
-            metrics["sfid"] = frechet_distance(smp_spatial.mu, smp_spatial.sigma, ref_spatial.mu, ref_spatial.sigma)
-
-        ref_feats = ref_set.pool if ref_set is not None else (read_features(ref.path) if ref.has_features else None)
-        if ref_feats is None:
-            not_computed["precision"] = not_computed["recall"] = (
-                "REF has no images and no kept features (statistics alone do not define a manifold)")
-        elif min(len(ref_feats), smp.n) < K + 1:
-            not_computed["precision"] = not_computed["recall"] = (
-                f"k-NN manifolds with k = {K} need at least {K + 1} images per set")
-        else:
-            p, r = precision_recall(torch.from_numpy(ref_feats).to(plan.device),
-                                    torch.from_numpy(smp.pool).to(plan.device), k=K)
-            metrics["precision"], metrics["recall"] = p, r
-        if ref.meta and ref.meta.get("network_sha256") not in (None, net.weights.sha256):
-            notes.append(f"REF's statistics were computed with other weights ({ref.meta.get('network')}); "
-                         "both are ports of the same TF graph, but check before comparing numbers")
-    else:
-        for name in ("fid", "sfid", "precision", "recall"):
-            not_computed[name] = "no --ref given (statistics only)"
-    if net.logits_weight is not None:
-        metrics["inception_score"] = inception_score(torch.from_numpy(smp.pool), net.logits_weight.cpu())
-    else:
-        not_computed["inception_score"] = (
-            f"the network ({net.weights.name}) has no softmax layer; pass --inception PATH to pytorch-fid's "
-            "pt_inception-2015-12-05-6726825d.pth to compute it")
+    try:
+        metrics, not_computed, notes, reference_stats = _metrics(plan, net, ref_set, smp)
+    except MetricsError as e:
+        raise EvaluateError(str(e)) from None
     timing["metrics_s"] = round(time.perf_counter() - t, 3)
+    smp_pool, smp_spatial = smp.pool_moments.result(), smp.spatial_moments.result()
 
     record = {
         "format": METRICS_FORMAT,
@@ -365,6 +320,69 @@ def run_evaluate(job: EvaluateJob, progress: EvaluateProgress | None = None,
     if Path(job.samples).is_dir() and ref is not None:
         _record_in_manifest(Path(job.samples), record)
     return record
+
+
+def _same_width(stats: FIDStats, width: int, what: str, ref: Reference) -> FIDStats:
+    if stats.mu.shape[0] != width:
+        raise EvaluateError(f"{ref.path}: {what} statistics have {stats.mu.shape[0]} features, the network gives "
+                            f"{width}; they come from another network or layer")
+    return stats
+
+
+def _metrics(plan: _Plan, net, ref_set: FeatureSet | None, smp: FeatureSet):
+    """(metrics, not_computed, notes, how the reference statistics were obtained)."""
+    ref = plan.ref
+    metrics: dict = dict.fromkeys(ADM_NAMES)
+    not_computed: dict = {}
+    notes = list(plan.notes)
+    reference_stats = "none"
+    smp_pool, smp_spatial = smp.pool_moments.result(), smp.spatial_moments.result()
+    if ref is not None:
+        if ref.pool is not None:
+            ref_pool = _same_width(ref.pool, smp_pool.mu.shape[0], "pool ('mu'/'sigma')", ref)
+            reference_stats = ("precomputed in REF ('mu'/'sigma'), as the ADM evaluator uses them"
+                               if ref.kind != "igengine-stats" else "from the igengine statistics file")
+        else:
+            ref_pool = ref_set.pool_moments.result()
+            reference_stats = f"computed from REF's {ref_set.n} images with this network"
+        metrics["fid"] = frechet_distance(smp_pool.mu, smp_pool.sigma, ref_pool.mu, ref_pool.sigma)
+        if ref.spatial is not None:
+            ref_spatial = _same_width(ref.spatial, smp_spatial.mu.shape[0], "spatial ('mu_s'/'sigma_s')", ref)
+        elif ref_set is not None:
+            ref_spatial = ref_set.spatial_moments.result()
+            if ref.pool is not None:
+                notes.append("REF has 'mu'/'sigma' but no 'mu_s'/'sigma_s': sFID uses statistics computed from "
+                             "REF's images")
+        else:
+            ref_spatial = None
+            not_computed["sfid"] = "REF has no spatial statistics ('mu_s', 'sigma_s') and no images"
+        if ref_spatial is not None:
+            metrics["sfid"] = frechet_distance(smp_spatial.mu, smp_spatial.sigma, ref_spatial.mu, ref_spatial.sigma)
+
+        ref_feats = ref_set.pool if ref_set is not None else (read_features(ref.path) if ref.has_features else None)
+        if ref_feats is None:
+            not_computed["precision"] = not_computed["recall"] = (
+                "REF has no images and no kept features (statistics alone do not define a manifold)")
+        elif min(len(ref_feats), smp.n) < K + 1:
+            not_computed["precision"] = not_computed["recall"] = (
+                f"k-NN manifolds with k = {K} need at least {K + 1} images per set")
+        else:
+            p, r = precision_recall(torch.from_numpy(ref_feats).to(plan.device),
+                                    torch.from_numpy(smp.pool).to(plan.device), k=K)
+            metrics["precision"], metrics["recall"] = p, r
+        if ref.meta and ref.meta.get("network_sha256") not in (None, net.weights.sha256):
+            notes.append(f"REF's statistics were computed with other weights ({ref.meta.get('network')}); "
+                         "both are ports of the same TF graph, but check before comparing numbers")
+    else:
+        for name in ("fid", "sfid", "precision", "recall"):
+            not_computed[name] = "no --ref given (statistics only)"
+    if net.logits_weight is not None:
+        metrics["inception_score"] = inception_score(torch.from_numpy(smp.pool), net.logits_weight.cpu())
+    else:
+        not_computed["inception_score"] = (
+            f"the network ({net.weights.name}) has no softmax layer; pass --inception PATH to pytorch-fid's "
+            "pt_inception-2015-12-05-6726825d.pth to compute it")
+    return metrics, not_computed, notes, reference_stats
 
 
 def manifest_entry(record: dict) -> dict:

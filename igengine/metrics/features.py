@@ -59,14 +59,17 @@ def extract(images: NpzImages, network: Network, device: torch.device, batch_siz
             on_batch: Callable[[int], None] | None = None) -> FeatureSet:
     """Run ``network`` over the images (index order); ``on_batch(images_done_in_this_set)`` after each batch."""
     total = images.n if limit is None else min(images.n, limit)
-    pool = np.empty((total, POOL_DIM), dtype=np.float32)
-    pool_m = Moments(POOL_DIM, device)
-    spatial_m = Moments(SPATIAL_DIM, device) if spatial else None
+    pool = None
+    pool_m = spatial_m = None
     done = 0
     with torch.inference_mode(), exact_float32():
         for batch in images.batches(batch_size, limit=limit):
             out = network(to_device_pixels(batch, device))
             p = out["pool"]
+            if pool is None:  # widths from the network (2048 and 2023 for the FID Inception)
+                pool = np.empty((total, p.shape[1]), dtype=np.float32)
+                pool_m = Moments(p.shape[1], device)
+                spatial_m = Moments(out["spatial"].shape[1], device) if spatial else None
             pool_m.update(p)
             if spatial_m is not None:
                 spatial_m.update(out["spatial"])
@@ -74,6 +77,9 @@ def extract(images: NpzImages, network: Network, device: torch.device, batch_siz
             done += len(batch)
             if on_batch is not None:
                 on_batch(done)
+    if pool is None:
+        pool, pool_m = np.empty((0, POOL_DIM), dtype=np.float32), Moments(POOL_DIM, device)
+        spatial_m = Moments(SPATIAL_DIM, device) if spatial else None
     return FeatureSet(n=done, pool=pool[:done], pool_moments=pool_m, spatial_moments=spatial_m)
 
 

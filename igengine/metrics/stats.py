@@ -7,6 +7,8 @@ rounding, whatever the batch size, and without keeping the rows.
 
 Statistics file (``igengine evaluate --save-stats FILE``): an uncompressed ``.npz`` with
   ``mu`` float64 [2048], ``sigma`` float64 [2048, 2048]      pool_3 statistics (ADM's names)
+  (the widths are the network's: read_stats checks that each mean fits its covariance, and the job
+  that they fit the network)
   ``mu_s`` float64 [2023], ``sigma_s`` float64 [2023, 2023]  mixed_6/conv[:7] statistics (sFID)
   ``pool_features`` float32 [N, 2048]                         kept for precision/recall
   ``igengine_stats`` uint8 [bytes]                            UTF-8 JSON: format, network, n, resolution
@@ -24,7 +26,6 @@ import numpy as np
 import torch
 
 from igengine.metrics.errors import MetricsError
-from igengine.metrics.inception import POOL_DIM, SPATIAL_DIM
 from igengine.metrics.reader import npz_members
 
 STATS_FORMAT = "igengine-fid-stats"
@@ -79,14 +80,15 @@ class FIDStats:
     n: int | None = None
 
 
-def check_stats(mu, sigma, dim: int, where: str) -> FIDStats:
+def check_stats(mu, sigma, where: str) -> FIDStats:
+    """Mean [d] and covariance [d, d], floating point and finite; StatsFormatError otherwise."""
     mu = np.asarray(mu)
     sigma = np.asarray(sigma)
     if mu.dtype.kind != "f" or sigma.dtype.kind != "f":
         raise StatsFormatError(f"{where}: statistics must be floating point, got {mu.dtype} and {sigma.dtype}")
-    if mu.shape != (dim,) or sigma.shape != (dim, dim):
-        raise StatsFormatError(f"{where}: expected mean [{dim}] and covariance [{dim}, {dim}], got "
-                               f"{mu.shape} and {sigma.shape} (features of another network or layer?)")
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise StatsFormatError(f"{where}: expected a mean [d] and a covariance [d, d], got {mu.shape} and "
+                               f"{sigma.shape}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise StatsFormatError(f"{where}: statistics hold NaN or infinite values")
     return FIDStats(mu=mu.astype(np.float64), sigma=sigma.astype(np.float64))
@@ -111,11 +113,11 @@ def read_stats(path: Path) -> StatsFile:
         if "mu" in members or "sigma" in members:
             if not {"mu", "sigma"} <= members:
                 raise StatsFormatError(f"{path}: has only one of 'mu' and 'sigma'; both are needed")
-            pool = check_stats(z["mu"], z["sigma"], POOL_DIM, f"{path}:mu/sigma")
+            pool = check_stats(z["mu"], z["sigma"], f"{path}:mu/sigma")
         if "mu_s" in members or "sigma_s" in members:
             if not {"mu_s", "sigma_s"} <= members:
                 raise StatsFormatError(f"{path}: has only one of 'mu_s' and 'sigma_s'; both are needed")
-            spatial = check_stats(z["mu_s"], z["sigma_s"], SPATIAL_DIM, f"{path}:mu_s/sigma_s")
+            spatial = check_stats(z["mu_s"], z["sigma_s"], f"{path}:mu_s/sigma_s")
         if META in members:
             try:
                 meta = json.loads(bytes(z[META]).decode())
@@ -133,8 +135,8 @@ def read_features(path: Path) -> np.ndarray:
     """The ``pool_features`` float32 [N, 2048] of an igengine statistics file."""
     with np.load(Path(path), allow_pickle=False) as z:
         x = z[FEATURES]
-    if x.ndim != 2 or x.shape[1] != POOL_DIM or x.dtype.kind != "f":
-        raise StatsFormatError(f"{path}:{FEATURES} must be float [N, {POOL_DIM}], got {x.dtype} {x.shape}")
+    if x.ndim != 2 or x.dtype.kind != "f":
+        raise StatsFormatError(f"{path}:{FEATURES} must be float [N, d], got {x.dtype} {x.shape}")
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
