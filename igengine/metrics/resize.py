@@ -54,13 +54,15 @@ def tf1_resize_bilinear(x: torch.Tensor, size: tuple[int, int] = (299, 299)) -> 
     out_h, out_w = int(size[0]), int(size[1])
     _, _, in_h, in_w = x.shape
     dev = x.device
+    # Gathers by advanced indexing (index_select is several times slower on CPU builds of torch 2.x).
     if in_w != out_w:
         lo, hi, w = (torch.from_numpy(a).to(dev) for a in legacy_weights(in_w, out_w))
-        left, right = x.index_select(3, lo), x.index_select(3, hi)  # (N, C, H, W')
+        left, right = x[:, :, :, lo], x[:, :, :, hi]  # (N, C, H, W')
         x = left + (right - left) * w  # w broadcasts over the last axis
+        del left, right
     if in_h != out_h:
         lo, hi, w = (torch.from_numpy(a).to(dev) for a in legacy_weights(in_h, out_h))
-        top, bottom = x.index_select(2, lo), x.index_select(2, hi)  # (N, C, H', W')
+        top, bottom = x[:, :, lo, :], x[:, :, hi, :]  # (N, C, H', W')
         x = top + (bottom - top) * w[:, None]
     return x.contiguous()
 
