@@ -99,7 +99,10 @@ def test_resize_keeps_dtype_device_and_rejects_non_float32():
 
 def _torch_fidelity_resize():
     """torch-fidelity's TF1-compatible resize, imported without running its package __init__ (torchvision)."""
-    spec = importlib.util.find_spec("torch_fidelity")
+    try:
+        spec = importlib.util.find_spec("torch_fidelity")
+    except ValueError:  # a stand-in module without a spec is in sys.modules
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         return None
     saved = sys.modules.get("torch_fidelity")
@@ -112,6 +115,8 @@ def _torch_fidelity_resize():
     finally:
         if saved is not None:
             sys.modules["torch_fidelity"] = saved
+        else:
+            sys.modules.pop("torch_fidelity", None)
 
 
 def test_resize_matches_torch_fidelity_port():
