@@ -377,7 +377,8 @@ def _metrics(plan: _Plan, net, ref_set: FeatureSet | None, smp: FeatureSet):
         for name in ("fid", "sfid", "precision", "recall"):
             not_computed[name] = "no --ref given (statistics only)"
     if net.logits_weight is not None:
-        metrics["inception_score"] = inception_score(torch.from_numpy(smp.pool), net.logits_weight.cpu())
+        metrics["inception_score"] = inception_score(torch.from_numpy(smp.pool),
+                                                     net.logits_weight.to(plan.device))
     else:
         not_computed["inception_score"] = (
             f"the network ({net.weights.name}) has no softmax layer; pass --inception PATH to pytorch-fid's "
