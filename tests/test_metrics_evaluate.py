@@ -278,6 +278,15 @@ def test_cli_missing_ref_and_unwritable_out(tmp_path, capsys, good):
     assert_one_line_exit_2(code, err, "does not exist")
 
 
+def test_cli_refuses_to_write_over_an_input(tmp_path, capsys, good):
+    before = good.read_bytes()
+    code, err = cli(capsys, "evaluate", str(good), "--ref", str(good), "--out", str(good))
+    assert_one_line_exit_2(code, err, "would overwrite an input")
+    code, err = cli(capsys, "evaluate", str(good), "--save-stats", str(good))
+    assert_one_line_exit_2(code, err, "would overwrite")
+    assert good.read_bytes() == before
+
+
 def test_cli_folder_without_samples_npz(tmp_path, capsys, good):
     run = tmp_path / "run"
     (run / "chunks").mkdir(parents=True)

@@ -208,11 +208,14 @@ def _plan(job: EvaluateJob) -> _Plan:
         raise EvaluateError(str(e)) from None
     out = Path(job.out) if job.out is not None else default_out(path)
     _check_writable(out, "--out")
+    inputs = [p.resolve() for p in (path, ref.path if ref else None) if p is not None]
+    if out.resolve() in inputs:
+        raise EvaluateError(f"--out {out} would overwrite an input; choose another file")
     if job.save_stats is not None:
         _check_writable(Path(job.save_stats), "--save-stats")
-        for other in (path, ref.path if ref else None):
-            if other is not None and Path(job.save_stats).resolve() == other.resolve():
-                raise EvaluateError(f"--save-stats {job.save_stats} would overwrite an input; choose another file")
+        if Path(job.save_stats).resolve() in inputs + [out.resolve()]:
+            raise EvaluateError(f"--save-stats {job.save_stats} would overwrite an input or --out; "
+                                "choose another file")
     plan = _Plan(samples=samples, ref=ref, out=out, device=resolve_device(job.device))
     if ref is not None:
         if ref.resolution is None:
