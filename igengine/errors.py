@@ -58,6 +58,14 @@ class GraphMismatchError(ExportError):
     """An exported graph or engine was made for another checkpoint, model config, precision or device."""
 
 
+class MetricsError(InputError):
+    """Input that the metrics cannot use (a file, a member, a shape, a weights file); names the file and the fix."""
+
+
+class EvaluateError(InputError):
+    """Bad input to `igengine evaluate`: one line naming the file or argument and what would fix it."""
+
+
 class PrecisionMismatchError(ConfigError):
     """A network built for one precision driven by a sampler of another."""
 
@@ -96,7 +104,8 @@ class NonFiniteError(RunError):
 
 
 __all__ = [
-    "BackendError", "BackendUnavailable", "CheckpointError", "ConfigError", "ExportError", "GraphMismatchError",
-    "IgengineError", "InputError", "JobError", "NonFiniteError", "OutputError", "PackError",
+    "BackendError", "BackendUnavailable", "CheckpointError", "ConfigError", "EvaluateError", "ExportError",
+    "GraphMismatchError", "IgengineError", "InputError", "JobError", "MetricsError", "NonFiniteError", "OutputError",
+    "PackError",
     "PrecisionMismatchError", "RunError", "VAEError",
 ]

@@ -81,6 +81,7 @@ class SampleJob:
     latent_stats: Path | None = None  # VA-VAE: latents_stats.pt ({'mean', 'std'}, [1, C, 1, 1])
     latent_multiplier: float = 1.0  # VA-VAE: x * std / multiplier + mean (1.0 in the released config)
     chunk_size: int = 1000  # samples per chunk file: the unit of output and of resume
+    evaluate: Path | None = None  # a reference for `igengine evaluate`, run after packing (metrics.json)
 
     def validate(self) -> None:
         """The checks that need no file: counts, the seed, the output names. Sampler settings are
@@ -98,6 +99,10 @@ class SampleJob:
             raise JobError(f"`save_latents` must name a .npy file, got {self.save_latents}")
         if self.png and self.no_decode:
             raise JobError("`png` needs decoded pixels but `no_decode` was given: drop one of them")
+        if self.evaluate is not None and self.no_decode:
+            raise JobError("`evaluate` needs decoded pixels but `no_decode` was given: drop one of them")
+        if self.evaluate is not None and not Path(self.evaluate).exists():
+            raise JobError(f"`evaluate` reference {self.evaluate} not found")
         if self.onnx is not None and not BackendName(self.backend).needs_graph:
             raise JobError("`onnx` only applies to the onnxruntime and tensorrt backends")
 
@@ -318,7 +323,21 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
                                   "computed_this_session": new, "already_complete": report.initial_done}
             manifest["notes"] = notes
             manifest = pack_folder(out, manifest)
+            if job.evaluate is not None and decode:
+                manifest = _evaluate(out, job, device, manifest, progress)
     return RunResult(manifest, out, wall, rate, notes, report.computed, report.reused, rank)
+
+
+def _evaluate(out: Path, job: SampleJob, device: torch.device, manifest: dict, progress: Progress) -> dict:
+    """`igengine evaluate` of the packed samples against ``job.evaluate``: metrics.json, and the manifest's entry."""
+    from igengine.jobs.evaluate import evaluate_samples, manifest_entry
+
+    progress.log(f"evaluating {out / SAMPLES} against {job.evaluate}")
+    record = evaluate_samples(out / SAMPLES, Path(job.evaluate), device=str(device), batch_size=job.batch_size)
+    manifest = dict(manifest)
+    manifest["evaluation"] = json.loads(json.dumps(manifest_entry(record), default=str))
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
 
 
 def _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, sampler, backend, run_key, label_info, labels, decoder,
