@@ -223,7 +223,7 @@ def _sde_args(n=2, e=12, cfg=True):
     (lambda a: a.update(v_inter=None), "v_inter is None"),
     (lambda a: a.update(indices=None), "pass the sample indices"),
     (lambda a: a.update(indices=a["indices"].int()), "indices has dtype int32"),
-    (lambda a: a.update(indices=-a["indices"] - 1), "indices must be >= 0"),
+    (lambda a: a.update(indices=-a["indices"] - 1), "`indices` must be >= 0"),
     (lambda a: a.update(x_out=None), "writes x_out"),
     (lambda a: a.update(x_out=torch.empty(3, 12)), "x_out has shape"),
     (lambda a: a.update(v_final=a["v_final"].transpose(2, 3)), "v_final is not contiguous"),
