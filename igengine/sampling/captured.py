@@ -5,10 +5,11 @@ Python builds the time column, picks the buffers and passes the step's scalars b
 everything a launch varies lives on the device, so one graph per network row count serves the
 whole plan:
   * the plan's launch table (``launches.plan_launches``, packed by ``kernels.binding.pack_table``),
-    the float32 network time of every launch, the labels (N and 2N rows) and a launch counter;
+    the float32 network time of every launch (a row of R times per launch), the labels (N and 2N
+    rows) and a launch counter;
   * static buffers: the state x (N, E), the network input (N or 2N rows), the Heun slope k1, the
     non-finite flags, a fault word.
-One launch = ``t = t_table[counter]`` by device-side indexing, the network on the static input of
+One launch = ``t = t_rows[counter]`` by device-side indexing, the network on the static input of
 R in {N, 2N} rows, then the indexed fused kernel, which runs ``table[counter]`` (writing x, k1 and
 the next input as its kind requires) and advances the counter on the device.
 
@@ -75,8 +76,10 @@ class CapturedLoop:
         self.idx = indices.to(dev).contiguous()
         n = self.n = self.idx.numel()
         self.table = pack_table(params, dev)
-        # Rounded from float64 as loop.time_column rounds it, so the network sees the reference's times.
-        self.t_table = torch.tensor([ev.t for ev in evals], dtype=torch.float64).float().to(dev)
+        # The network time of every launch, rounded from float64 as loop.time_column rounds it, one
+        # column per network row: t_rows[m][counter] is launch counter's time input of m * N rows.
+        t_table = torch.tensor([ev.t for ev in evals], dtype=torch.float64).float()
+        self.t_rows = {m: t_table[:, None].expand(-1, m * n).contiguous().to(dev) for m in set(self.rows)}
         self.counter = torch.zeros(1, dtype=torch.int64, device=dev)
         self.fault = torch.zeros(2, dtype=torch.int64, device=dev)
         self.first_bad = torch.full((n,), -1, dtype=torch.int64, device=dev)
@@ -101,7 +104,7 @@ class CapturedLoop:
         """Launch ``counter`` on m * N network rows: time, network, indexed fused step (+ counter advance)."""
         r = m * self.n
         t = self.t[:r]
-        torch.index_select(self.t_table, 0, self.counter.expand(r), out=t)
+        torch.index_select(self.t_rows[m], 0, self.counter, out=t.view(1, r))
         v_final, v_inter = self.net(self.net_in[:r].view(r, *self.shape), t, self.labels[m])
         fused_step_indexed(self.table, self.counter, self.x, _kernel_ready(v_final), _kernel_ready(v_inter),
                            self.idx, self.k1, self.x, self.net_in, self.first_bad, fault=self.fault,
