@@ -208,6 +208,8 @@ def _indexed_args():
     (lambda a: a.update(table=a["table"].float()), r"table must be uint8 \(L, 72\)"),
     (lambda a: a.update(table=a["table"][:, :36]), r"table must be uint8 \(L, 72\).*\(1, 36\)"),
     (lambda a: a.update(table=a["table"].to("meta")), "table is on meta"),
+    (lambda a: a.update(table=torch.cat([torch.zeros(1, dtype=torch.uint8), a["table"].flatten()])[1:].view(1, 72)),
+     "table is not 4-byte aligned"),
     (lambda a: a.update(counter=a["counter"].int()), "counter has dtype int32"),
     (lambda a: a.update(counter=torch.zeros(2, dtype=torch.int64)), r"counter has shape \(2,\)"),
     (lambda a: a.update(x=a["x"].double(), x_out=None), "x has dtype float64"),
@@ -224,7 +226,7 @@ def _indexed_args():
     (lambda a: a.update(fault=a["first_bad"]), "overlaps"),
     (lambda a: a.update(v_final=a["v_final"].transpose(2, 3)), "v_final is not contiguous"),
     (lambda a: a.update(x_out=torch.empty(2, 12)), None),  # a separate x_out is fine
-], ids=["table-dtype", "table-width", "table-device", "counter-dtype", "counter-shape", "x-dtype", "v-rows",
+], ids=["table-dtype", "table-width", "table-device", "table-misaligned", "counter-dtype", "counter-shape", "x-dtype", "v-rows",
         "v-inter-dtype", "v-inter-rows", "indices-dtype", "indices-negative", "k1-shape", "net-rows",
         "first-bad-shape", "fault-shape", "x-out-overlaps-net", "fault-is-first-bad", "v-non-contiguous",
         "separate-x-out"])

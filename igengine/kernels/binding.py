@@ -223,6 +223,8 @@ def fused_step_indexed(table: torch.Tensor, counter: torch.Tensor, x: torch.Tens
           f"table must be uint8 (L, {PARAMS_BYTES}) from igengine.kernels.binding.pack_table, got "
           f"{str(table.dtype).replace('torch.', '')} {tuple(table.shape)}")
     _check_tensor("table", table, device, (torch.uint8,), table.shape[0], PARAMS_BYTES)
+    _need(table.data_ptr() % 4 == 0, "table is not 4-byte aligned (a view at an odd offset?): pass pack_table's "
+                                     "tensor, or table.clone()")
     _check_tensor("counter", counter, device, (torch.int64,), 1, 1)
     _check_tensor("x", x, device, (torch.float32,), n, e)
     _need(isinstance(v_final, torch.Tensor), f"v_final must be a torch.Tensor, got {type(v_final).__name__}")
