@@ -258,7 +258,7 @@ def fused_step_indexed(table: torch.Tensor, counter: torch.Tensor, x: torch.Tens
         outputs=("counter", "k1", "x_out", "net_out", "first_bad", "fault"), x_out_may_be_x=True)
 
     lib = _library(library, device)
-    ptr = _ptr
+    ptr = _ptr  # None for an absent buffer
     launch_table = abi.StepTable(params=table.data_ptr(), counter=counter.data_ptr(), fault=ptr(fault),
                                  count=table.shape[0], v_rows=rows, net_rows=net_rows)
     buffers = abi.StepBuffers(
