@@ -23,7 +23,7 @@
 extern "C" {
 #endif
 
-#define IGK_ABI_VERSION 1
+#define IGK_ABI_VERSION 2
 
 #if defined(_WIN32)
 #define IGK_EXPORT __declspec(dllexport)
@@ -55,10 +55,20 @@ enum igk_status {
     IGK_ERR_ARCH = 6      /* the library holds no code for this GPU */
 };
 
+/* Why an indexed launch ran nothing (igk_step_table.fault[0]; the device cannot return a status). */
+enum igk_fault {
+    IGK_FAULT_NONE = 0,
+    IGK_FAULT_COUNTER = 1, /* *counter is outside [0, count) */
+    IGK_FAULT_KIND = 2,    /* unknown kind or family, or flags that contradict the kind */
+    IGK_FAULT_ROWS = 3,    /* v_rows != (cfg ? 2n : n), or net_rows < 2n under dup_next */
+    IGK_FAULT_NULL = 4     /* a buffer the launch's kind needs is NULL */
+};
+
 /*
  * Per-step scalars, computed once per step on the host in float64 and rounded to float32 exactly as
- * PyTorch rounds a Python scalar that multiplies a float32 tensor. Passed by value to the kernel,
- * so a launch can be captured in a CUDA graph.
+ * PyTorch rounds a Python scalar that multiplies a float32 tensor. igk_*_step passes them by value
+ * (a captured launch then replays that one step); igk_*_step_indexed reads them from a table
+ * indexed by a device counter (one captured launch serves every step: igk_step_table).
  */
 typedef struct igk_step_params {
     int32_t kind;           /* enum igk_kind */
@@ -92,6 +102,13 @@ typedef struct igk_step_params {
  *   k1_out     float32 [N, E]   predictor slope; required by HEUN_PREDICT
  *   net_out    float32 [N or 2N, E]  next network input (x_out, or x_pred, duplicated when dup_next); optional
  *   first_bad  int64   [N]      set to step_index where a row of x_out turns NaN/Inf and it is < 0; optional
+ *
+ * An indexed launch (igk_*_step_indexed) gets every buffer any kind of its plan needs, with
+ * k1_in == k1_out allowed (the one slope buffer), and uses per kind only (igk_select_buffers):
+ *   SDE            x, v_final, v_inter if ig, indices, x_out, net_out, first_bad
+ *   SDE_LAST/EULER x, v_final, v_inter if ig, x_out, net_out, first_bad
+ *   HEUN_PREDICT   x, v_final, v_inter if ig, k1_out, net_out   (x_out is ignored: x stays the state)
+ *   HEUN_CORRECT   x, v_final, v_inter if ig, k1_in, x_out, net_out, first_bad
  */
 typedef struct igk_step_buffers {
     const float* x;
@@ -109,16 +126,40 @@ typedef struct igk_step_buffers {
     int32_t reserved;  /* 0 */
 } igk_step_buffers;
 
+/*
+ * The per-launch scalars of a whole plan, for indexed launches: the launch runs params[*counter],
+ * then advances *counter by one. Read on the device (CUDA) or host (CPU twin), so one captured
+ * launch serves every launch of the plan.
+ *   params    igk_step_params [count], in the memory of the launch (device memory for CUDA)
+ *   counter   int64 [1], same memory: index of the launch to run; incremented after the launch
+ *   fault     int64 [2], same memory, optional: {enum igk_fault, counter value} of the first launch
+ *             that was refused (written only while fault[0] == 0)
+ *   v_rows    rows of v_final / v_inter in the buffers (N or 2N)
+ *   net_rows  rows of net_out (N or 2N; 0 when net_out is NULL)
+ */
+typedef struct igk_step_table {
+    const igk_step_params* params;
+    int64_t* counter;
+    int64_t* fault;
+    int64_t count;
+    int64_t v_rows;
+    int64_t net_rows;
+} igk_step_table;
+
 /* ---- both libraries ---------------------------------------------------------------------------- */
 IGK_EXPORT int igk_abi_version(void);
 IGK_EXPORT int igk_params_size(void);   /* sizeof(igk_step_params), checked against the binding */
 IGK_EXPORT int igk_buffers_size(void);  /* sizeof(igk_step_buffers) */
+IGK_EXPORT int igk_table_size(void);    /* sizeof(igk_step_table) */
 IGK_EXPORT const char* igk_build_info(void);
 IGK_EXPORT const char* igk_last_error(void); /* text of the calling thread's last error */
 
 /* ---- CPU twin (host pointers) ------------------------------------------------------------------ */
 /* num_threads <= 0: one thread per hardware core for large launches. Returns enum igk_status. */
 IGK_EXPORT int igk_cpu_step(const igk_step_params* p, const igk_step_buffers* b, int num_threads);
+/* Runs t->params[*t->counter] on b, then ++*t->counter (also when the launch is refused: then the
+ * return value says why, and t->fault records it as on the device). */
+IGK_EXPORT int igk_cpu_step_indexed(const igk_step_table* t, const igk_step_buffers* b, int num_threads);
 /* Raw words of the noise contract: out uint32 [n, blocks, 4]. */
 IGK_EXPORT int igk_cpu_philox(uint64_t seed, uint32_t stream, const int64_t* indices, int64_t n, int64_t blocks,
                               uint32_t* out);
@@ -133,6 +174,11 @@ IGK_EXPORT int igk_cpu_gaussian(uint64_t seed, uint32_t stream, const int64_t* i
 /* 0 when the kernels can run on `device`; else IGK_ERR_ARCH / IGK_ERR_CUDA with igk_last_error(). */
 IGK_EXPORT int igk_cuda_probe(int device);
 IGK_EXPORT int igk_cuda_step(const igk_step_params* p, const igk_step_buffers* b, int device, void* stream);
+/* Enqueues two kernels on `stream`: the step with the scalars t->params[*t->counter] (read on the
+ * device), then the advance ++*t->counter. Stream order makes the advance race-free: it starts
+ * after every thread of the step has read the counter. A launch whose scalars do not fit b runs
+ * nothing and records why in t->fault (the return value only covers what the host can check). */
+IGK_EXPORT int igk_cuda_step_indexed(const igk_step_table* t, const igk_step_buffers* b, int device, void* stream);
 IGK_EXPORT int igk_cuda_philox(uint64_t seed, uint32_t stream, const int64_t* indices, int64_t n, int64_t blocks,
                                uint32_t* out, int device, void* cuda_stream);
 IGK_EXPORT int igk_cuda_gaussian(uint64_t seed, uint32_t stream, const int64_t* indices, int64_t n, int64_t numel,

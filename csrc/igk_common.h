@@ -56,6 +56,40 @@ inline int validate(const igk_step_params* p, const igk_step_buffers* b) {
     return IGK_OK;
 }
 
+/* What the host can check of an indexed launch (the scalars themselves are checked where they are
+ * read, by igk_launch_fault). */
+inline int validate_indexed(const igk_step_table* t, const igk_step_buffers* b) {
+    if (!t || !b) return fail(IGK_ERR_NULL, "table and buffers must not be NULL");
+    if (!t->params || !t->counter) return fail(IGK_ERR_NULL, "the table's params and counter must not be NULL");
+    if (t->count <= 0) return fail(IGK_ERR_SIZE, "the table has %lld launches, expected > 0", (long long)t->count);
+    if (b->n <= 0 || b->e <= 0) return fail(IGK_ERR_SIZE, "n = %lld and e = %lld must be > 0", (long long)b->n, (long long)b->e);
+    if (b->n > (int64_t(1) << 31) || b->e > (int64_t(1) << 40))
+        return fail(IGK_ERR_SIZE, "n = %lld or e = %lld too large", (long long)b->n, (long long)b->e);
+    if (b->v_dtype < IGK_DTYPE_F32 || b->v_dtype > IGK_DTYPE_F16) return fail(IGK_ERR_DTYPE, "unknown v_dtype %d", b->v_dtype);
+    if (!b->x) return fail(IGK_ERR_NULL, "x is NULL");
+    if (!b->v_final) return fail(IGK_ERR_NULL, "v_final is NULL");
+    if (t->v_rows != b->n && t->v_rows != 2 * b->n)
+        return fail(IGK_ERR_SIZE, "v_rows = %lld, expected n = %lld or 2n", (long long)t->v_rows, (long long)b->n);
+    if (b->net_out ? (t->net_rows != b->n && t->net_rows != 2 * b->n) : t->net_rows != 0)
+        return fail(IGK_ERR_SIZE, "net_rows = %lld, expected n or 2n (0 without net_out)", (long long)t->net_rows);
+    return IGK_OK;
+}
+
+/* Text and status of an enum igk_fault (the CPU twin reports what the CUDA kernel records). */
+inline int fault_status(int fault) {
+    return fault == IGK_FAULT_NULL ? IGK_ERR_NULL : fault == IGK_FAULT_KIND ? IGK_ERR_KIND : IGK_ERR_SIZE;
+}
+
+inline const char* fault_text(int fault) {
+    switch (fault) {
+        case IGK_FAULT_COUNTER: return "the counter is outside the table";
+        case IGK_FAULT_KIND: return "unknown kind or family, or flags that contradict the kind";
+        case IGK_FAULT_ROWS: return "the buffers' row counts do not fit the launch (v_rows vs cfg, net_rows vs dup_next)";
+        case IGK_FAULT_NULL: return "a buffer the launch's kind needs is NULL";
+        default: return "no fault";
+    }
+}
+
 inline bool aligned(const void* ptr, uintptr_t a) { return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) % a) == 0; }
 
 /* The vectorised path: whole blocks only, 16-byte float4 for fp32 buffers, 8 bytes for 16-bit v. */

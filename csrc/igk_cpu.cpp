@@ -4,6 +4,8 @@
  * Work items are (row, 4-element block) pairs, exactly the CUDA kernel's threads; large launches
  * are split over std::threads in contiguous ranges (no shared writes except first_bad, see
  * igk_flag_first_bad). Compiled with -ffp-contract=off: every float32 operation rounds once.
+ * Indexed launches read their scalars from a host table at a host counter, like the CUDA kernel
+ * does on the device, and report a refused launch both as a status and in the table's fault word.
  */
 #include <algorithm>
 #include <thread>
@@ -63,6 +65,14 @@ void step_dtype(const igk_step_params& p, const igk_step_buffers& b, int num_thr
         step_all<DT, false>(p, b, num_threads);
 }
 
+void step_any(const igk_step_params& p, const igk_step_buffers& b, int num_threads) {
+    switch (b.v_dtype) {
+        case IGK_DTYPE_F32: step_dtype<IGK_DTYPE_F32>(p, b, num_threads); break;
+        case IGK_DTYPE_BF16: step_dtype<IGK_DTYPE_BF16>(p, b, num_threads); break;
+        default: step_dtype<IGK_DTYPE_F16>(p, b, num_threads); break;
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -70,18 +80,37 @@ extern "C" {
 IGK_EXPORT int igk_abi_version(void) { return IGK_ABI_VERSION; }
 IGK_EXPORT int igk_params_size(void) { return (int)sizeof(igk_step_params); }
 IGK_EXPORT int igk_buffers_size(void) { return (int)sizeof(igk_step_buffers); }
+IGK_EXPORT int igk_table_size(void) { return (int)sizeof(igk_step_table); }
 IGK_EXPORT const char* igk_build_info(void) { return IGK_BUILD_INFO; }
 IGK_EXPORT const char* igk_last_error(void) { return igk::error_buffer(); }
 
 IGK_EXPORT int igk_cpu_step(const igk_step_params* p, const igk_step_buffers* b, int num_threads) {
     const int status = igk::validate(p, b);
     if (status != IGK_OK) return status;
-    switch (b->v_dtype) {
-        case IGK_DTYPE_F32: step_dtype<IGK_DTYPE_F32>(*p, *b, num_threads); break;
-        case IGK_DTYPE_BF16: step_dtype<IGK_DTYPE_BF16>(*p, *b, num_threads); break;
-        default: step_dtype<IGK_DTYPE_F16>(*p, *b, num_threads); break;
-    }
+    step_any(*p, *b, num_threads);
     return igk::ok();
+}
+
+IGK_EXPORT int igk_cpu_step_indexed(const igk_step_table* t, const igk_step_buffers* b, int num_threads) {
+    const int status = igk::validate_indexed(t, b);
+    if (status != IGK_OK) return status;
+    /* The CUDA kernel's sequence: read the counter, check the scalars, run (or record the fault), advance. */
+    const int64_t k = *t->counter;
+    int fault = (k < 0 || k >= t->count) ? IGK_FAULT_COUNTER : IGK_FAULT_NONE;
+    igk_step_params p{};
+    if (fault == IGK_FAULT_NONE) {
+        p = t->params[k];
+        fault = igk_launch_fault(p, *b, t->v_rows, t->net_rows);
+    }
+    if (fault == IGK_FAULT_NONE) step_any(p, igk_select_buffers(p, *b), num_threads);
+    *t->counter = k + 1;
+    if (fault == IGK_FAULT_NONE) return igk::ok();
+    if (t->fault && t->fault[0] == IGK_FAULT_NONE) {
+        t->fault[0] = fault;
+        t->fault[1] = k;
+    }
+    return igk::fail(igk::fault_status(fault), "launch %lld of a table of %lld: %s", (long long)k, (long long)t->count,
+                     igk::fault_text(fault));
 }
 
 IGK_EXPORT int igk_cpu_philox(uint64_t seed, uint32_t stream, const int64_t* indices, int64_t n, int64_t blocks,

@@ -11,7 +11,8 @@
  *   Philox4x32-10 and the Box-Muller of the noise contract (igengine/noise.py);
  *   bf16 / fp16 -> float32 conversion (exact);
  *   IG, the SiT SDE drift, CFG and the solver updates, on one element;
- *   igk_step_block: one 4-element block of one row = one Philox call, loads, maths, stores.
+ *   igk_step_block: one 4-element block of one row = one Philox call, loads, maths, stores;
+ *   igk_launch_fault / igk_select_buffers: the checks and per-kind buffers of an indexed launch.
  */
 #ifndef IGK_MATH_H
 #define IGK_MATH_H
@@ -273,6 +274,42 @@ IGK_HD inline void igk_step_block(const igk_step_params& p, const igk_step_buffe
         for (int j = 0; j < m; ++j) bad = bad || !igk_finite(xn[j]);
         if (bad) igk_flag_first_bad(b.first_bad + n, p.step_index);
     }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Indexed launches (igk_step_table): the scalars come from a table on the device, so the checks
+ * the host makes for a by-value launch (igk_common.h) are made here, once per thread block, and
+ * the buffers a kind does not use are dropped before igk_step_block sees them.
+ * ------------------------------------------------------------------------------------------- */
+
+/* enum igk_fault for params p on buffers b whose v_final / v_inter hold v_rows rows and net_out net_rows. */
+IGK_HD inline int igk_launch_fault(const igk_step_params& p, const igk_step_buffers& b, int64_t v_rows,
+                                   int64_t net_rows) {
+    if (p.kind < IGK_KIND_SDE || p.kind > IGK_KIND_HEUN_CORRECT) return IGK_FAULT_KIND;
+    if (p.family != IGK_FAMILY_SIT && p.family != IGK_FAMILY_LIGHTNINGDIT) return IGK_FAULT_KIND;
+    const bool sde = p.kind == IGK_KIND_SDE || p.kind == IGK_KIND_SDE_LAST;
+    if (sde != (p.drift != 0) || (p.drift && p.family != IGK_FAMILY_SIT)) return IGK_FAULT_KIND;
+    if (v_rows != (p.cfg ? 2 * b.n : b.n)) return IGK_FAULT_ROWS;
+    if (p.dup_next && b.net_out && net_rows < 2 * b.n) return IGK_FAULT_ROWS;
+    if ((p.ig && !b.v_inter) || (p.kind == IGK_KIND_SDE && !b.indices) || (p.dup_next && !b.net_out))
+        return IGK_FAULT_NULL;
+    if (p.kind == IGK_KIND_HEUN_PREDICT) return b.k1_out ? IGK_FAULT_NONE : IGK_FAULT_NULL;
+    if (!b.x_out || (p.kind == IGK_KIND_HEUN_CORRECT && !b.k1_in)) return IGK_FAULT_NULL;
+    return IGK_FAULT_NONE;
+}
+
+/* The buffers launch kind p.kind uses, from buffers that carry every pointer of a plan (igk_api.h).
+ * The predictor keeps x as the state: it writes k1 and the corrector's input, never x_out. */
+IGK_HD inline igk_step_buffers igk_select_buffers(const igk_step_params& p, igk_step_buffers b) {
+    if (!p.ig) b.v_inter = nullptr;
+    if (p.kind != IGK_KIND_SDE) b.indices = nullptr;
+    if (p.kind != IGK_KIND_HEUN_CORRECT) b.k1_in = nullptr;
+    if (p.kind != IGK_KIND_HEUN_PREDICT) b.k1_out = nullptr;
+    if (p.kind == IGK_KIND_HEUN_PREDICT) {
+        b.x_out = nullptr;
+        b.first_bad = nullptr;
+    }
+    return b;
 }
 
 /* One block of the contract's Gaussians (noise.gaussian): row n, elements 4 blk.. of `numel`. */

@@ -11,22 +11,27 @@ kernel the raw low-precision tensors and the reference their exact float32 upcas
 
 from __future__ import annotations
 
-import zlib
+import functools
 import itertools
+import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from igengine.config import Family, GuidanceConfig, ModelConfig, Precision, SamplerConfig, Solver
-from igengine.kernels.binding import fused_step
-from igengine.kernels.library import KernelLibrary
+from igengine.kernels.binding import fused_step, fused_step_indexed, pack_table
+from igengine.kernels.library import KernelLibrary, library_filename, load_library, CPU_STEM
 from igengine.models.registry import preset
 from igengine.noise import sde_stream
 from igengine.sampling.launches import Phase, step_params
 from igengine.sampling.loop import ModelFacts, guided_field, reference_step
 from igengine.sampling.plan import SDE_T_END, Evaluation, Step, StepKind, build_plan
 from igengine.sampling.randomness import NUMPY
+
+ROOT = Path(__file__).resolve().parents[1]
+TWIN_BUILD = ROOT / "build" / "kernels-test-cpu"
 
 IG_SCALE = 1.4
 CFG_SCALE = 1.5
@@ -215,6 +220,47 @@ def fused(case: Case, inp: Inputs, library: KernelLibrary | None = None, in_plac
     return out
 
 
+def fused_indexed(case: Case, inp: Inputs, library: KernelLibrary | None = None) -> dict[str, torch.Tensor]:
+    """The same step through ``fused_step_indexed``, as the captured loop launches it.
+
+    One launch table (the predictor and the corrector for Heun), one counter, and buffers that
+    serve every launch: x updated in place (x_out is x), one 2N-row network-input buffer, one k1.
+    Returns what ``fused`` returns, plus ``x_after_predict`` (Heun: x after the predictor),
+    ``counter`` and ``fault``.
+    """
+    device = inp.x.device
+    n = case.n
+    e = int(np.prod(case.shape))
+    x = inp.x.reshape(n, e).clone()
+    g = sampler_config(case).guidance
+    step = inp.step
+    if step.kind == StepKind.HEUN:
+        params = [step_params(case.family, g, step, phase=Phase.PREDICT, dup_next=step.evals[1].cfg, seed=case.seed),
+                  step_params(case.family, g, step, phase=Phase.CORRECT, dup_next=case.dup_next, seed=case.seed)]
+    else:
+        params = [step_params(case.family, g, step, dup_next=case.dup_next, seed=case.seed)]
+    table = pack_table(params, device)
+    counter = torch.zeros(1, dtype=torch.int64, device=device)
+    fault = torch.zeros(2, dtype=torch.int64, device=device)
+    first_bad = torch.full((n,), -1, dtype=torch.int64, device=device)
+    k1 = torch.empty_like(x)
+    net = torch.empty((2 * n, e), dtype=torch.float32, device=device)
+    idx = inp.indices.to(device)
+    out = {}
+    for j, (vf, vi) in enumerate(inp.outputs):
+        fused_step_indexed(table, counter, x, vf, vi, idx, k1, x, net, first_bad, fault=fault, library=library)
+        if step.kind == StepKind.HEUN and j == 0:
+            out["x_after_predict"] = x.clone().view(n, *case.shape)
+            out["net_mid"] = net[: (2 if step.evals[1].cfg else 1) * n].clone().view(-1, *case.shape)
+            out["k1"] = k1.view(n, *case.shape)
+    out["x_next"] = x.view(n, *case.shape)
+    out["net_next"] = net[: (2 if case.dup_next else 1) * n].view(-1, *case.shape)
+    out["first_bad"] = first_bad
+    out["counter"] = counter
+    out["fault"] = fault
+    return out
+
+
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     """max |got - ref| / max(1, |ref|) (inf if shapes differ or got is non-finite where ref is finite)."""
     if got.shape != ref.shape:
@@ -292,3 +338,46 @@ def e2e_sampler(solver: Solver, cfg_interval, shift: float, precision: Precision
                 steps: int = 10) -> SamplerConfig:
     g = GuidanceConfig(ig_scale=1.4, ig_interval=(0.0, 0.8), cfg_scale=1.5, cfg_interval=tuple(cfg_interval))
     return SamplerConfig(solver=solver, steps=steps, guidance=g, timestep_shift=shift, precision=precision)
+
+
+def twin_tools_missing() -> str | None:
+    """Why the CPU twin cannot be built here (no cmake, no C++ compiler), or None."""
+    import os
+    import shutil
+
+    if shutil.which("cmake") is None:
+        return "cmake not found on PATH: cannot build the CPU twin from csrc/"
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "c++", "g++", "clang++")):
+        return "no C++ compiler found: cannot build the CPU twin from csrc/"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def build_twin() -> KernelLibrary:
+    """Build (incrementally, once per process) and load the CPU twin from csrc/ into build/kernels-test-cpu/.
+
+    Raises igengine.kernels.build.BuildError when CMake or the compiler fails.
+    """
+    from igengine.kernels.build import build
+
+    lib_dir = build(cuda="off", build_dir=TWIN_BUILD, lib_dir=TWIN_BUILD / "lib", quiet=True)
+    return load_library(lib_dir / library_filename(CPU_STEM), "cpu")
+
+
+class TimeNaNInjector:
+    """Wraps a network and turns row ``row`` of v_final into NaN at the evaluations whose time is ``t``.
+
+    Decided on the device from the time input (no Python state per call), so it is capturable and a
+    CUDA graph replays it at the right launch. ``t`` is compared in float32, as the network sees it.
+    """
+
+    def __init__(self, inner, t: float, row: int):
+        self.inner, self.row = inner, row
+        self.t = float(np.float32(t))
+        self.precision = getattr(inner, "precision", None)
+        self.capturable = True
+
+    def __call__(self, x, t, y):
+        vf, vi = self.inner(x, t, y)
+        hit = (t == self.t) & (torch.arange(t.shape[0], device=t.device) == self.row)
+        return torch.where(hit.view(-1, *([1] * (vf.dim() - 1))), torch.full_like(vf, float("nan")), vf), vi

@@ -12,7 +12,6 @@ docs/CONTRACTS.md instead: |fused - reference| <= 1e-6 * max(1, |reference|) per
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,23 +32,20 @@ from tests import kernel_parity as P
 from tests.conftest import sampler_for as make_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST_BUILD = ROOT / "build" / "kernels-test-cpu"
 
 
 @pytest.fixture(scope="session")
 def twin() -> library.KernelLibrary:
     """Build (incrementally) and load the CPU twin."""
-    from igengine.kernels.build import BuildError, build
+    from igengine.kernels.build import BuildError
 
-    if shutil.which("cmake") is None:
-        pytest.skip("cmake not found on PATH: cannot build the CPU twin from csrc/")
-    if not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "c++", "g++", "clang++")):
-        pytest.skip("no C++ compiler found: cannot build the CPU twin from csrc/")
+    missing = P.twin_tools_missing()
+    if missing:
+        pytest.skip(missing)
     try:
-        lib_dir = build(cuda="off", build_dir=TEST_BUILD, lib_dir=TEST_BUILD / "lib", quiet=True)
+        return P.build_twin()
     except BuildError as exc:
         pytest.fail(f"building the CPU twin failed: {exc}")
-    return library.load_library(lib_dir / library.library_filename(library.CPU_STEM), "cpu")
 
 
 @pytest.fixture
@@ -223,7 +219,7 @@ def _sde_args(n=2, e=12, cfg=True):
     (lambda a: a.update(v_inter=None), "v_inter is None"),
     (lambda a: a.update(indices=None), "pass the sample indices"),
     (lambda a: a.update(indices=a["indices"].int()), "indices has dtype int32"),
-    (lambda a: a.update(indices=-a["indices"] - 1), "indices must be >= 0"),
+    (lambda a: a.update(indices=-a["indices"] - 1), "`indices` must be >= 0"),
     (lambda a: a.update(x_out=None), "writes x_out"),
     (lambda a: a.update(x_out=torch.empty(3, 12)), "x_out has shape"),
     (lambda a: a.update(v_final=a["v_final"].transpose(2, 3)), "v_final is not contiguous"),

@@ -5,7 +5,8 @@ Nothing touches CUDA at import or collection time: the module fixture does, when
 The library comes from the normal search (igengine/_lib, IGENGINE_KERNELS_DIR); if none can run on
 this GPU, the fixture builds one for it into build/kernels-test-cuda/.
 
-Tolerance: as for the CPU twin, |fused - reference| <= 1e-6 * max(1, |reference|) elementwise. The
+Tolerance: as for the CPU twin, |fused - reference| <= 1e-6 * max(1, |reference|) elementwise (indexed
+against by-value launches: bit-equal, the same device code on the same scalars). The
 kernel rounds like the reference's float32 operations (--fmad=false) except that PyTorch's CUDA
 division by a scalar multiplies by its reciprocal (one rounding more in the SiT score), which is
 far inside the bound.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +24,10 @@ import pytest
 import torch
 
 from igengine.config import Family, Precision, Solver
-from igengine.kernels import library
-from igengine.kernels.binding import KernelInputError, fused_step, gaussian, philox_words
+from igengine.errors import NonFiniteError
+from igengine.kernels import abi, library
+from igengine.kernels.binding import (KernelInputError, fused_step, fused_step_indexed, gaussian, pack_table,
+                                      philox_words)
 from igengine.sampling.launches import step_params
 from igengine.noise import gaussian as ref_gaussian
 from igengine.noise import philox_words as ref_philox_words
@@ -215,7 +219,7 @@ def test_cuda_binding_rejects_mixed_devices(cuda_lib):
 def test_cuda_fused_loop_equals_the_reference_loop(cuda_discovered, name, solver, cfg_interval, shift):
     backend = P.tiny_backend(name, device="cuda")
     cfg = P.e2e_sampler(solver, cfg_interval, shift)
-    fused = make_sampler(backend, cfg)
+    fused = replace(make_sampler(backend, cfg), capture="off")
     assert fused.path == "cuda" and fused.generator == "cuda-kernel"
     indices, labels = torch.tensor([3, 2**33 + 1, 11]), torch.tensor([1, 2, 9])
     ref = make_sampler(backend, cfg, kernels="off")(5, indices, labels)
@@ -242,6 +246,114 @@ def test_cuda_reference_loop_draws_its_noise_on_the_device(cuda_discovered):
     assert device_rng.path == "reference" and device_rng.generator == "cuda-kernel"
     indices, labels = torch.tensor([0, 1]), torch.tensor([4, 5])
     assert torch.equal(device_rng(1, indices, labels), make_sampler(backend, cfg, randomness=NUMPY)(1, indices, labels))
+
+
+# ---- indexed launches and the captured loop ------------------------------------------------------
+
+INDEXED_CASES = CASES[::9]
+
+
+@pytest.mark.parametrize("case", INDEXED_CASES, ids=[c.id for c in INDEXED_CASES])
+def test_cuda_indexed_step_equals_the_by_value_step_bitwise(cuda_lib, case):
+    inp = P.make_inputs(case, device="cuda")
+    want = P.fused(case, inp, library=cuda_lib)
+    got = P.fused_indexed(case, inp, library=cuda_lib)
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differ, f"{case.id}: {differ} differ from the by-value step (same device code, same scalars)"
+    assert got["counter"].tolist() == [len(inp.outputs)] and got["fault"].tolist() == [0, 0]
+    if case.kind == "heun":
+        assert torch.equal(got["x_after_predict"], inp.x), "the predictor must leave x (= x_out) alone"
+
+
+def test_cuda_refused_indexed_launch_records_the_fault_on_the_device(cuda_lib):
+    case = P.Case(Family.SIT, "sde", True, False, False, n=2, shape=(3, 2, 2))
+    inp = P.make_inputs(case, device="cuda")
+    p = step_params(case.family, P.sampler_config(case).guidance, inp.step, seed=case.seed)
+    p.cfg = 1  # the table says CFG; the buffers are an N-row graph's
+    vf, vi = inp.outputs[0]
+    x = inp.x.reshape(2, 12).clone()
+    x_out = torch.full_like(x, 7.0)
+    counter = torch.zeros(1, dtype=torch.int64, device="cuda")
+    fault = torch.zeros(2, dtype=torch.int64, device="cuda")
+    fused_step_indexed(pack_table([p], "cuda"), counter, x, vf, vi, inp.indices.cuda(), None, x_out, None, None,
+                       fault=fault, library=cuda_lib)  # nothing raised: the device cannot report back
+    assert fault.tolist() == [int(abi.Fault.ROWS), 0] and counter.tolist() == [1]
+    assert torch.equal(x_out, torch.full_like(x, 7.0))
+
+
+def test_cuda_captured_loop_reports_a_refused_launch_after_the_run(cuda_discovered):
+    from igengine.sampling.captured import CapturedLoop
+
+    backend = P.tiny_backend("SiT-S/2", device="cuda")
+    s = make_sampler(backend, P.e2e_sampler(Solver.SDE, (0.0, 0.7), 0.0, steps=3))
+    loop = CapturedLoop(s.net, s.plan, s.facts, 1, torch.tensor([0, 1]), torch.tensor([2, 3]), device=s.device,
+                        library=cuda_discovered)
+    loop.table[1].zero_()  # kind SDE without the drift flag: refused where the kernel reads it
+    loop.run()
+    with pytest.raises(library.KernelError, match="launch 1 of 3 was refused on the device .KIND"):
+        loop.finish()
+
+
+@pytest.mark.parametrize("name, solver, cfg_interval, shift", P.E2E_RUNS,
+                         ids=[f"{r[0]}-{r[1].value}" for r in P.E2E_RUNS])
+def test_cuda_captured_loop_equals_the_reference_loop(cuda_discovered, name, solver, cfg_interval, shift):
+    backend = P.tiny_backend(name, device="cuda")
+    cfg = P.e2e_sampler(solver, cfg_interval, shift)
+    captured = make_sampler(backend, cfg)
+    assert captured.path == "cuda-graph" and captured.generator == "cuda-kernel"
+    indices, labels = torch.tensor([3, 2**33 + 1, 11]), torch.tensor([1, 2, 9])
+    ref = make_sampler(backend, cfg, kernels="off")(5, indices, labels)
+    fused = replace(captured, capture="off")(5, indices, labels)
+    got = captured(5, indices, labels)
+    assert got.device.type == "cuda"
+    assert P.rel_err(got, ref) <= P.E2E_RTOL, P.rel_err(got, ref)
+    assert P.rel_err(got, fused) <= P.E2E_RTOL, P.rel_err(got, fused)
+
+
+def test_cuda_captured_loop_replays_one_graph_per_launch_without_host_sync(cuda_discovered, monkeypatch):
+    from igengine.sampling.captured import CapturedLoop
+
+    backend = P.tiny_backend("LightningDiT-B/1", device="cuda")
+    cfg = P.e2e_sampler(Solver.HEUN2, (0.19, 1.0), 0.3)
+    s = make_sampler(backend, cfg)
+    indices, labels = torch.tensor([0, 5]), torch.tensor([4, 1])
+    loop = CapturedLoop(s.net, s.plan, s.facts, 3, indices, labels, device=s.device, library=cuda_discovered)
+    loop.capture()
+    assert sorted(loop.graphs) == sorted(set(loop.rows)) == [1, 2], "one graph per network row count"
+    replays = []
+    real_replay = torch.cuda.CUDAGraph.replay
+
+    def counted(graph):
+        replays.append(graph)
+        return real_replay(graph)
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", counted)
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation inside the loop raises
+    try:
+        loop.run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(replays) == loop.num_launches == s.plan.nfe
+    assert all(g is loop.graphs[m] for g, m in zip(replays, loop.rows))
+    got = loop.finish()
+    ref = make_sampler(backend, cfg, kernels="off")(3, indices, labels)
+    assert P.rel_err(got, ref) <= P.E2E_RTOL
+
+
+@pytest.mark.parametrize("solver, t_index", [(Solver.SDE, 5), (Solver.ODE_HEUN, 3)])
+def test_cuda_captured_loop_reports_non_finite_like_the_reference_loop(cuda_discovered, solver, t_index):
+    backend = P.tiny_backend("SiT-S/2", device="cuda")
+    cfg = P.e2e_sampler(solver, (0.0, 0.7), 0.0)
+    captured = make_sampler(backend, cfg)
+    net = P.TimeNaNInjector(captured.net, captured.plan.steps[t_index].t_cur, row=1)
+    indices, labels = torch.tensor([7, 8, 9]), torch.tensor([1, 2, 3])
+    errors = []
+    for sampler in (replace(make_sampler(backend, cfg, kernels="off"), net=net), replace(captured, net=net)):
+        with pytest.raises(NonFiniteError) as info:
+            sampler(2, indices, labels)
+        errors.append((sampler.path, info.value.step, info.value.indices))
+    assert [e[0] for e in errors] == ["reference", "cuda-graph"]
+    assert errors[0][1:] == errors[1][1:] and errors[0][2] == [8]
 
 
 # ---- a library built for another GPU falls back -------------------------------------------------

@@ -55,13 +55,15 @@ def output_pair(n: int, latent_shape: tuple[int, ...], device: torch.device) -> 
 class SplitCalls:
     """A backend as a sampler's network: calls above its ``max_batch`` are split and concatenated.
 
-    Declares the backend's ``precision`` so the sampler can check it.
+    Declares the backend's ``precision`` so the sampler can check it, and whether its calls may be
+    captured in a CUDA graph (``capturable``, False unless the backend says True).
     """
 
     def __init__(self, backend: Backend):
         self.backend = backend
         self.precision = backend.precision
         self.max_batch = backend.max_batch
+        self.capturable = getattr(backend, "capturable", False) is True
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cap = self.max_batch

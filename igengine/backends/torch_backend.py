@@ -13,6 +13,9 @@ class TorchBackend:
     """Eager PyTorch at ``precision`` on ``device``; TF32 and other global flags only during a call."""
 
     name = "torch"
+    # No host synchronisation and only call-local allocations: the sampler may replay calls from a
+    # CUDA graph (igengine.sampling.captured).
+    capturable = True
 
     def __init__(self, model: IGDiT, precision: Precision = Precision.REFERENCE, device: str | torch.device = "cpu",
                  max_batch: int | None = None):

@@ -8,7 +8,10 @@ Importing this package loads nothing and never touches CUDA: the libraries are o
 
   abi      the C ABI (StepParams, StepBuffers, enums) mirrored with ctypes
   library  finding, loading and probing the libraries
-  binding  checked entry points for torch tensors (fused_step, gaussian, philox_words)
+  binding  checked entry points for torch tensors (fused_step, fused_step_indexed, pack_table, gaussian,
+           philox_words)
+  ops      torch custom ops igengine::fused_step_indexed and igengine::gaussian, for torch.compile
+           (torch >= 2.4; imported only on request: ``import igengine.kernels.ops``)
   build    ``python -m igengine.kernels.build`` (CMake; the CUDA library where nvcc is found)
 
 May import: igengine.config, errors, noise. The sampling loop that uses them is igengine.sampling.fused.
@@ -27,6 +30,8 @@ _LAZY = {
     "load_library": "igengine.kernels.library",
     "KernelError": "igengine.kernels.library",
     "fused_step": "igengine.kernels.binding",
+    "fused_step_indexed": "igengine.kernels.binding",
+    "pack_table": "igengine.kernels.binding",
     "gaussian": "igengine.kernels.binding",
     "philox_words": "igengine.kernels.binding",
     "KernelInputError": "igengine.kernels.binding",

@@ -1,4 +1,4 @@
-"""The C ABI of csrc/igk_api.h mirrored in ctypes: enums, the two argument structs, function signatures.
+"""The C ABI of csrc/igk_api.h mirrored in ctypes: enums, the argument structs, function signatures.
 
 Keep this file and csrc/igk_api.h in lock-step; ``ABI_VERSION`` and the struct sizes are checked
 against the library when it is loaded, so a stale build is refused instead of misread.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import enum
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 
 class Kind(enum.IntEnum):
@@ -43,6 +43,16 @@ class Status(enum.IntEnum):
     ERR_KIND = 4
     ERR_CUDA = 5
     ERR_ARCH = 6
+
+
+class Fault(enum.IntEnum):
+    """Why an indexed launch ran nothing (``enum igk_fault``, written to the table's fault word)."""
+
+    NONE = 0
+    COUNTER = 1  # the counter is outside the table
+    KIND = 2  # unknown kind or family, or flags that contradict the kind
+    ROWS = 3  # v_rows != (cfg ? 2N : N), or net_rows < 2N under dup_next
+    NULL = 4  # a buffer the launch's kind needs is missing
 
 
 class StepParams(ctypes.Structure):
@@ -94,16 +104,31 @@ class StepBuffers(ctypes.Structure):
     ]
 
 
+class StepTable(ctypes.Structure):
+    """``igk_step_table``: an indexed launch runs ``params[*counter]`` and then advances ``*counter``."""
+
+    _fields_ = [
+        ("params", ctypes.c_void_p),
+        ("counter", ctypes.c_void_p),
+        ("fault", ctypes.c_void_p),
+        ("count", ctypes.c_int64),
+        ("v_rows", ctypes.c_int64),
+        ("net_rows", ctypes.c_int64),
+    ]
+
+
 _P = ctypes.POINTER
 _COMMON = {
     "igk_abi_version": ([], ctypes.c_int),
     "igk_params_size": ([], ctypes.c_int),
     "igk_buffers_size": ([], ctypes.c_int),
+    "igk_table_size": ([], ctypes.c_int),
     "igk_build_info": ([], ctypes.c_char_p),
     "igk_last_error": ([], ctypes.c_char_p),
 }
 _CPU = {
     "igk_cpu_step": ([_P(StepParams), _P(StepBuffers), ctypes.c_int], ctypes.c_int),
+    "igk_cpu_step_indexed": ([_P(StepTable), _P(StepBuffers), ctypes.c_int], ctypes.c_int),
     "igk_cpu_philox": ([ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                         ctypes.c_void_p], ctypes.c_int),
     "igk_cpu_philox_raw": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p], ctypes.c_int),
@@ -113,11 +138,23 @@ _CPU = {
 _CUDA = {
     "igk_cuda_probe": ([ctypes.c_int], ctypes.c_int),
     "igk_cuda_step": ([_P(StepParams), _P(StepBuffers), ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
+    "igk_cuda_step_indexed": ([_P(StepTable), _P(StepBuffers), ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
     "igk_cuda_philox": ([ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                          ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
     "igk_cuda_gaussian": ([ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                            ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
 }
+
+
+def stale_version(lib: ctypes.CDLL) -> str | None:
+    """A one-line reason if ``lib`` speaks another ABI version (checked before ``declare``: an older
+    library lacks some of this version's functions, and that is what the user should be told)."""
+    fn = lib.igk_abi_version
+    fn.argtypes, fn.restype = [], ctypes.c_int
+    version = fn()
+    if version != ABI_VERSION:
+        return f"ABI version {version}, expected {ABI_VERSION} (stale build: rebuild with python -m igengine.kernels.build)"
+    return None
 
 
 def declare(lib: ctypes.CDLL, kind: str) -> None:
@@ -135,9 +172,10 @@ def declare(lib: ctypes.CDLL, kind: str) -> None:
 
 def check_abi(lib: ctypes.CDLL) -> str | None:
     """None if ``lib`` speaks this ABI, else a one-line reason."""
-    version = lib.igk_abi_version()
-    if version != ABI_VERSION:
-        return f"ABI version {version}, expected {ABI_VERSION} (stale build: rebuild with python -m igengine.kernels.build)"
-    if lib.igk_params_size() != ctypes.sizeof(StepParams) or lib.igk_buffers_size() != ctypes.sizeof(StepBuffers):
+    problem = stale_version(lib)
+    if problem:
+        return problem
+    if (lib.igk_params_size() != ctypes.sizeof(StepParams) or lib.igk_buffers_size() != ctypes.sizeof(StepBuffers)
+            or lib.igk_table_size() != ctypes.sizeof(StepTable)):
         return "struct sizes differ from igengine/kernels/abi.py (stale build: rebuild)"
     return None

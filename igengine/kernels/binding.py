@@ -6,9 +6,21 @@ enqueues on ``torch.cuda.current_stream(device)`` and never synchronises, so a c
 in a CUDA graph. Non-contiguous tensors are refused (call ``.contiguous()``): the kernels address
 dense rows. Negative sample indices are refused when the indices live on the CPU; on a GPU that
 check would need a synchronisation, so it is the caller's (the Sampler checks them once per run).
+
+Two forms of the fused step:
+  * ``fused_step(params, ...)``: the scalars by value (one ``StepParams``), checked against the
+    buffers on the host;
+  * ``fused_step_indexed(table, counter, ...)``: the scalars of a whole plan in a table on the
+    tensors' device (``pack_table``), launch ``table[counter]`` then ``counter += 1``, both on the
+    device. Its checks read only shapes, dtypes and devices (never a tensor's values), so it never
+    waits for the GPU; the scalars are checked by ``pack_table`` and again where the kernel reads them.
 """
 
 from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -147,6 +159,129 @@ def fused_step(params: abi.StepParams, x: torch.Tensor, v_final: torch.Tensor, v
     _launch_step(lib, params, buffers, device)
 
 
+PARAMS_BYTES = ctypes.sizeof(abi.StepParams)
+_SDE_KINDS = (abi.Kind.SDE, abi.Kind.SDE_LAST)
+
+
+def _check_params(p: abi.StepParams, name: str) -> None:
+    """The host's share of the C side's checks of one launch's scalars (igk_launch_fault)."""
+    _need(isinstance(p, abi.StepParams), f"{name} must be an igengine.kernels.abi.StepParams, got {type(p).__name__}")
+    _need(p.kind in tuple(abi.Kind), f"{name}.kind = {p.kind} is not a kind ({', '.join(k.name for k in abi.Kind)})")
+    _need(p.family in tuple(abi.FamilyCode), f"{name}.family = {p.family} is not a family code (0 SiT, 1 LightningDiT)")
+    _need((abi.Kind(p.kind) in _SDE_KINDS) == bool(p.drift), f"{name}.drift must be set exactly for the SDE kinds")
+    _need(not p.drift or p.family == abi.FamilyCode.SIT, f"{name}: the SDE drift is a SiT-family field")
+
+
+def pack_table(params: Sequence[abi.StepParams], device="cpu") -> torch.Tensor:
+    """The launch table of ``fused_step_indexed``: uint8 (L, sizeof(StepParams)) on ``device``.
+
+    Row k holds the bytes of ``params[k]`` (``igengine.sampling.launches.plan_launches`` gives a
+    plan's launches in order). Each entry is checked here, on the host, once.
+    """
+    params = tuple(params)
+    _need(len(params) > 0, "the launch table needs at least one StepParams")
+    for k, p in enumerate(params):
+        _check_params(p, f"params[{k}]")
+    raw = bytearray(b"".join(bytes(p) for p in params))
+    table = torch.frombuffer(raw, dtype=torch.uint8).reshape(len(params), PARAMS_BYTES).clone()
+    return table.to(_resolve(device))
+
+
+def fused_step_indexed(table: torch.Tensor, counter: torch.Tensor, x: torch.Tensor, v_final: torch.Tensor,
+                       v_inter: torch.Tensor | None = None, indices: torch.Tensor | None = None,
+                       k1: torch.Tensor | None = None, x_out: torch.Tensor | None = None,
+                       net_out: torch.Tensor | None = None, first_bad: torch.Tensor | None = None, *,
+                       fault: torch.Tensor | None = None, library: KernelLibrary | None = None) -> None:
+    """Launch ``table[counter]`` on buffers that serve every launch of a plan, then ``counter += 1``.
+
+    table:     uint8 (L, sizeof(StepParams)) from ``pack_table``, on x's device.
+    counter:   int64 (1,) on x's device: which launch runs; advanced by one after it (on the device).
+    x:         float32 (N, ...) state; E = x.numel() / N.
+    v_final:   float32/bfloat16/float16 (R, ...) network output, R = N or 2N; it must be 2N exactly
+               for the launches whose scalars say CFG (the loop passes each graph its own outputs).
+    v_inter:   same dtype and shape as v_final; read by launches with IG.
+    indices:   int64 (N,) sample indices; read by SDE launches.
+    k1:        float32 (N, ...) the Heun slope: the predictor writes it, the corrector reads it.
+    x_out:     float32 (N, ...) next state (may be x); written by every kind but the predictor,
+               which leaves x and x_out alone and writes its x_pred only into net_out.
+    net_out:   float32 (N or 2N, ...) next network input (rows N..2N-1 too when the launch duplicates).
+    first_bad: int64 (N,), set to the launch's step where a row of x_out turns NaN/Inf while < 0.
+    fault:     int64 (2,), optional: ``{abi.Fault, counter}`` of the first launch whose scalars did
+               not fit these buffers (such a launch writes nothing else). On the CPU twin that
+               launch also raises KernelError at once; on CUDA only ``fault`` records it, to be read
+               after the loop with the other flags.
+    A kind whose buffer is missing is refused the same way. All tensors on x's device, contiguous,
+    non-overlapping (except x_out is x). Returns nothing; never synchronises.
+    """
+    _need(isinstance(x, torch.Tensor), f"x must be a torch.Tensor, got {type(x).__name__}")
+    _need(x.dim() >= 1 and x.shape[0] > 0 and x.numel() > 0, f"x must have N >= 1 rows and elements, got {tuple(x.shape)}")
+    device = x.device
+    n = x.shape[0]
+    e = x.numel() // n
+    _need(isinstance(table, torch.Tensor), f"table must be a torch.Tensor (pack_table), got {type(table).__name__}")
+    _need(table.dtype == torch.uint8 and table.dim() == 2 and table.shape[0] >= 1 and table.shape[1] == PARAMS_BYTES,
+          f"table must be uint8 (L, {PARAMS_BYTES}) from igengine.kernels.binding.pack_table, got "
+          f"{str(table.dtype).replace('torch.', '')} {tuple(table.shape)}")
+    _check_tensor("table", table, device, (torch.uint8,), table.shape[0], PARAMS_BYTES)
+    _need(table.data_ptr() % 4 == 0, "table is not 4-byte aligned (a view at an odd offset?): pass pack_table's "
+                                     "tensor, or table.clone()")
+    _check_tensor("counter", counter, device, (torch.int64,), 1, 1)
+    _check_tensor("x", x, device, (torch.float32,), n, e)
+    _need(isinstance(v_final, torch.Tensor), f"v_final must be a torch.Tensor, got {type(v_final).__name__}")
+    rows = v_final.shape[0] if v_final.dim() else 0
+    _need(rows in (n, 2 * n), f"v_final has shape {tuple(v_final.shape)}, expected N = {n} rows (no CFG) "
+                              f"or 2N = {2 * n} (CFG) of {e} elements")
+    _check_tensor("v_final", v_final, device, tuple(_VDTYPES), rows, e)
+    if v_inter is not None:
+        _check_tensor("v_inter", v_inter, device, (v_final.dtype,), rows, e)
+    if indices is not None:
+        _check_tensor("indices", indices, device, (torch.int64,), n, 1)
+        if device.type == "cpu":
+            _checked(check_indices, indices)
+    for name, t in (("k1", k1), ("x_out", x_out)):
+        if t is not None:
+            _check_tensor(name, t, device, (torch.float32,), n, e)
+    net_rows = 0
+    if net_out is not None:
+        _need(isinstance(net_out, torch.Tensor), f"net_out must be a torch.Tensor, got {type(net_out).__name__}")
+        net_rows = net_out.shape[0] if net_out.dim() else 0
+        _need(net_rows in (n, 2 * n), f"net_out has shape {tuple(net_out.shape)}, expected N = {n} or 2N = {2 * n} "
+                                      f"rows of {e} elements")
+        _check_tensor("net_out", net_out, device, (torch.float32,), net_rows, e)
+    if first_bad is not None:
+        _check_tensor("first_bad", first_bad, device, (torch.int64,), n, 1)
+    if fault is not None:
+        _check_tensor("fault", fault, device, (torch.int64,), 2, 1)
+    _check_no_overlap(
+        {"table": table, "counter": counter, "x": x, "v_final": v_final, "v_inter": v_inter, "indices": indices,
+         "k1": k1, "x_out": x_out, "net_out": net_out, "first_bad": first_bad, "fault": fault},
+        outputs=("counter", "k1", "x_out", "net_out", "first_bad", "fault"), x_out_may_be_x=True)
+
+    lib = _library(library, device)
+    ptr = _ptr  # None for an absent buffer
+    launch_table = abi.StepTable(params=table.data_ptr(), counter=counter.data_ptr(), fault=ptr(fault),
+                                 count=table.shape[0], v_rows=rows, net_rows=net_rows)
+    buffers = abi.StepBuffers(
+        x=x.data_ptr(), v_final=v_final.data_ptr(), v_inter=ptr(v_inter), k1_in=ptr(k1), indices=ptr(indices),
+        x_out=ptr(x_out), k1_out=ptr(k1), net_out=ptr(net_out), first_bad=ptr(first_bad), n=n, e=e,
+        v_dtype=int(_VDTYPES[v_final.dtype]), reserved=0)
+    if device.type == "cuda":
+        lib.step_indexed(launch_table, buffers, device=device.index,
+                         stream=torch.cuda.current_stream(device).cuda_stream)
+    else:
+        lib.step_indexed(launch_table, buffers, num_threads=_cpu_threads())
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_threads() -> int:
+    """The CPU twin's thread count: torch's, read once per process (not per launch)."""
+    return torch.get_num_threads()
+
+
 def _library(library: KernelLibrary | None, device: torch.device) -> KernelLibrary:
     lib = library if library is not None else library_for(device)
     if lib is None:
@@ -161,7 +296,7 @@ def _launch_step(lib: KernelLibrary, params: abi.StepParams, buffers: abi.StepBu
     if device.type == "cuda":
         lib.step(params, buffers, device=device.index, stream=torch.cuda.current_stream(device).cuda_stream)
     else:
-        lib.step(params, buffers, num_threads=torch.get_num_threads())
+        lib.step(params, buffers, num_threads=_cpu_threads())
 
 
 def _resolve(device) -> torch.device:
@@ -203,7 +338,7 @@ def gaussian(seed: int, indices, stream: int, shape, device="cpu", library: Kern
                      cuda_stream=torch.cuda.current_stream(device).cuda_stream)
     else:
         lib.gaussian(seed, stream, idx.data_ptr(), idx.numel(), numel, out.data_ptr(),
-                     num_threads=torch.get_num_threads())
+                     num_threads=_cpu_threads())
     return out
 
 

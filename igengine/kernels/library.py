@@ -84,6 +84,22 @@ class KernelLibrary:
                                          ctypes.c_void_p(stream))
         self._check(rc, "fused step")
 
+    def step_indexed(self, table: abi.StepTable, buffers: abi.StepBuffers, num_threads: int = 0, device: int = 0,
+                     stream: int = 0) -> None:
+        """Launch ``table.params[*table.counter]`` on raw pointers, then advance the counter (see
+        binding.fused_step_indexed for the checks).
+
+        cpu: runs synchronously and raises KernelError for a launch whose scalars do not fit the
+        buffers. cuda: enqueues the step and the counter advance on ``stream``; such a launch runs
+        nothing and is recorded in ``table.fault`` (the host cannot see it without waiting).
+        """
+        if self.kind == "cpu":
+            rc = self.cdll.igk_cpu_step_indexed(ctypes.byref(table), ctypes.byref(buffers), int(num_threads))
+        else:
+            rc = self.cdll.igk_cuda_step_indexed(ctypes.byref(table), ctypes.byref(buffers), int(device),
+                                                 ctypes.c_void_p(stream))
+        self._check(rc, "indexed fused step")
+
     def philox(self, seed: int, stream: int, indices_ptr: int, n: int, blocks: int, out_ptr: int,
                device: int = 0, cuda_stream: int = 0) -> None:
         """Raw words of the noise contract into out (uint32 [n, blocks, 4])."""
@@ -151,9 +167,13 @@ def _find(stem: str) -> Path | None:
 def _open(kind: str, path: Path) -> tuple[KernelLibrary | None, str]:
     try:
         cdll = ctypes.CDLL(str(path))
-        abi.declare(cdll, kind)
+        stale = abi.stale_version(cdll)
+        if stale is None:
+            abi.declare(cdll, kind)
     except (OSError, AttributeError) as exc:
         return None, f"cannot load: {exc}"
+    if stale:
+        return None, stale
     problem = abi.check_abi(cdll)
     if problem:
         return None, problem

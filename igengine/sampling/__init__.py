@@ -7,6 +7,7 @@
   loop        the reference loop (pure functions of network, plan, facts and randomness)
   launches    a plan as fused-kernel launches (the per-step scalars)
   fused       the fused loop (one kernel between network calls)
+  captured    the captured loop (network + fused kernel replayed from CUDA graphs, one per row count)
   sampler     Sampler: binds network, plan, facts, precision and randomness; picks the loop
   presets     the paper's settings per family, and how a run's settings are resolved
 

@@ -7,6 +7,9 @@ Everything the sampler uses is an argument: the network callable, the plan (time
 model facts, the precision (``igengine.precision.policy``: state dtype, fused kernels or not) and
 the randomness (default: the kernel library's device generator where one is loaded, NumPy
 otherwise; the same numbers). Which loop runs (``path``):
+  * ``cuda-graph``: the captured loop (``igengine.sampling.captured``): network and fused step
+    replayed from CUDA graphs, when the fused loop would run on CUDA, ``capture`` is 'auto' and the
+    network declares ``capturable = True`` (the torch backend does; ONNX Runtime and TensorRT do not);
   * ``cuda`` / ``cpu-twin``: the fused loop (``igengine.sampling.fused``), for precisions with a
     float32 state when a kernel library is loaded for the device and the default randomness is used;
   * ``reference``: the plain loop (``igengine.sampling.loop``) otherwise.
@@ -26,12 +29,14 @@ from igengine.config import Precision
 from igengine.kernels import library as kernel_library
 from igengine.noise import check_indices, check_seed
 from igengine.precision import PrecisionPolicy, check_network_precision, policy
+from igengine.sampling.captured import PATH_CUDA_GRAPH, run_captured
 from igengine.sampling.fused import run_fused
 from igengine.sampling.loop import ModelFacts, Network, OnStep, run_reference
 from igengine.sampling.plan import Plan
 from igengine.sampling.randomness import Randomness, default_randomness
 
 KERNEL_CHOICES = ("auto", "off")
+CAPTURE_CHOICES = ("auto", "off")
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,8 @@ class Sampler:
     net: ``(x, t, y) -> (v_final, v_inter)``; plan: ``igengine.sampling.plan.build_plan``; facts:
     ``ModelFacts``; precision: the run's precision; device: where the state lives; randomness: a
     ``Randomness`` (None = ``default_randomness(device)``); kernels: 'auto' (fused loop where
-    possible) or 'off' (always the reference loop, for A/B comparisons).
+    possible) or 'off' (always the reference loop, for A/B comparisons); capture: 'auto' (CUDA
+    graphs where the fused loop runs on CUDA and ``net.capturable`` is True) or 'off'.
     """
 
     net: Network
@@ -51,8 +57,10 @@ class Sampler:
     device: torch.device
     randomness: Randomness | None = None
     kernels: str = "auto"
+    capture: str = "auto"
     numerics: PrecisionPolicy = field(init=False)
     _library: kernel_library.KernelLibrary | None = field(init=False, repr=False)
+    _captured: bool = field(init=False, repr=False)
     _randomness: Randomness = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -61,6 +69,8 @@ class Sampler:
         set_(self, "device", _resolve_device(self.device))
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"`kernels` must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
+        if self.capture not in CAPTURE_CHOICES:
+            raise ValueError(f"`capture` must be one of {', '.join(CAPTURE_CHOICES)}, got {self.capture!r}")
         self.facts.check_plan(self.plan)
         set_(self, "numerics", policy(self.precision, self.facts.family))
         check_network_precision(getattr(self.net, "precision", None), self.numerics)
@@ -68,11 +78,15 @@ class Sampler:
         if self.kernels == "auto" and self.numerics.fused_kernels and self.randomness is None:
             lib = kernel_library.library_for(self.device)
         set_(self, "_library", lib)
+        set_(self, "_captured", bool(self.capture == "auto" and lib is not None and lib.kind == "cuda"
+                                     and getattr(self.net, "capturable", False) is True))
         set_(self, "_randomness", self.randomness if self.randomness is not None else default_randomness(self.device))
 
     @property
     def path(self) -> str:
-        """'cuda', 'cpu-twin' or 'reference': the implementation of the step this sampler runs."""
+        """'cuda-graph', 'cuda', 'cpu-twin' or 'reference': the implementation of the step this sampler runs."""
+        if self._captured:
+            return PATH_CUDA_GRAPH
         if self._library is None:
             return kernel_library.PATH_REFERENCE
         return kernel_library.PATH_CUDA if self._library.kind == "cuda" else kernel_library.PATH_CPU
@@ -95,6 +109,9 @@ class Sampler:
         labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
         if labels.shape[0] != indices.shape[0]:
             raise ValueError(f"{labels.shape[0]} `labels` for {indices.shape[0]} sample `indices`")
+        if self._captured:
+            return run_captured(self.net, self.plan, self.facts, seed, indices, labels, device=self.device,
+                                library=self._library, on_step=on_step)
         if self._library is not None:
             return run_fused(self.net, self.plan, self.facts, seed, indices, labels, device=self.device,
                              library=self._library, on_step=on_step)
@@ -112,10 +129,10 @@ def _resolve_device(device: torch.device | str) -> torch.device:
 
 def sample(net: Network, plan: Plan, facts: ModelFacts, seed: int, indices, labels, *, precision: Precision | str,
            device: torch.device | str = "cpu", randomness: Randomness | None = None, kernels: str = "auto",
-           on_step: OnStep | None = None) -> torch.Tensor:
+           capture: str = "auto", on_step: OnStep | None = None) -> torch.Tensor:
     """One call of a ``Sampler`` built from the same arguments (see its docstring)."""
-    return Sampler(net, plan, facts, Precision(precision), torch.device(device), randomness, kernels)(
+    return Sampler(net, plan, facts, Precision(precision), torch.device(device), randomness, kernels, capture)(
         seed, indices, labels, on_step)
 
 
-__all__ = ["KERNEL_CHOICES", "Sampler", "sample"]
+__all__ = ["CAPTURE_CHOICES", "KERNEL_CHOICES", "Sampler", "sample"]
