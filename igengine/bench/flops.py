@@ -1,0 +1,89 @@
+"""Analytic FLOP count of one IG DiT forward, from the model config alone.
+
+FLOPs here are 2 x multiply-adds of the matrix products, the convention of
+``torch.utils.flop_counter.FlopCounterMode`` (and of MFU figures): a product of an (M, K) and a
+(K, N) matrix is 2*M*K*N FLOPs. The count is exactly what ``FlopCounterMode`` reports for
+``IGDiT.forward`` when attention is counted (``tests/test_flops.py`` checks equality):
+
+counted, per row (one image; T tokens of width D, head width Dh, patch p, C_in / C_out channels)
+  patch embedding   Conv2d k=p, stride p:       2 * T * (C_in p^2) * D
+  timestep MLP      Linear(256, D), Linear(D, D):  2 * 256 * D + 2 * D * D
+  label embedding   a table lookup:             0
+  each block        adaLN modulation Linear(D, kD), k = 6 (4 with wo_shift):  2 * D * kD
+                    qkv Linear(D, 3D):          2 * T * D * 3D
+                    scores Q K^T and A V:       2 * T^2 * D each (summed over heads)
+                    out projection Linear(D, D): 2 * T * D * D
+                    MLP fc1/fc2 with hidden H = int(D * mlp_ratio):  2 * T * D * H, twice
+                    or SwiGLU with H = int(2/3 * int(D * mlp_ratio)):
+                      w12 Linear(D, 2H): 2 * T * D * 2H;  w3 Linear(H, D): 2 * T * H * D
+  each of the two   adaLN Linear(Dh, 2 Dh):     2 * Dh * 2Dh
+  heads (final_layer, linear Linear(Dh, p^2 C_out): 2 * T * Dh * p^2 C_out
+  final_layer_xr)
+
+not counted (as in FlopCounterMode): biases, every elementwise op (activations, adaLN modulate,
+gates, residual adds), LayerNorm / RMSNorm / qk-norm, softmax and the attention scaling, RoPE,
+the sinusoidal time features, position embedding adds, unpatchify (a permutation).
+
+Note on FlopCounterMode and attention: it counts the fused SDPA kernels of CUDA (flash,
+memory-efficient, cuDNN) and the math path (two bmm), but not the CPU flash kernel
+(``_scaled_dot_product_flash_attention_for_cpu``), so on a CPU it reports the attention products as
+0 unless the math SDPA backend (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``) or the meta
+device is used. This module always counts them.
+"""
+
+from __future__ import annotations
+
+from igengine.config import ModelConfig
+
+# TimestepEmbedder's sinusoidal feature width (igengine.models.layers.TimestepEmbedder default).
+FREQUENCY_EMBEDDING_SIZE = 256
+
+
+def _mm(m: int, k: int, n: int) -> int:
+    """FLOPs of an (m, k) @ (k, n) product."""
+    return 2 * m * k * n
+
+
+def forward_flops_breakdown(config: ModelConfig, rows: int = 1) -> dict[str, int]:
+    """FLOPs of one forward of ``rows`` rows, by part (keys below); see the module docstring.
+
+    Keys: patch_embed, timestep_mlp, label_embed (0), block_adaln, qkv, attention (Q K^T + A V),
+    attn_proj, mlp, heads (both heads, incl. their adaLN). Values are totals over all blocks and
+    all ``rows``.
+    """
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+        raise ValueError(f"rows must be an int >= 1, got {rows!r}")
+    c = config
+    d = c.hidden_size
+    dh = c.head_hidden_size
+    tokens = (c.input_size // c.patch_size) ** 2
+    patch_out = c.patch_size * c.patch_size * c.out_channels
+    mlp_hidden = int(d * c.mlp_ratio)
+    if c.use_swiglu:
+        h = int(2 / 3 * mlp_hidden)  # igengine.models.layers.DiTBlock: SwiGLU(dim, int(2/3 * mlp_hidden))
+        mlp = _mm(tokens, d, 2 * h) + _mm(tokens, h, d)
+    else:
+        mlp = _mm(tokens, d, mlp_hidden) + _mm(tokens, mlp_hidden, d)
+    n_chunks = 4 if c.wo_shift else 6
+    per_row = {
+        "patch_embed": _mm(tokens, c.in_channels * c.patch_size * c.patch_size, d),
+        "timestep_mlp": _mm(1, FREQUENCY_EMBEDDING_SIZE, d) + _mm(1, d, d),
+        "label_embed": 0,
+        "block_adaln": c.depth * _mm(1, d, n_chunks * d),
+        "qkv": c.depth * _mm(tokens, d, 3 * d),
+        "attention": c.depth * 2 * _mm(tokens, d, tokens),  # Q K^T and A V, summed over heads
+        "attn_proj": c.depth * _mm(tokens, d, d),
+        "mlp": c.depth * mlp,
+        "heads": 2 * (_mm(1, dh, 2 * dh) + _mm(tokens, dh, patch_out)),
+    }
+    return {k: rows * v for k, v in per_row.items()}
+
+
+def forward_flops(config: ModelConfig, rows: int = 1) -> int:
+    """Total FLOPs (2 x multiply-adds of matmuls and convolutions) of one ``IGDiT`` forward of ``rows`` rows.
+
+    Counts exactly the terms ``FlopCounterMode`` counts (convolution, linear layers, both attention
+    products); see the module docstring for the list of what is and is not counted. SiT-XL/2 at
+    256 px: about 2 x 118.6 G per image (DiT reports 118.6 "GFLOPs" meaning multiply-adds).
+    """
+    return sum(forward_flops_breakdown(config, rows).values())
