@@ -1,0 +1,138 @@
+"""Measured matmul peak: the achieved FLOP/s of one square matmul, the denominator of an MFU figure.
+
+``matmul_peak`` times ``C = A @ B`` for square n x n operands (2 n^3 FLOPs per product, the same
+2 x multiply-add convention as ``igengine.bench.flops``):
+  CUDA: operands and output preallocated, ``warmup`` untimed products (clocks ramp up, cuBLAS picks
+        its kernel), then ``repeats`` products each between two CUDA events, one synchronisation at
+        the end. Default n = 8192 (large enough to saturate an H100/H200's tensor cores).
+  CPU:  the same with ``time.perf_counter`` around each product. Default n = 1024 for fp32 (tens of
+        ms per product on 2 cores) and 256 for bf16/fp16 (CPUs without native bf16/fp16 matmul
+        units run these two orders of magnitude slower than fp32), so a default call stays under 2 s.
+The result reports the median and the best (max) FLOP/s over the repeats.
+
+Numerics flags: fp32 is measured without TF32 unless ``allow_tf32=True``. The TF32 flags
+(``torch.backends.cuda.matmul.allow_tf32``) are set for the measurement only and restored after it;
+nothing else global is changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+
+import torch
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DEFAULT_SIZE = {"cuda": 8192, "cpu": 1024}
+DEFAULT_SIZE_CPU_LOW_PRECISION = 256
+DEFAULT_REPEATS = {"cuda": 50, "cpu": 5}
+DEFAULT_WARMUP = {"cuda": 10, "cpu": 1}
+
+
+@contextlib.contextmanager
+def matmul_tf32(enabled: bool):
+    """Set cuBLAS's TF32 permission for fp32 matmuls inside the block; restore the caller's value after."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def matmul_peak(
+    dtype: torch.dtype,
+    device: torch.device | str,
+    size: int | None = None,
+    repeats: int | None = None,
+    allow_tf32: bool = False,
+    warmup: int | None = None,
+) -> dict:
+    """Achieved FLOP/s of an n x n @ n x n matmul in ``dtype`` on ``device`` (see the module docstring).
+
+    dtype: torch.bfloat16, torch.float16 or torch.float32. device: "cpu", "cuda", "cuda:1", ...
+    size: n (default 8192 on CUDA; on CPU 1024 for fp32, 256 for bf16/fp16). repeats: timed products (default 50 CUDA, 5 CPU).
+    allow_tf32: fp32 only, let cuBLAS use TF32 tensor cores.
+    Returns a JSON-able dict: dtype, device, device_name, size, flop (= 2 n^3 per product), repeats,
+    warmup, tf32, timer, median_s, min_s, median_flops, max_flops (FLOP/s), threads (CPU), torch.
+    """
+    device = torch.device(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype}")
+    if device.type not in DEFAULT_SIZE:
+        raise ValueError(f"device must be a cpu or cuda device, got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but no CUDA GPU is available")
+    if allow_tf32 and dtype != torch.float32:
+        raise ValueError(f"allow_tf32 only applies to dtype torch.float32, got {dtype}")
+    n = size
+    if n is None:
+        low = device.type == "cpu" and dtype != torch.float32
+        n = DEFAULT_SIZE_CPU_LOW_PRECISION if low else DEFAULT_SIZE[device.type]
+    repeats = DEFAULT_REPEATS[device.type] if repeats is None else repeats
+    warmup = DEFAULT_WARMUP[device.type] if warmup is None else warmup
+    for name, value, low in (("size", n, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    # Unit-variance entries: sums of n products stay ~sqrt(n), far from fp16's range limit.
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    flop = 2 * n**3
+
+    with matmul_tf32(allow_tf32 and device.type == "cuda"):
+        if device.type == "cuda":
+            times = _time_cuda(a, b, c, repeats, warmup)
+            timer = "cuda events"
+        else:
+            times = _time_cpu(a, b, c, repeats, warmup)
+            timer = "time.perf_counter"
+    median_s = statistics.median(times)
+    min_s = min(times)
+    if not (min_s > 0 and math.isfinite(median_s)):
+        raise RuntimeError(f"matmul timing gave non-positive or non-finite times {times}")
+    return {
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "size": n,
+        "flop": flop,
+        "repeats": repeats,
+        "warmup": warmup,
+        "tf32": bool(allow_tf32 and device.type == "cuda"),
+        "timer": timer,
+        "median_s": median_s,
+        "min_s": min_s,
+        "median_flops": flop / median_s,
+        "max_flops": flop / min_s,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "torch": torch.__version__,
+    }
+
+
+def _time_cuda(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, repeats: int, warmup: int) -> list[float]:
+    with torch.cuda.device(a.device):
+        for _ in range(warmup):
+            torch.matmul(a, b, out=c)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            torch.matmul(a, b, out=c)
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) / 1e3 for start, end in events]  # elapsed_time is in ms
+
+
+def _time_cpu(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        torch.matmul(a, b, out=c)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=c)
+        times.append(time.perf_counter() - t0)
+    return times

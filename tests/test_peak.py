@@ -1,0 +1,47 @@
+"""Measured matmul peak: a quick CPU measurement, the 2 n^3 FLOP convention, argument checks."""
+
+import math
+
+import pytest
+import torch
+
+from igengine.bench.peak import matmul_peak
+
+
+def test_cpu_fp32_peak_is_positive_finite_and_counts_two_n_cubed():
+    r = matmul_peak(torch.float32, "cpu", size=256, repeats=3)
+    assert r["flop"] == 2 * 256**3
+    assert r["size"] == 256 and r["repeats"] == 3 and r["dtype"] == "float32" and r["timer"] == "time.perf_counter"
+    for key in ("median_flops", "max_flops", "median_s", "min_s"):
+        assert math.isfinite(r[key]) and r[key] > 0, key
+    # The rates are the FLOP count over the measured times (max over the fastest repeat).
+    assert r["median_flops"] == pytest.approx(r["flop"] / r["median_s"])
+    assert r["max_flops"] == pytest.approx(r["flop"] / r["min_s"])
+    assert r["max_flops"] >= r["median_flops"]
+
+
+def test_cpu_peak_restores_the_tf32_flag():
+    before = torch.backends.cuda.matmul.allow_tf32
+    matmul_peak(torch.float32, "cpu", size=64, repeats=1, allow_tf32=True)
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dtype=torch.int32), "dtype"),
+    (dict(size=0), "size"),
+    (dict(repeats=0), "repeats"),
+    (dict(dtype=torch.bfloat16, allow_tf32=True), "allow_tf32"),
+    (dict(device="mps"), "device"),
+])
+def test_bad_arguments_name_the_argument(kwargs, match):
+    args = dict(dtype=torch.float32, device="cpu", size=8, repeats=1) | kwargs
+    with pytest.raises(ValueError, match=match):
+        matmul_peak(**args)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_peak_is_positive():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    r = matmul_peak(torch.bfloat16, "cuda", size=2048, repeats=5)
+    assert r["timer"] == "cuda events" and r["flop"] == 2 * 2048**3 and r["median_flops"] > 0
