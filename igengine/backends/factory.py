@@ -3,6 +3,9 @@
   torch        the PyTorch model in eager mode (``TorchBackend``).
   onnxruntime  an exported graph on ONNX Runtime (``OnnxRuntimeBackend``).
   tensorrt     a TensorRT engine built from an exported graph (``TensorRTBackend``; CUDA only).
+  compiled     the PyTorch model through torch.compile / Inductor, one static-shape graph per row
+               count in ``row_counts`` (``CompiledBackend``; compiles on first use, cached under
+               $IGENGINE_CACHE/inductor).
 
 Graphs: ``onnx_path`` (a .onnx file or an export folder, ``igengine sample --onnx``) is used when
 given and refused if it was exported for another checkpoint, architecture or precision; otherwise
@@ -24,7 +27,7 @@ from igengine.backends.torch_backend import TorchBackend
 from igengine.checkpoint import LoadedCheckpoint
 from igengine.config import Precision
 
-BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
+BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt", "compiled")
 
 
 def create_backend(
@@ -35,6 +38,7 @@ def create_backend(
     onnx_path: str | Path | None = None,
     max_batch: int | None = None,
     cache_root: Path | None = None,
+    row_counts: tuple[int, ...] | None = None,
 ):
     """Build the backend ``name`` for ``loaded`` at ``precision`` on ``device``.
 
@@ -43,12 +47,24 @@ def create_backend(
     profile maximum, default the graph's recorded --max-batch.
     Raises BackendError for an unknown name, BackendUnavailable for a missing runtime or GPU,
     GraphMismatchError for a graph made for something else.
+    compiled: ``row_counts`` are the row counts the run feeds, e.g. (N, 2N) (default: (max_batch,));
+    ``cache_root`` replaces $IGENGINE_CACHE as the root of its Inductor cache.
     """
     precision = Precision(precision)
+    if name in ("torch", "compiled") and onnx_path is not None:
+        raise BackendError("--onnx only applies to --backend onnxruntime or tensorrt")
     if name == "torch":
-        if onnx_path is not None:
-            raise BackendError("--onnx only applies to --backend onnxruntime or tensorrt")
         return TorchBackend(loaded.model, precision=precision, device=device, max_batch=max_batch)
+    if name == "compiled":
+        from igengine.backends.compiled import CompiledBackend, inductor_cache_dir
+
+        counts = row_counts or ((max_batch,) if max_batch else None)
+        if not counts:
+            raise BackendError("the compiled backend needs the row counts it will be fed (row_counts, e.g. (N, 2N)) "
+                               "or a max_batch")
+        cache_dir = inductor_cache_dir(torch.device(device), cache_root) if cache_root is not None else None
+        return CompiledBackend(loaded.model, row_counts=tuple(counts), precision=precision, device=device,
+                               max_batch=max_batch, cache_dir=cache_dir)
     if name not in BACKENDS:
         raise BackendError(f"unknown --backend {name!r} (available: {', '.join(BACKENDS)})")
 
