@@ -26,18 +26,26 @@ after ``warmup()`` is a recompile: ``recompiles`` counts them and ``check_no_rec
 BackendError. Dynamo recompiles when a guard fails: a new input shape (prevented by the row-count
 policy) or a change of the global state it guards between calls: ``torch.set_num_threads``, grad
 mode, autocast, the default dtype, deterministic-algorithm mode, or the cuBLAS TF32 / reduced-precision
-flags (the last ones are pinned by this backend during each call, see below).
+flags (TF32 is pinned by this backend during each call, see below; the fp16/bf16 reduced-precision
+reduction flags are not: they are the caller's numerics choice, as for the eager backend).
 Dynamo's per-function recompile limit (default 8, shared by every instance over ``IGDiT.forward``)
 is raised to ``RECOMPILE_LIMIT`` for the duration of this backend's calls, and where torch has the
 option, hitting it raises instead of silently falling back to eager.
 
+Freezing (``freezing=True``, off by default): Inductor then treats the weights as constants, folds
+them and, on CPU, pre-packs every linear for MKL. Measured on our 2-core CPU (SiT-B/2 width,
+1 thread) it gave no speed-up (the MKL GEMMs dominate either way: 0.478 s vs 0.478 s at batch 1,
+3.02 s vs 3.09 s at batch 8), and it costs the warm start: packed MKL weights cannot be stored in the
+FX graph cache, so every process recompiles from scratch. On CUDA it is untested here.
+
 Cross-process cache. Inductor's FX graph cache (and AOTAutograd's cache, where it applies: not with
 ``freezing``, where Inductor bypasses it) are enabled, in
 ``cache_root()/inductor/<torch version>-<device kind>/`` (``inductor_cache_dir``). Inductor keys each
-artifact by the graph, the input metadata, the torch version, its config and the device/compiler
-(a different checkpoint of the same architecture hits the same artifact: weights are inputs, or
-with ``freezing`` constants bound from the module at load time, never baked into the key's code).
-igengine adds the subfolder per torch version and device kind (CUDA capability and CUDA version)
+artifact by the graph, the input metadata, the torch version, its config and the device/compiler.
+Without freezing the weights are graph inputs, never part of an artifact: a different checkpoint of
+the same architecture reuses the artifact and runs its own weights (tested). With freezing the CPU
+path bypasses the cache (above); on CUDA, Inductor keys frozen weights by their metadata and binds
+them at load time (untested here). igengine adds the subfolder per torch version and device kind (CUDA capability and CUDA version)
 so that a cache shared across machines or upgrades stays sorted and can be deleted per target.
 
 Global state this backend touches, and how it is contained:
@@ -50,11 +58,13 @@ Global state this backend touches, and how it is contained:
   * ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.backends.cudnn.allow_tf32``: set to
     ``allow_tf32`` (default False: fp32 means IEEE fp32) for the duration of each call, restored after.
   * Dynamo's recompile limit: raised during each call, restored after (``torch._dynamo.config.patch``).
-  * Inductor options (``freezing``, ``mode``'s options, caches on) are per-compile config patches,
-    never set globally.
+  * Inductor options (``mode``'s options, caches on) are per-compile config patches, never set
+    globally. ``freezing`` is read by Dynamo while tracing, so Inductor's ``freezing`` flag is
+    patched for the duration of each call (and restored after it).
   * Dynamo's code cache on ``IGDiT.forward`` (process-global by design; entries of one instance
     are guarded by its own backend object and are not used by another instance).
-  * ``torch.compile``'s warm-up of Inductor's worker pool (subprocesses that outlive the backend).
+  * Inductor's compile worker pool: subprocesses Inductor starts on its first compile and keeps
+    for the life of the process.
 """
 
 from __future__ import annotations
@@ -244,7 +254,7 @@ class CompiledBackend:
     row_counts: the row counts the run feeds, e.g. (N, 2N); each gets one static-shape graph.
     precision: the run's Precision. mode: one of ``MODES`` (default "default"; the CUDA-graph modes
         need a CUDA device). freezing: Inductor's freezing (weights as constants, constant folding,
-        packed CPU GEMM weights); default True. allow_tf32: fp32 matmuls and convolutions may use TF32
+        packed CPU GEMM weights); default False, see the module docstring. allow_tf32: fp32 matmuls and convolutions may use TF32
         on CUDA (not with ``reference`` precision). max_batch: most rows the sampler should feed in
         one call (None: any, larger calls are split here). cache_dir: Inductor's cache folder
         (default ``inductor_cache_dir(device)``, under $IGENGINE_CACHE); use_cache: False disables
@@ -260,7 +270,7 @@ class CompiledBackend:
         precision: Precision | str = Precision.REFERENCE,
         device: str | torch.device = "cpu",
         mode: str | None = None,
-        freezing: bool = True,
+        freezing: bool = False,
         allow_tf32: bool = False,
         max_batch: int | None = None,
         cache_dir: str | Path | None = None,
@@ -301,7 +311,12 @@ class CompiledBackend:
 
     @contextlib.contextmanager
     def _call_context(self) -> Iterator[None]:
-        with torch.inference_mode(), tf32_flags(self.allow_tf32), _dynamo_limits():
+        from torch._inductor import config as inductor_config
+
+        # Freezing must be visible to Dynamo while it traces (it then lifts the parameters as
+        # constants), not only to Inductor's compile: the config is patched for the call.
+        with torch.inference_mode(), tf32_flags(self.allow_tf32), _dynamo_limits(), \
+                inductor_config.patch(freezing=self.freezing):
             yield
 
     def _sync(self) -> None:
@@ -325,8 +340,9 @@ class CompiledBackend:
     def warmup(self) -> dict[int, float]:
         """Compile (or load from the cache) the graph of every row count; returns seconds to first call per count.
 
-        Each count is called twice: the first call compiles, the second must not (it would mean a
-        guard that the first call itself invalidates); compiles after this are recompiles.
+        Each count is called twice, so that a guard the first call itself might invalidate (none is
+        known) is settled here rather than counted as a recompile later; every compile after this
+        is a recompile.
         Called by the first ``__call__`` if not called before.
         """
         c = self.config
@@ -370,7 +386,8 @@ class CompiledBackend:
             raise BackendError(
                 f"the compiled backend recompiled {self.recompiles} time(s) after warm-up (graphs for rows {rows}); "
                 "a row count outside row_counts cannot cause this, a change of guarded global state between "
-                "calls can (torch.set_num_threads, grad mode, autocast, default dtype, deterministic mode)"
+                "calls can (torch.set_num_threads, grad mode, autocast, default dtype, deterministic mode, "
+                "cuBLAS reduced-precision flags)"
             )
 
     def _check(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> int:
