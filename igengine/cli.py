@@ -82,6 +82,7 @@ class BackendChoice(str, enum.Enum):
     torch = "torch"
     onnxruntime = "onnxruntime"
     tensorrt = "tensorrt"
+    compiled = "compiled"
 
 
 class VAEKindChoice(str, enum.Enum):

@@ -61,7 +61,7 @@ def build_backend(name: str | BackendName, loaded: LoadedCheckpoint, precision: 
         raise BackendError("`onnx` only applies to the onnxruntime and tensorrt backends")
     artifacts = graph_artifacts(name, loaded, precision, device, onnx, max_batch, cache_root)
     return create_backend(name, loaded, precision, device, artifacts=artifacts, max_batch=max_batch,
-                          row_counts=row_counts)
+                          row_counts=row_counts, cache_root=cache_root)
 
 
 def sampler_for(backend, sampler: SamplerConfig, kernels: str = "auto", randomness: Randomness | None = None,
