@@ -211,7 +211,8 @@ def resolve_decoder(job: SampleJob, cfg: ModelConfig) -> LatentDecoder | None:
 
 
 def make_backend(job: SampleJob, loaded: LoadedCheckpoint, device: torch.device):
-    return build_backend(job.backend, loaded, job.precision, device, onnx=job.onnx)
+    n = min(job.batch_size, job.n)  # a compiled backend specialises to the rows a batch feeds (N, and 2N with CFG)
+    return build_backend(job.backend, loaded, job.precision, device, onnx=job.onnx, row_counts=(n, 2 * n))
 
 
 # ----------------------------------------------------------------------------------------------
