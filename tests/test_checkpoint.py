@@ -73,7 +73,7 @@ def test_bare_state_dict_needs_a_model_name(tmp_path):
     model = small_sit()
     path = tmp_path / "bare.pth"
     torch.save(model.state_dict(), path)
-    with pytest.raises(CheckpointError, match="pass --model"):
+    with pytest.raises(CheckpointError, match="pass `model`"):
         load_checkpoint(path)
     loaded = load_checkpoint(path, model_name="SiT-S/2")
     assert loaded.weights == "state_dict" and loaded.config.num_classes == 10

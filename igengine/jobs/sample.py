@@ -249,7 +249,6 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
     if job.precision is None:
         job = dataclasses.replace(job, precision=default_precision(device))
         chosen.append(f"precision {job.precision.value} (the default on {device.type}; choose with `precision`)")
-        progress.log(chosen[-1])
     sampler_cfg = resolve_sampler_config(job, loaded)
     try:
         ModelFacts.of(cfg).check_plan(build_plan(cfg.family, sampler_cfg))
@@ -298,6 +297,8 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
         sampler = sampler_for(backend, sampler_cfg, device=device)
         if decoder is not None:
             decoder.to(device)
+        for line in chosen:  # only once the request is known to be good: a refusal stays one line
+            progress.log(line)
         manifest = _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, sampler, backend, run_key, label_info, labels,
                              decoder, layout, rank, png_dir is not None)
         if rank.is_main:
