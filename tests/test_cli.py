@@ -107,6 +107,8 @@ BAD_INPUTS = [
     (["--ckpt", "{evil}"], "refusing to load"),
     (["--ckpt", "{ldit}", "--model", "SiT-B/2"], "does not look like a sit model"),
     (["--ckpt", "{ldit}", "--model", "Nope-XL/9"], "unknown model"),
+    (["--model", "LightningDiT-B/2"], "--model LightningDiT-B/2 is a LightningDiT model but"),
+    (["--model", "SiT-S/2"], "(it records model SiT-digits)"),
     (["--n", 0], "--n must be >= 1"),
     (["--n", -3], "--n must be >= 1"),
     (["--batch-size", 0], "--batch-size must be >= 1"),
