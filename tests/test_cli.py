@@ -156,6 +156,21 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, evil_chec
     assert not (tmp_path / "o" / "samples.npz").exists()
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", '"a string"', "42", "null", "\xff\xfe", "{not json"])
+def test_a_manifest_that_is_not_an_object_is_refused_in_one_line_and_overwrite_replaces_it(tmp_path, capsys, text):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "manifest.json").write_bytes(text.encode("latin-1"))
+    code, _, err = run_cli(capsys, "--n", 1, "--steps", 2, "--out", out)
+    assert_one_line_error(code, err, f"{out / 'manifest.json'}")
+    assert "--overwrite" in err and code == 1
+    assert (out / "manifest.json").read_bytes() == text.encode("latin-1")
+    code, _, err = main(["pack", str(out)]), *capsys.readouterr()
+    assert_one_line_error(code, err, "manifest.json")
+    assert run_cli(capsys, "--n", 1, "--steps", 2, "--out", out, "--overwrite")[0] == 0
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+
 def test_unknown_sampler_defaults_in_a_checkpoint_are_refused_in_one_line(tmp_path, capsys):
     """A checkpoint's `igengine.sampler_defaults` with a key igengine does not know names the file and the key."""
     model = tiny_model("sit", in_channels=1, input_size=8)
