@@ -171,6 +171,23 @@ def test_a_manifest_that_is_not_an_object_is_refused_in_one_line_and_overwrite_r
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
+def test_every_output_file_gets_the_mode_of_the_umask(tmp_path, capsys):
+    import os
+
+    saved = os.umask(0o002)  # a group-shared project folder
+    try:
+        out = tmp_path / "shared"
+        code, _, err = run_cli(capsys, "--n", 2, "--steps", 2, "--png", "--chunk-size", 1, "--out", out,
+                               "--save-latents", tmp_path / "lat.npy")
+        assert code == 0, err
+    finally:
+        os.umask(saved)
+    files = [p for p in out.rglob("*") if p.is_file() and ".locks" not in p.parts] + [tmp_path / "lat.npy"]
+    names = {p.name for p in files}
+    assert {"samples.npz", "manifest.json", "000000.png", "00000000-00000000.npz", "lat.npy"} <= names
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o664) for p in files}
+
+
 def test_unknown_sampler_defaults_in_a_checkpoint_are_refused_in_one_line(tmp_path, capsys):
     """A checkpoint's `igengine.sampler_defaults` with a key igengine does not know names the file and the key."""
     model = tiny_model("sit", in_channels=1, input_size=8)
