@@ -134,6 +134,9 @@ BAD_INPUTS = [
     (["--seed", -1], "--seed must lie in [0, 2^64)"),
     (["--seed", 2**64], "--seed must lie in [0, 2^64)"),
     (["--save-latents", "{tmp}/x.txt"], "--save-latents must name a .npy file"),
+    (["--device", "mps"], "--device 'mps' is not supported: igengine runs on auto, cpu, cuda or cuda:N"),
+    (["--device", "xla:0"], "--device 'xla:0' is not supported"),
+    (["--device", "gpu"], "unknown --device 'gpu'"),
 ]
 
 
@@ -186,6 +189,27 @@ def test_every_output_file_gets_the_mode_of_the_umask(tmp_path, capsys):
     names = {p.name for p in files}
     assert {"samples.npz", "manifest.json", "000000.png", "00000000-00000000.npz", "lat.npy"} <= names
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o664) for p in files}
+
+
+@pytest.mark.parametrize("gpus, device, expect", [
+    (0, "cuda", "--device cuda was asked for but no CUDA GPU is available here"),
+    (0, "cuda:0", "--device cuda:0 was asked for but no CUDA GPU is available here"),
+    (2, "cuda:7", "--device cuda:7 does not exist here: 2 CUDA device(s) are visible (cuda:0..cuda:1)"),
+])
+def test_a_cuda_device_this_machine_lacks_is_one_line_exit_2(tmp_path, capsys, monkeypatch, gpus, device, expect):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    code, _, err = run_cli(capsys, "--n", 1, "--device", device, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, expect)
+    assert code == 2 and not (tmp_path / "o").exists()
+
+
+def test_console_script_refuses_an_unsupported_device_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "igengine", "sample", "--device", "mps", "--n", "1",
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("igengine: error: --device 'mps' is not supported: igengine runs on auto, cpu, "
+                                   "cuda or cuda:N")
 
 
 def test_unknown_sampler_defaults_in_a_checkpoint_are_refused_in_one_line(tmp_path, capsys):

@@ -169,16 +169,29 @@ def resolve_labels(job: SampleJob, num_classes: int) -> tuple[torch.Tensor, dict
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` and ``cuda`` mean cuda:LOCAL_RANK (torchrun's GPU for this process) when CUDA is there."""
+    """``auto`` and ``cuda`` mean cuda:LOCAL_RANK (torchrun's GPU for this process) when CUDA is there.
+
+    igengine runs on the CPU and on CUDA GPUs; any other device (mps, xpu, ...), a CUDA index this
+    machine does not have, or CUDA where there is none is a JobError naming `device`.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise JobError(f"unknown `device` {device!r} (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise JobError("`device` cuda was asked for but no CUDA GPU is available")
-    if dev.type == "cuda" and dev.index is None:
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise JobError(f"`device` {device!r} is not supported: igengine runs on auto, cpu, cuda or cuda:N")
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise JobError(f"`device` {device} was asked for but no CUDA GPU is available here (torch "
+                       f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use `device` cpu")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise JobError(f"`device` {device} does not exist here: {count} CUDA device(s) are visible "
+                       f"(cuda:0..cuda:{count - 1})")
+    if dev.index is None:
         if local_rank >= torch.cuda.device_count():
             raise JobError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible")
         dev = torch.device("cuda", local_rank)
@@ -242,9 +255,9 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
     rank = RankInfo.from_env()
     ckpt_path = Path(job.ckpt) if job.ckpt is not None else DEFAULT_CHECKPOINT
     overrides = {"encoder_depth": job.encoder_depth, "num_heads": job.num_heads}
+    device = resolve_device(job.device, rank.local_rank)  # before reading a checkpoint of gigabytes
     loaded = load_checkpoint(ckpt_path, model_name=job.model, overrides=overrides)
     cfg = loaded.config
-    device = resolve_device(job.device, rank.local_rank)
     chosen = []
     if job.precision is None:
         job = dataclasses.replace(job, precision=default_precision(device))
