@@ -40,8 +40,25 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="igengine: reproducible, fast sampling for IG diffusion transformers.",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import igengine  # the package alone: no torch
+
+        typer.echo(f"igengine {igengine.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print igengine's version and exit."),
+) -> None:
+    """igengine: reproducible, fast sampling for IG diffusion transformers."""
 
 SAMPLE_EPILOG = """\b
 Examples:

@@ -270,3 +270,24 @@ def test_console_script_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "igengine", "sample", "--n", "abc"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("igengine: error:") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--version"], "igengine 0.1.0"),
+    (["-h"], "Usage: igengine [OPTIONS] COMMAND"),
+    (["--help"], "Usage: igengine [OPTIONS] COMMAND"),
+    (["sample", "-h"], "Usage: igengine sample [OPTIONS]"),
+    (["sample", "--help"], "igengine sample --n 64 --out out/digits"),
+    (["export", "-h"], "Usage: igengine export [OPTIONS]"),
+    (["bench", "--help"], "Usage: igengine bench [OPTIONS]"),
+    (["pack", "-h"], "Usage: igengine pack [OPTIONS]"),
+])
+def test_version_and_help_answer_without_importing_torch(argv, expect):
+    import igengine
+
+    code = ("import json, sys\nfrom igengine.cli import main\nrc = main(sys.argv[1:])\n"
+            "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    *text, last = proc.stdout.strip().splitlines()
+    assert json.loads(last) == {"rc": 0, "torch": False}, proc.stderr
+    assert expect.replace("0.1.0", igengine.__version__) in "\n".join(text)
