@@ -64,6 +64,7 @@ SAMPLE_EPILOG = """\b
 Examples:
   igengine sample --n 64 --out out/digits            # the embedded digits model, on the CPU
   igengine sample --ckpt SiT-XL-2-IG.pt --n 8 --no-decode --out out/sit   # paper settings, latents
+  igengine sample --ckpt SiT-XL-2-IG.pt --class 207 --n 8 --no-decode --out out/sit207   # one class
   igengine sample --ckpt SiT-XL-2-IG.pt --vae sd-vae-ft-ema/ --n 50000 --out out/sit50k
   igengine sample --ckpt lightningdit-xl-1-ig.pt --model LightningDiT-XL/1 --vae vavae-imagenet256-f16d32-dinov2.pt --latent-stats latents_stats.pt --n 50000 --out out/ldit50k
   torchrun --standalone --nproc-per-node 8 -m igengine sample --ckpt SiT-XL-2-IG.pt --vae sd-vae-ft-ema/ --num-samples 50000 --out out/sit50k
@@ -136,7 +137,9 @@ def sample(
     model: Optional[str] = typer.Option(None, "--model", help="Model name, e.g. SiT-XL/2 or LightningDiT-XL/1 (overrides the checkpoint's)."),
     encoder_depth: Optional[int] = typer.Option(None, "--encoder-depth", help="Block after which the IG head sits (overrides the checkpoint)."),
     num_heads: Optional[int] = typer.Option(None, "--num-heads", help="Attention heads (overrides the checkpoint/model name)."),
-    labels: str = typer.Option("random", "--labels", help="random | balanced | FILE (.npy or text of class ids, one per sample)."),
+    labels: str = typer.Option("random", "--labels", "--class", help="random | balanced | classes: 207, 0-9, 1,5,9 "
+                               "(sample i gets the (i mod count)-th class given) | FILE (.npy or text of class ids, "
+                               "one per sample; write ./3 for a file named 3)."),
     solver: Optional[SolverChoice] = typer.Option(None, "--solver", help="SiT: sde | ode-euler | ode-heun; LightningDiT: heun2 | euler."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Solver steps (SiT) / grid points (LightningDiT)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="CFG scale (1 = off)."),

@@ -89,6 +89,23 @@ def test_balanced_labels(tmp_path, capsys):
     assert np.load(tmp_path / "b" / "samples.npz")["labels"].tolist() == list(range(10)) + [0, 1]
 
 
+@pytest.mark.parametrize("flag, spec, n, expect", [
+    ("--labels", "3", 4, [3, 3, 3, 3]),
+    ("--class", "7", 2, [7, 7]),
+    ("--labels", "1,5,9", 5, [1, 5, 9, 1, 5]),
+    ("--labels", "0-2,5", 6, [0, 1, 2, 5, 0, 1]),
+    ("--labels", "8-9,9", 4, [8, 9, 9, 8]),
+])
+def test_classes_on_the_command_line_are_cycled_in_order(tmp_path, capsys, flag, spec, n, expect):
+    out = tmp_path / "c"
+    code, _, err = run_cli(capsys, "--n", n, "--steps", 2, flag, spec, "--out", out)
+    assert code == 0, err
+    assert np.load(out / "samples.npz")["labels"].tolist() == expect
+    info = json.loads((out / "manifest.json").read_text())["labels"]
+    assert info["mode"] == "classes" and info["spec"] == spec and info["classes"] == expect[:info["num_given"]]
+    assert info["assignment"] == "sample i gets classes[i mod len(classes)]"
+
+
 @pytest.fixture
 def evil_checkpoint(tmp_path):
     import os
@@ -116,6 +133,10 @@ BAD_INPUTS = [
     (["--n", 3, "--labels", "{tmp}/short.txt"], "has 2 class ids but --n is 3"),
     (["--n", 3, "--labels", "{tmp}/big.txt"], "class id 10 is outside [0, 10)"),
     (["--n", 3, "--labels", "{tmp}/missing.txt"], "labels file not found"),
+    (["--labels", "10"], "--labels class 10 is outside [0, 10) for this model"),
+    (["--class", "0-10"], "--labels class 10 is outside [0, 10) for this model"),
+    (["--labels", "5-2"], "--labels range 5-2 runs backwards: write it as 2-5"),
+    (["--labels", "3x"], "labels file not found: 3x (--labels is random, balanced, classes such as 207"),
     (["--cfg-interval", "0.5,1.5"], "--cfg-interval must be LOW,HIGH"),
     (["--ig-interval", "0.8,0.2"], "--ig-interval must be LOW,HIGH"),
     (["--cfg-interval", "abc"], "--cfg-interval must be LOW,HIGH (two numbers)"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ class SampleJob:
     model: str | None = None
     encoder_depth: int | None = None
     num_heads: int | None = None
-    labels: str = "random"  # 'random', 'balanced' or a file path
+    labels: str = "random"  # 'random', 'balanced', classes ('207', '0-9', '1,5,9', '0-9,20') or a file path
     solver: Solver | None = None
     steps: int | None = None
     cfg_scale: float | None = None
@@ -136,7 +137,8 @@ def load_label_file(path: Path, n: int, num_classes: int) -> np.ndarray:
     """Class ids from a .npy file or a text file (ids separated by whitespace or commas)."""
     path = Path(path)
     if not path.is_file():
-        raise JobError(f"labels file not found: {path}")
+        raise JobError(f"labels file not found: {path} (`labels` is random, balanced, classes such as 207, "
+                       "0-9 or 1,5,9, or a file)")
     try:
         if path.suffix == ".npy":
             values = np.load(path, allow_pickle=False)
@@ -156,13 +158,50 @@ def load_label_file(path: Path, n: int, num_classes: int) -> np.ndarray:
     return values
 
 
+_CLASS_SPEC = re.compile(r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$")
+CLASS_ASSIGNMENT = "sample i gets classes[i mod len(classes)]"
+
+
+def is_class_spec(text: str) -> bool:
+    """Whether a `labels` value names classes ('207', '0-9', '1,5,9', '0-9,20') rather than a file."""
+    return bool(_CLASS_SPEC.match(text))
+
+
+def parse_classes(text: str, num_classes: int) -> list[int]:
+    """'0-9,20' -> [0, 1, ..., 9, 20]: ranges inclusive (as EDM2's --seeds), in the order given,
+    repeats kept. Each class must lie in [0, num_classes)."""
+    classes: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        a, b = int(lo), int(hi) if hi else int(lo)
+        if b < a:
+            raise JobError(f"`labels` range {part.strip()} runs backwards: write it as {b}-{a}")
+        if b >= num_classes:
+            raise JobError(f"`labels` class {b} is outside [0, {num_classes}) for this model")
+        classes.extend(range(a, b + 1))
+    return classes
+
+
 def resolve_labels(job: SampleJob, num_classes: int) -> tuple[torch.Tensor, dict]:
-    """All n labels and a JSON description of where they came from."""
+    """All n labels and a JSON description of where they came from.
+
+    Classes given on the command line are cycled in the order given: sample i gets
+    classes[i mod len(classes)]. Labels never change a sample's noise (the noise contract), so
+    sample i of seed s has the same noise whatever the classes are.
+    """
     indices = np.arange(job.n)
     if job.labels == "random":
         return random_labels(job.seed, indices, num_classes), {"mode": "random"}
     if job.labels == "balanced":
         return balanced_labels(indices, num_classes), {"mode": "balanced"}
+    if is_class_spec(job.labels):
+        classes = parse_classes(job.labels, num_classes)
+        values = np.asarray(classes, dtype=np.int64)[indices % len(classes)]
+        info = {"mode": "classes", "spec": re.sub(r"\s+", "", job.labels), "assignment": CLASS_ASSIGNMENT,
+                "num_given": len(classes)}
+        info["classes"] = classes if len(classes) <= 10_000 else hashlib.sha256(
+            np.asarray(classes, dtype=np.int64).tobytes()).hexdigest()
+        return torch.from_numpy(values), info
     values = load_label_file(Path(job.labels), job.n, num_classes)
     digest = hashlib.sha256(values.tobytes()).hexdigest()
     return torch.from_numpy(values), {"mode": "file", "file": str(job.labels), "sha256": digest}
