@@ -296,10 +296,16 @@ def _command_flags(argv: list[str] | None) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script: turns every known failure into one line on stderr."""
-    from igengine.errors import IgengineError
+    from igengine.errors import IgengineError, Interrupted
 
     try:
-        app(args=argv, prog_name="igengine", standalone_mode=False)
+        code = app(args=argv, prog_name="igengine", standalone_mode=False)
+        if code == 130:  # typer turns a KeyboardInterrupt outside a run into Exit(130) and returns its code
+            typer.echo("igengine: interrupted", err=True)
+            return 130
+    except Interrupted as e:  # SIGINT / SIGTERM during a run: where it stands, how to resume; 130 / 143
+        typer.echo(f"igengine: {flagify(str(e), _command_flags(argv))}", err=True)
+        return e.exit_code
     except _NO_ARGS_HELP as e:
         typer.echo(e.ctx.get_help() if e.ctx else str(e))
         return 0

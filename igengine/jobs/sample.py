@@ -14,11 +14,14 @@ it either: they do not change which sample an index gets.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +33,7 @@ import torch
 import igengine
 from igengine.backends import BackendName
 from igengine.config import Family, ModelConfig, Precision, SamplerConfig, SamplerSettings, Solver
-from igengine.errors import ConfigError, JobError
+from igengine.errors import ConfigError, Interrupted, JobError
 from igengine.jobs.backend import build_backend, sampler_for
 from igengine.jobs.bulk import BulkSampler, Progress, SampleMaker
 from igengine.jobs.launch import RankInfo
@@ -39,7 +42,7 @@ from igengine.noise import balanced_labels, check_seed, random_labels
 from igengine.precision import default_precision
 from igengine.sampling import ModelFacts, Sampler, build_plan, resolve_sampler
 from igengine.store.atomic import atomic_write_json
-from igengine.store.chunks import CHUNKS_DIR
+from igengine.store.chunks import CHUNKS_DIR, coalesce
 from igengine.store.locks import rank_lock
 from igengine.store.manifest import MANIFEST, SAMPLES, igengine_commit, prepare_output_folder
 from igengine.store.pack import BulkLayout, pack_folder
@@ -282,12 +285,73 @@ def run_key_digest(run_key: dict) -> str:
     return hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def signals_raise_interrupted():
+    """While the block runs, SIGINT and SIGTERM raise ``Interrupted`` (once; repeats are ignored
+    until the block has cleaned up), so a run stopped by Ctrl-C, Slurm or torchrun can record where
+    it stands. Outside the main thread (where handlers cannot be set) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
+def _interrupted(e: BaseException, out: Path, manifest: dict, layout: BulkLayout, store, rank: RankInfo) -> Interrupted:
+    """Record an interruption in the manifest (rank 0) and say where the run stands and how to resume."""
+    signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+    present = [c for c in layout.plan.chunks if store.path(c).exists()]  # complete by atomicity
+    done = sum(c.size for c in present)
+    ranges = coalesce(present)
+    name = Interrupted(signum).signal_name
+    if rank.is_main:
+        manifest = {**manifest, "status": "interrupted", "complete": ranges,
+                    "interrupted": {"signal": name, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                    "complete_samples": done}}
+        try:
+            atomic_write_json(out / MANIFEST, manifest)
+        except OSError:
+            pass  # the chunk files remain the record
+    if done == layout.n:
+        where = f"all {done} samples are complete in {store.folder}; rerun the same command to pack them"
+    else:
+        shown = ", ".join(f"{a}..{b - 1}" for a, b in ranges[:4]) + (" ..." if len(ranges) > 4 else "")
+        where = (f"{done} of {layout.n} samples are complete in {store.folder}" + (f" ({shown})" if ranges else "")
+                 + "; the chunk in flight was discarded; rerun the same command to resume")
+    scope = f"{rank}: " if rank.world_size > 1 else ""
+    return Interrupted(signum, f"{scope}interrupted by {name}: {where}")
+
+
 def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
     """Sample indices 0..n-1 into ``job.out`` (this process's share when launched by torchrun).
 
     Resumes a run of the same configuration found there; rank 0 (the only process without
     torchrun) packs samples.npz / latents and writes the final manifest once every chunk is there.
+    SIGINT / SIGTERM stop it cleanly: completed chunks stay, the manifest says "interrupted", and
+    ``Interrupted`` (exit status 130 / 143) says how far it got.
     """
+    with signals_raise_interrupted():
+        try:
+            return _run_sample(job, progress)
+        except Interrupted as e:
+            if str(e) == f"interrupted by {e.signal_name}":  # before any sampling started
+                raise Interrupted(e.signum, f"interrupted by {e.signal_name} before sampling started; "
+                                  "rerun the command to start") from None
+            raise
+
+
+def _run_sample(job: SampleJob, progress: Progress | None) -> RunResult:
     started = time.time()
     job.validate()
     progress = progress or Progress()
@@ -359,19 +423,23 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
         bulk = BulkSampler(store, layout.plan, rank, labels.numpy(), make, job.batch_size, keep_latents, png_dir,
                            progress, started=started)
         t0 = time.perf_counter()
-        report = bulk.run_rank()
-        if rank.is_main:
-            bulk.wait_for_all()
-        wall = time.perf_counter() - t0
-        progress.finish()
-        notes = chosen + list(loaded.notes) + report.notes + ([lock_note] if lock_note else [])
-        new = (job.n - report.initial_done) if rank.is_main else report.computed
-        rate = new / wall if wall > 0 else 0.0
-        if rank.is_main:
-            manifest["timing"] = {"wall_s": round(wall, 3), "samples_per_s": round(rate, 3),
-                                  "computed_this_session": new, "already_complete": report.initial_done}
-            manifest["notes"] = notes
-            manifest = pack_folder(out, manifest)
+        try:
+            report = bulk.run_rank()
+            if rank.is_main:
+                bulk.wait_for_all()
+            wall = time.perf_counter() - t0
+            progress.finish()
+            notes = chosen + list(loaded.notes) + report.notes + ([lock_note] if lock_note else [])
+            new = (job.n - report.initial_done) if rank.is_main else report.computed
+            rate = new / wall if wall > 0 else 0.0
+            if rank.is_main:
+                manifest["timing"] = {"wall_s": round(wall, 3), "samples_per_s": round(rate, 3),
+                                      "computed_this_session": new, "already_complete": report.initial_done}
+                manifest["notes"] = notes
+                manifest = pack_folder(out, manifest)
+        except (Interrupted, KeyboardInterrupt) as e:
+            progress.finish()
+            raise _interrupted(e, out, manifest, layout, store, rank) from None
     return RunResult(manifest, out, wall, rate, notes, report.computed, report.reused, rank)
 
 
