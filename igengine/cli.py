@@ -321,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"igengine: error: {flagify(str(e), _command_flags(argv))}", err=True)
         return e.exit_code
     except OSError as e:
+        import errno
+
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS) and e.filename:
+            typer.echo(f"igengine: error: cannot write {e.filename}: {e.strerror}; what was written before is "
+                       "intact: make room and run the same command again", err=True)
+            return 1
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         typer.echo(f"igengine: error: {e.strerror or e}{where}", err=True)
         return 1

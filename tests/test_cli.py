@@ -233,6 +233,42 @@ def test_console_script_refuses_an_unsupported_device_in_one_line(tmp_path):
                                    "cuda or cuda:N")
 
 
+@pytest.mark.parametrize("target", ["manifest.json", "samples.npz", "rank-0"])
+def test_disk_full_outside_a_chunk_names_the_file(tmp_path, capsys, monkeypatch, target):
+    """ENOSPC while writing the manifest, samples.npz or the lock: one line naming that file."""
+    import errno
+    import os
+
+    real_fsync, real_pwrite = os.fsync, os.pwrite
+
+    def full_for(fd):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        return name == target or name.startswith(f".{target}.")
+
+    def fsync(fd):
+        if full_for(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    def pwrite(fd, data, offset):
+        if full_for(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    out = tmp_path / "o"
+    code, _, err = run_cli(capsys, "--n", 2, "--steps", 2, "--out", out)
+    monkeypatch.undo()
+    assert code == 1 and "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("igengine: error:")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+    path = out / ".locks" / "rank-0" if target == "rank-0" else out / target
+    assert errors[0].startswith(f"igengine: error: cannot write {path}: No space left on device; "), errors[0]
+    assert not list(out.rglob(".*.tmp"))  # no temporary file left behind
+    assert run_cli(capsys, "--n", 2, "--steps", 2, "--out", out)[0] == 0  # and the rerun completes
+
+
 def test_unknown_sampler_defaults_in_a_checkpoint_are_refused_in_one_line(tmp_path, capsys):
     """A checkpoint's `igengine.sampler_defaults` with a key igengine does not know names the file and the key."""
     model = tiny_model("sit", in_channels=1, input_size=8)

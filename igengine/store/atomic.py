@@ -65,11 +65,13 @@ def atomic_writer(path: Path, tag: str = "") -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.filename is None:  # a failed write(): name the file it was for
+            raise type(e)(e.errno, e.strerror, str(path)) from None
         raise
     _fsync_dir(path.parent)
 
