@@ -40,13 +40,31 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="igengine: reproducible, fast sampling for IG diffusion transformers.",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import igengine  # the package alone: no torch
+
+        typer.echo(f"igengine {igengine.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print igengine's version and exit."),
+) -> None:
+    """igengine: reproducible, fast sampling for IG diffusion transformers."""
 
 SAMPLE_EPILOG = """\b
 Examples:
   igengine sample --n 64 --out out/digits            # the embedded digits model, on the CPU
   igengine sample --ckpt SiT-XL-2-IG.pt --n 8 --no-decode --out out/sit   # paper settings, latents
+  igengine sample --ckpt SiT-XL-2-IG.pt --class 207 --n 8 --no-decode --out out/sit207   # one class
   igengine sample --ckpt SiT-XL-2-IG.pt --vae sd-vae-ft-ema/ --n 50000 --out out/sit50k
   igengine sample --ckpt lightningdit-xl-1-ig.pt --model LightningDiT-XL/1 --vae vavae-imagenet256-f16d32-dinov2.pt --latent-stats latents_stats.pt --n 50000 --out out/ldit50k
   torchrun --standalone --nproc-per-node 8 -m igengine sample --ckpt SiT-XL-2-IG.pt --vae sd-vae-ft-ema/ --num-samples 50000 --out out/sit50k
@@ -120,7 +138,9 @@ def sample(
     model: Optional[str] = typer.Option(None, "--model", help="Model name, e.g. SiT-XL/2 or LightningDiT-XL/1 (overrides the checkpoint's)."),
     encoder_depth: Optional[int] = typer.Option(None, "--encoder-depth", help="Block after which the IG head sits (overrides the checkpoint)."),
     num_heads: Optional[int] = typer.Option(None, "--num-heads", help="Attention heads (overrides the checkpoint/model name)."),
-    labels: str = typer.Option("random", "--labels", help="random | balanced | FILE (.npy or text of class ids, one per sample)."),
+    labels: str = typer.Option("random", "--labels", "--class", help="random | balanced | classes: 207, 0-9, 1,5,9 "
+                               "(sample i gets the (i mod count)-th class given) | FILE (.npy or text of class ids, "
+                               "one per sample; write ./3 for a file named 3)."),
     solver: Optional[SolverChoice] = typer.Option(None, "--solver", help="SiT: sde | ode-euler | ode-heun; LightningDiT: heun2 | euler."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Solver steps (SiT) / grid points (LightningDiT)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="CFG scale (1 = off)."),
@@ -282,10 +302,16 @@ def _command_flags(argv: list[str] | None) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script: turns every known failure into one line on stderr."""
-    from igengine.errors import IgengineError
+    from igengine.errors import IgengineError, Interrupted
 
     try:
-        app(args=argv, prog_name="igengine", standalone_mode=False)
+        code = app(args=argv, prog_name="igengine", standalone_mode=False)
+        if code == 130:  # typer turns a KeyboardInterrupt outside a run into Exit(130) and returns its code
+            typer.echo("igengine: interrupted", err=True)
+            return 130
+    except Interrupted as e:  # SIGINT / SIGTERM during a run: where it stands, how to resume; 130 / 143
+        typer.echo(f"igengine: {flagify(str(e), _command_flags(argv))}", err=True)
+        return e.exit_code
     except _NO_ARGS_HELP as e:
         typer.echo(e.ctx.get_help() if e.ctx else str(e))
         return 0
@@ -301,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"igengine: error: {flagify(str(e), _command_flags(argv))}", err=True)
         return e.exit_code
     except OSError as e:
+        import errno
+
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS) and e.filename:
+            typer.echo(f"igengine: error: cannot write {e.filename}: {e.strerror}; what was written before is "
+                       "intact: make room and run the same command again", err=True)
+            return 1
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         typer.echo(f"igengine: error: {e.strerror or e}{where}", err=True)
         return 1

@@ -93,6 +93,24 @@ class PackError(OutputError):
     """The chunks cannot be assembled (missing, malformed or corrupt); the message says which."""
 
 
+class Interrupted(RunError):
+    """A run stopped by a signal (SIGINT, SIGTERM): exit status 128 + the signal number (130, 143).
+
+    The message says where the run stands (what is complete) and how to resume.
+    """
+
+    def __init__(self, signum: int, message: str | None = None):
+        import signal
+
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+        try:
+            self.signal_name = signal.Signals(self.signum).name
+        except ValueError:
+            self.signal_name = f"signal {self.signum}"
+        super().__init__(message or f"interrupted by {self.signal_name}")
+
+
 class NonFiniteError(RunError):
     """NaN or Inf appeared in the sampler state; names the first bad step and the sample indices."""
 
@@ -105,7 +123,7 @@ class NonFiniteError(RunError):
 
 __all__ = [
     "BackendError", "BackendUnavailable", "CheckpointError", "ConfigError", "EvaluateError", "ExportError",
-    "GraphMismatchError", "IgengineError", "InputError", "JobError", "MetricsError", "NonFiniteError", "OutputError",
-    "PackError",
+    "GraphMismatchError", "IgengineError", "InputError", "Interrupted", "JobError", "MetricsError", "NonFiniteError",
+    "OutputError", "PackError",
     "PrecisionMismatchError", "RunError", "VAEError",
 ]

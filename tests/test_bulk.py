@@ -160,6 +160,45 @@ def test_sigkill_loses_at_most_the_chunk_in_flight_and_resume_matches(files, tmp
     assert_same_samples(out, load(ref))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_stop_cleanly_say_where_the_run_stands_and_resume(files, reference, tmp_path, capsys, sig):
+    """As Slurm / torchrun (SIGTERM) or Ctrl-C (SIGINT) stop a run: completed chunks are kept, the chunk
+    in flight is discarded, the manifest says "interrupted", stderr says how to resume, exit 128 + signal."""
+    n = 48
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "igengine", *map(str, sample_args(files, out, n=n))]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(out.glob("chunks/*/*.npz")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    store, m = store_of(out)
+    done = sorted(store.folder.glob("*.npz"))
+    assert 1 <= len(done) < n // 6, "the run ended before it could be stopped"
+    assert m["status"] == "interrupted" and m["interrupted"]["signal"] == signal.Signals(sig).name
+    plan = ChunkPlan(n, 6)
+    present = [c for c in plan.chunks if store.problem(c) is None]
+    assert [p.name for p in done] == [c.name for c in present]  # every file under a chunk name is complete
+    assert m["complete"] == [[0, present[-1].stop]] and m["interrupted"]["complete_samples"] == present[-1].stop
+    assert not list(out.rglob("*.tmp")) and not (out / "samples.npz").exists()
+    last = err.strip().splitlines()[-1]
+    assert last == (f"igengine: interrupted by {signal.Signals(sig).name}: {present[-1].stop} of {n} samples are "
+                    f"complete in {store.folder} (0..{present[-1].stop - 1}); the chunk in flight was discarded; "
+                    "rerun the same command to resume"), err
+    assert "Traceback" not in err
+    code, _, err = run(capsys, *sample_args(files, out, n=n))
+    assert code == 0, err
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    pixels, labels, latents = load(out)
+    ref_pixels, ref_labels, ref_latents = reference[1]
+    assert np.array_equal(labels[:N], ref_labels) and np.array_equal(pixels[:N], ref_pixels)
+    assert np.abs(latents[:N] - ref_latents).max() <= 1e-5
+
+
 def test_disk_full_while_writing_a_chunk_stops_cleanly_and_the_rerun_completes(files, reference, tmp_path, capsys,
                                                                                monkeypatch):
     from igengine.store import npzstream

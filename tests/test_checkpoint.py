@@ -73,9 +73,9 @@ def test_bare_state_dict_needs_a_model_name(tmp_path):
     model = small_sit()
     path = tmp_path / "bare.pth"
     torch.save(model.state_dict(), path)
-    with pytest.raises(CheckpointError, match="pass --model"):
+    with pytest.raises(CheckpointError, match="pass `model`"):
         load_checkpoint(path)
-    loaded = load_checkpoint(path, model_name="SiT-S/2")
+    loaded = load_checkpoint(path, model_name="SiT-S/2", overrides={"num_heads": 6})  # a custom width: heads given
     assert loaded.weights == "state_dict" and loaded.config.num_classes == 10
 
 
@@ -123,7 +123,7 @@ def test_errors_name_missing_unexpected_and_misshaped_keys(tmp_path):
     path = tmp_path / "broken.pt"
     torch.save({"ema": state}, path)
     with pytest.raises(CheckpointError) as e:
-        load_checkpoint(path, model_name="SiT-S/2")
+        load_checkpoint(path, model_name="SiT-S/2", overrides={"num_heads": 6})
     msg = str(e.value)
     assert "blocks.0.attn.qkv.bias" in msg and "blocks.0.extra" in msg and "blocks.1.mlp.fc1.weight" in msg
 
@@ -153,3 +153,39 @@ def test_unreadable_inputs(tmp_path):
         load_checkpoint(tmp_path / "junk.safetensors")
     with pytest.raises(CheckpointError, match="not a file"):
         load_checkpoint(tmp_path)
+
+
+def meta_state(name: str) -> dict:
+    """The tensors of a full-size preset, on the meta device (shapes only, no memory)."""
+    with torch.device("meta"):
+        return dict(IGDiT(preset(name)).state_dict())
+
+
+@pytest.mark.parametrize("given, checkpoint, expect", [
+    ("SiT-S/2", "SiT-S/8", "`model` SiT-S/2 has patch size 2 but x.pt is a SiT-S/8"),
+    ("LightningDiT-B/2", "SiT-B/2", "`model` LightningDiT-B/2 is a LightningDiT model but x.pt is a SiT-B/2"),
+    ("LightningDiT-B/1", "SiT-XL/2", "none of LightningDiT's layers"),
+    ("SiT-B/2", "SiT-XL/2", "`model` SiT-B/2 has hidden_size 768 and depth 12 but x.pt is a SiT-XL/2"),
+    ("LightningDiT-XL/2", "LightningDiT-XL/1", "has patch size 2 but x.pt is a LightningDiT-XL/1"),
+])
+def test_a_model_name_that_contradicts_the_checkpoint_is_refused_naming_what_it_is(given, checkpoint, expect):
+    from pathlib import Path
+
+    from igengine.models.checkpoint import resolve_config
+
+    with pytest.raises(CheckpointError) as e:
+        resolve_config(meta_state(checkpoint), Path("x.pt"), {}, {}, model_name=given)
+    assert expect in str(e.value)
+    cfg, _ = resolve_config(meta_state(checkpoint), Path("x.pt"), {}, {}, model_name=checkpoint)
+    assert cfg.name == checkpoint
+
+
+def test_a_model_name_of_the_other_family_than_the_checkpoint_records_is_refused(tmp_path):
+    """SiT's train.py records its args: --model LightningDiT-... on such a file names the recorded model."""
+    from pathlib import Path
+
+    from igengine.models.checkpoint import resolve_config
+
+    record = {"source": "args", "model": "SiT-B/2"}
+    with pytest.raises(CheckpointError, match="it records model SiT-B/2"):
+        resolve_config(meta_state("SiT-B/2"), Path("x.pt"), record, {}, model_name="LightningDiT-B/2")

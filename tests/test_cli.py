@@ -89,6 +89,23 @@ def test_balanced_labels(tmp_path, capsys):
     assert np.load(tmp_path / "b" / "samples.npz")["labels"].tolist() == list(range(10)) + [0, 1]
 
 
+@pytest.mark.parametrize("flag, spec, n, expect", [
+    ("--labels", "3", 4, [3, 3, 3, 3]),
+    ("--class", "7", 2, [7, 7]),
+    ("--labels", "1,5,9", 5, [1, 5, 9, 1, 5]),
+    ("--labels", "0-2,5", 6, [0, 1, 2, 5, 0, 1]),
+    ("--labels", "8-9,9", 4, [8, 9, 9, 8]),
+])
+def test_classes_on_the_command_line_are_cycled_in_order(tmp_path, capsys, flag, spec, n, expect):
+    out = tmp_path / "c"
+    code, _, err = run_cli(capsys, "--n", n, "--steps", 2, flag, spec, "--out", out)
+    assert code == 0, err
+    assert np.load(out / "samples.npz")["labels"].tolist() == expect
+    info = json.loads((out / "manifest.json").read_text())["labels"]
+    assert info["mode"] == "classes" and info["spec"] == spec and info["classes"] == expect[:info["num_given"]]
+    assert info["assignment"] == "sample i gets classes[i mod len(classes)]"
+
+
 @pytest.fixture
 def evil_checkpoint(tmp_path):
     import os
@@ -107,6 +124,8 @@ BAD_INPUTS = [
     (["--ckpt", "{evil}"], "refusing to load"),
     (["--ckpt", "{ldit}", "--model", "SiT-B/2"], "does not look like a sit model"),
     (["--ckpt", "{ldit}", "--model", "Nope-XL/9"], "unknown model"),
+    (["--model", "LightningDiT-B/2"], "--model LightningDiT-B/2 is a LightningDiT model but"),
+    (["--model", "SiT-S/2"], "(it records model SiT-digits)"),
     (["--n", 0], "--n must be >= 1"),
     (["--n", -3], "--n must be >= 1"),
     (["--batch-size", 0], "--batch-size must be >= 1"),
@@ -114,6 +133,10 @@ BAD_INPUTS = [
     (["--n", 3, "--labels", "{tmp}/short.txt"], "has 2 class ids but --n is 3"),
     (["--n", 3, "--labels", "{tmp}/big.txt"], "class id 10 is outside [0, 10)"),
     (["--n", 3, "--labels", "{tmp}/missing.txt"], "labels file not found"),
+    (["--labels", "10"], "--labels class 10 is outside [0, 10) for this model"),
+    (["--class", "0-10"], "--labels class 10 is outside [0, 10) for this model"),
+    (["--labels", "5-2"], "--labels range 5-2 runs backwards: write it as 2-5"),
+    (["--labels", "3x"], "labels file not found: 3x (--labels is random, balanced, classes such as 207"),
     (["--cfg-interval", "0.5,1.5"], "--cfg-interval must be LOW,HIGH"),
     (["--ig-interval", "0.8,0.2"], "--ig-interval must be LOW,HIGH"),
     (["--cfg-interval", "abc"], "--cfg-interval must be LOW,HIGH (two numbers)"),
@@ -132,6 +155,9 @@ BAD_INPUTS = [
     (["--seed", -1], "--seed must lie in [0, 2^64)"),
     (["--seed", 2**64], "--seed must lie in [0, 2^64)"),
     (["--save-latents", "{tmp}/x.txt"], "--save-latents must name a .npy file"),
+    (["--device", "mps"], "--device 'mps' is not supported: igengine runs on auto, cpu, cuda or cuda:N"),
+    (["--device", "xla:0"], "--device 'xla:0' is not supported"),
+    (["--device", "gpu"], "unknown --device 'gpu'"),
 ]
 
 
@@ -152,6 +178,95 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, evil_chec
     assert code == (1 if expect in ("is not a folder", "cannot create output folder") else 2)
     assert not (tmp_path / "pwned").exists()
     assert not (tmp_path / "o" / "samples.npz").exists()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"a string"', "42", "null", "\xff\xfe", "{not json"])
+def test_a_manifest_that_is_not_an_object_is_refused_in_one_line_and_overwrite_replaces_it(tmp_path, capsys, text):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "manifest.json").write_bytes(text.encode("latin-1"))
+    code, _, err = run_cli(capsys, "--n", 1, "--steps", 2, "--out", out)
+    assert_one_line_error(code, err, f"{out / 'manifest.json'}")
+    assert "--overwrite" in err and code == 1
+    assert (out / "manifest.json").read_bytes() == text.encode("latin-1")
+    code, _, err = main(["pack", str(out)]), *capsys.readouterr()
+    assert_one_line_error(code, err, "manifest.json")
+    assert run_cli(capsys, "--n", 1, "--steps", 2, "--out", out, "--overwrite")[0] == 0
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_every_output_file_gets_the_mode_of_the_umask(tmp_path, capsys):
+    import os
+
+    saved = os.umask(0o002)  # a group-shared project folder
+    try:
+        out = tmp_path / "shared"
+        code, _, err = run_cli(capsys, "--n", 2, "--steps", 2, "--png", "--chunk-size", 1, "--out", out,
+                               "--save-latents", tmp_path / "lat.npy")
+        assert code == 0, err
+    finally:
+        os.umask(saved)
+    files = [p for p in out.rglob("*") if p.is_file() and ".locks" not in p.parts] + [tmp_path / "lat.npy"]
+    names = {p.name for p in files}
+    assert {"samples.npz", "manifest.json", "000000.png", "00000000-00000000.npz", "lat.npy"} <= names
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o664) for p in files}
+
+
+@pytest.mark.parametrize("gpus, device, expect", [
+    (0, "cuda", "--device cuda was asked for but no CUDA GPU is available here"),
+    (0, "cuda:0", "--device cuda:0 was asked for but no CUDA GPU is available here"),
+    (2, "cuda:7", "--device cuda:7 does not exist here: 2 CUDA device(s) are visible (cuda:0..cuda:1)"),
+])
+def test_a_cuda_device_this_machine_lacks_is_one_line_exit_2(tmp_path, capsys, monkeypatch, gpus, device, expect):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    code, _, err = run_cli(capsys, "--n", 1, "--device", device, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, expect)
+    assert code == 2 and not (tmp_path / "o").exists()
+
+
+def test_console_script_refuses_an_unsupported_device_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "igengine", "sample", "--device", "mps", "--n", "1",
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("igengine: error: --device 'mps' is not supported: igengine runs on auto, cpu, "
+                                   "cuda or cuda:N")
+
+
+@pytest.mark.parametrize("target", ["manifest.json", "samples.npz", "rank-0"])
+def test_disk_full_outside_a_chunk_names_the_file(tmp_path, capsys, monkeypatch, target):
+    """ENOSPC while writing the manifest, samples.npz or the lock: one line naming that file."""
+    import errno
+    import os
+
+    real_fsync, real_pwrite = os.fsync, os.pwrite
+
+    def full_for(fd):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        return name == target or name.startswith(f".{target}.")
+
+    def fsync(fd):
+        if full_for(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    def pwrite(fd, data, offset):
+        if full_for(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    out = tmp_path / "o"
+    code, _, err = run_cli(capsys, "--n", 2, "--steps", 2, "--out", out)
+    monkeypatch.undo()
+    assert code == 1 and "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("igengine: error:")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+    path = out / ".locks" / "rank-0" if target == "rank-0" else out / target
+    assert errors[0].startswith(f"igengine: error: cannot write {path}: No space left on device; "), errors[0]
+    assert not list(out.rglob(".*.tmp"))  # no temporary file left behind
+    assert run_cli(capsys, "--n", 2, "--steps", 2, "--out", out)[0] == 0  # and the rerun completes
 
 
 def test_unknown_sampler_defaults_in_a_checkpoint_are_refused_in_one_line(tmp_path, capsys):
@@ -187,7 +302,11 @@ def test_nan_in_latents_is_reported_with_step_and_indices(tmp_path, capsys):
     save_safetensors(model, path)
     code, _, err = run_cli(capsys, "--ckpt", path, "--n", 3, "--steps", 5, "--cfg-scale", 1, "--ig-scale", 1,
                            "--no-decode", "--out", tmp_path / "nan")
-    assert_one_line_error(code, err, "NaN/Inf in the latents at solver step 0 for sample indices [0, 1, 2]")
+    # A failure during the run: progress lines (the precision chosen) may precede it; the error is one line.
+    assert code == 1 and "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("igengine: error:")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0]
+    assert "NaN/Inf in the latents at solver step 0 for sample indices [0, 1, 2]" in errors[0]
     # The manifest written at the start says the run is not complete, and no chunk or output exists.
     m = json.loads((tmp_path / "nan" / "manifest.json").read_text())
     assert m["status"] == "running" and m["complete"] == []
@@ -208,3 +327,24 @@ def test_console_script_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "igengine", "sample", "--n", "abc"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("igengine: error:") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--version"], "igengine 0.1.0"),
+    (["-h"], "Usage: igengine [OPTIONS] COMMAND"),
+    (["--help"], "Usage: igengine [OPTIONS] COMMAND"),
+    (["sample", "-h"], "Usage: igengine sample [OPTIONS]"),
+    (["sample", "--help"], "igengine sample --n 64 --out out/digits"),
+    (["export", "-h"], "Usage: igengine export [OPTIONS]"),
+    (["bench", "--help"], "Usage: igengine bench [OPTIONS]"),
+    (["pack", "-h"], "Usage: igengine pack [OPTIONS]"),
+])
+def test_version_and_help_answer_without_importing_torch(argv, expect):
+    import igengine
+
+    code = ("import json, sys\nfrom igengine.cli import main\nrc = main(sys.argv[1:])\n"
+            "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    *text, last = proc.stdout.strip().splitlines()
+    assert json.loads(last) == {"rc": 0, "torch": False}, proc.stderr
+    assert expect.replace("0.1.0", igengine.__version__) in "\n".join(text)

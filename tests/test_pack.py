@@ -94,3 +94,32 @@ def test_pack_names_missing_ranges_and_damaged_chunks(filled, tmp_path, monkeypa
     with pytest.raises(PackError, match=r"00000000-00000004.npz is damaged \(Bad CRC-32.*rerun the same"):
         pack(store, plan, tmp_path / "s.npz", None)
     assert not (tmp_path / "s.npz").exists() and not list(tmp_path.glob(".s.npz*"))
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, restored afterwards."""
+    import os
+
+    saved = os.umask(0o022)
+    os.umask(saved)
+    yield lambda mask: os.umask(mask)
+    os.umask(saved)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077, 0o027])
+def test_atomic_writes_get_the_mode_open_would_give_them(tmp_path, umask, mask):
+    import os
+
+    from igengine.store.atomic import atomic_write_bytes, atomic_write_json, current_umask
+
+    umask(mask)
+    assert current_umask() == mask
+    atomic_write_bytes(tmp_path / "a.bin", b"x")
+    atomic_write_json(tmp_path / "m.json", {"a": 1})
+    with open(tmp_path / "plain", "w"):
+        pass
+    want = 0o666 & ~mask
+    for name in ("a.bin", "m.json", "plain"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == want, name
+    assert current_umask() == mask  # reading it did not change it

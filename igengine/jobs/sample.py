@@ -14,10 +14,14 @@ it either: they do not change which sample an index gets.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +33,7 @@ import torch
 import igengine
 from igengine.backends import BackendName
 from igengine.config import Family, ModelConfig, Precision, SamplerConfig, SamplerSettings, Solver
-from igengine.errors import ConfigError, JobError
+from igengine.errors import ConfigError, Interrupted, JobError
 from igengine.jobs.backend import build_backend, sampler_for
 from igengine.jobs.bulk import BulkSampler, Progress, SampleMaker
 from igengine.jobs.launch import RankInfo
@@ -38,7 +42,7 @@ from igengine.noise import balanced_labels, check_seed, random_labels
 from igengine.precision import default_precision
 from igengine.sampling import ModelFacts, Sampler, build_plan, resolve_sampler
 from igengine.store.atomic import atomic_write_json
-from igengine.store.chunks import CHUNKS_DIR
+from igengine.store.chunks import CHUNKS_DIR, coalesce
 from igengine.store.locks import rank_lock
 from igengine.store.manifest import MANIFEST, SAMPLES, igengine_commit, prepare_output_folder
 from igengine.store.pack import BulkLayout, pack_folder
@@ -60,7 +64,7 @@ class SampleJob:
     model: str | None = None
     encoder_depth: int | None = None
     num_heads: int | None = None
-    labels: str = "random"  # 'random', 'balanced' or a file path
+    labels: str = "random"  # 'random', 'balanced', classes ('207', '0-9', '1,5,9', '0-9,20') or a file path
     solver: Solver | None = None
     steps: int | None = None
     cfg_scale: float | None = None
@@ -141,7 +145,8 @@ def load_label_file(path: Path, n: int, num_classes: int) -> np.ndarray:
     """Class ids from a .npy file or a text file (ids separated by whitespace or commas)."""
     path = Path(path)
     if not path.is_file():
-        raise JobError(f"labels file not found: {path}")
+        raise JobError(f"labels file not found: {path} (`labels` is random, balanced, classes such as 207, "
+                       "0-9 or 1,5,9, or a file)")
     try:
         if path.suffix == ".npy":
             values = np.load(path, allow_pickle=False)
@@ -161,29 +166,79 @@ def load_label_file(path: Path, n: int, num_classes: int) -> np.ndarray:
     return values
 
 
+_CLASS_SPEC = re.compile(r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$")
+CLASS_ASSIGNMENT = "sample i gets classes[i mod len(classes)]"
+
+
+def is_class_spec(text: str) -> bool:
+    """Whether a `labels` value names classes ('207', '0-9', '1,5,9', '0-9,20') rather than a file."""
+    return bool(_CLASS_SPEC.match(text))
+
+
+def parse_classes(text: str, num_classes: int) -> list[int]:
+    """'0-9,20' -> [0, 1, ..., 9, 20]: ranges inclusive (as EDM2's --seeds), in the order given,
+    repeats kept. Each class must lie in [0, num_classes)."""
+    classes: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        a, b = int(lo), int(hi) if hi else int(lo)
+        if b < a:
+            raise JobError(f"`labels` range {part.strip()} runs backwards: write it as {b}-{a}")
+        if b >= num_classes:
+            raise JobError(f"`labels` class {b} is outside [0, {num_classes}) for this model")
+        classes.extend(range(a, b + 1))
+    return classes
+
+
 def resolve_labels(job: SampleJob, num_classes: int) -> tuple[torch.Tensor, dict]:
-    """All n labels and a JSON description of where they came from."""
+    """All n labels and a JSON description of where they came from.
+
+    Classes given on the command line are cycled in the order given: sample i gets
+    classes[i mod len(classes)]. Labels never change a sample's noise (the noise contract), so
+    sample i of seed s has the same noise whatever the classes are.
+    """
     indices = np.arange(job.n)
     if job.labels == "random":
         return random_labels(job.seed, indices, num_classes), {"mode": "random"}
     if job.labels == "balanced":
         return balanced_labels(indices, num_classes), {"mode": "balanced"}
+    if is_class_spec(job.labels):
+        classes = parse_classes(job.labels, num_classes)
+        values = np.asarray(classes, dtype=np.int64)[indices % len(classes)]
+        info = {"mode": "classes", "spec": re.sub(r"\s+", "", job.labels), "assignment": CLASS_ASSIGNMENT,
+                "num_given": len(classes)}
+        info["classes"] = classes if len(classes) <= 10_000 else hashlib.sha256(
+            np.asarray(classes, dtype=np.int64).tobytes()).hexdigest()
+        return torch.from_numpy(values), info
     values = load_label_file(Path(job.labels), job.n, num_classes)
     digest = hashlib.sha256(values.tobytes()).hexdigest()
     return torch.from_numpy(values), {"mode": "file", "file": str(job.labels), "sha256": digest}
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` and ``cuda`` mean cuda:LOCAL_RANK (torchrun's GPU for this process) when CUDA is there."""
+    """``auto`` and ``cuda`` mean cuda:LOCAL_RANK (torchrun's GPU for this process) when CUDA is there.
+
+    igengine runs on the CPU and on CUDA GPUs; any other device (mps, xpu, ...), a CUDA index this
+    machine does not have, or CUDA where there is none is a JobError naming `device`.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise JobError(f"unknown `device` {device!r} (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise JobError("`device` cuda was asked for but no CUDA GPU is available")
-    if dev.type == "cuda" and dev.index is None:
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise JobError(f"`device` {device!r} is not supported: igengine runs on auto, cpu, cuda or cuda:N")
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise JobError(f"`device` {device} was asked for but no CUDA GPU is available here (torch "
+                       f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use `device` cpu")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise JobError(f"`device` {device} does not exist here: {count} CUDA device(s) are visible "
+                       f"(cuda:0..cuda:{count - 1})")
+    if dev.index is None:
         if local_rank >= torch.cuda.device_count():
             raise JobError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible")
         dev = torch.device("cuda", local_rank)
@@ -236,21 +291,82 @@ def run_key_digest(run_key: dict) -> str:
     return hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def signals_raise_interrupted():
+    """While the block runs, SIGINT and SIGTERM raise ``Interrupted`` (once; repeats are ignored
+    until the block has cleaned up), so a run stopped by Ctrl-C, Slurm or torchrun can record where
+    it stands. Outside the main thread (where handlers cannot be set) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
+def _interrupted(e: BaseException, out: Path, manifest: dict, layout: BulkLayout, store, rank: RankInfo) -> Interrupted:
+    """Record an interruption in the manifest (rank 0) and say where the run stands and how to resume."""
+    signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+    present = [c for c in layout.plan.chunks if store.path(c).exists()]  # complete by atomicity
+    done = sum(c.size for c in present)
+    ranges = coalesce(present)
+    name = Interrupted(signum).signal_name
+    if rank.is_main:
+        manifest = {**manifest, "status": "interrupted", "complete": ranges,
+                    "interrupted": {"signal": name, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                    "complete_samples": done}}
+        try:
+            atomic_write_json(out / MANIFEST, manifest)
+        except OSError:
+            pass  # the chunk files remain the record
+    if done == layout.n:
+        where = f"all {done} samples are complete in {store.folder}; rerun the same command to pack them"
+    else:
+        shown = ", ".join(f"{a}..{b - 1}" for a, b in ranges[:4]) + (" ..." if len(ranges) > 4 else "")
+        where = (f"{done} of {layout.n} samples are complete in {store.folder}" + (f" ({shown})" if ranges else "")
+                 + "; the chunk in flight was discarded; rerun the same command to resume")
+    scope = f"{rank}: " if rank.world_size > 1 else ""
+    return Interrupted(signum, f"{scope}interrupted by {name}: {where}")
+
+
 def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
     """Sample indices 0..n-1 into ``job.out`` (this process's share when launched by torchrun).
 
     Resumes a run of the same configuration found there; rank 0 (the only process without
     torchrun) packs samples.npz / latents and writes the final manifest once every chunk is there.
+    SIGINT / SIGTERM stop it cleanly: completed chunks stay, the manifest says "interrupted", and
+    ``Interrupted`` (exit status 130 / 143) says how far it got.
     """
+    with signals_raise_interrupted():
+        try:
+            return _run_sample(job, progress)
+        except Interrupted as e:
+            if str(e) == f"interrupted by {e.signal_name}":  # before any sampling started
+                raise Interrupted(e.signum, f"interrupted by {e.signal_name} before sampling started; "
+                                  "rerun the command to start") from None
+            raise
+
+
+def _run_sample(job: SampleJob, progress: Progress | None) -> RunResult:
     started = time.time()
     job.validate()
     progress = progress or Progress()
     rank = RankInfo.from_env()
     ckpt_path = Path(job.ckpt) if job.ckpt is not None else DEFAULT_CHECKPOINT
     overrides = {"encoder_depth": job.encoder_depth, "num_heads": job.num_heads}
+    device = resolve_device(job.device, rank.local_rank)  # before reading a checkpoint of gigabytes
     loaded = load_checkpoint(ckpt_path, model_name=job.model, overrides=overrides)
     cfg = loaded.config
-    device = resolve_device(job.device, rank.local_rank)
     chosen = []
     if job.precision is None:
         job = dataclasses.replace(job, precision=default_precision(device))
@@ -303,6 +419,8 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
         sampler = sampler_for(backend, sampler_cfg, device=device)
         if decoder is not None:
             decoder.to(device)
+        for line in chosen:  # only once the request is known to be good: a refusal stays one line
+            progress.log(line)
         manifest = _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, sampler, backend, run_key, label_info, labels,
                              decoder, layout, rank, png_dir is not None)
         if rank.is_main:
@@ -311,21 +429,25 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
         bulk = BulkSampler(store, layout.plan, rank, labels.numpy(), make, job.batch_size, keep_latents, png_dir,
                            progress, started=started)
         t0 = time.perf_counter()
-        report = bulk.run_rank()
-        if rank.is_main:
-            bulk.wait_for_all()
-        wall = time.perf_counter() - t0
-        progress.finish()
-        notes = chosen + list(loaded.notes) + report.notes + ([lock_note] if lock_note else [])
-        new = (job.n - report.initial_done) if rank.is_main else report.computed
-        rate = new / wall if wall > 0 else 0.0
-        if rank.is_main:
-            manifest["timing"] = {"wall_s": round(wall, 3), "samples_per_s": round(rate, 3),
-                                  "computed_this_session": new, "already_complete": report.initial_done}
-            manifest["notes"] = notes
-            manifest = pack_folder(out, manifest)
-            if job.evaluate is not None and decode:
-                manifest = _evaluate(out, job, device, manifest, progress)
+        try:
+            report = bulk.run_rank()
+            if rank.is_main:
+                bulk.wait_for_all()
+            wall = time.perf_counter() - t0
+            progress.finish()
+            notes = chosen + list(loaded.notes) + report.notes + ([lock_note] if lock_note else [])
+            new = (job.n - report.initial_done) if rank.is_main else report.computed
+            rate = new / wall if wall > 0 else 0.0
+            if rank.is_main:
+                manifest["timing"] = {"wall_s": round(wall, 3), "samples_per_s": round(rate, 3),
+                                      "computed_this_session": new, "already_complete": report.initial_done}
+                manifest["notes"] = notes
+                manifest = pack_folder(out, manifest)
+        except (Interrupted, KeyboardInterrupt) as e:
+            progress.finish()
+            raise _interrupted(e, out, manifest, layout, store, rank) from None
+        if rank.is_main and job.evaluate is not None and decode:
+            manifest = _evaluate(out, job, device, manifest, progress)
     return RunResult(manifest, out, wall, rate, notes, report.computed, report.reused, rank)
 
 

@@ -7,6 +7,9 @@ for checkpoints that recommend their own sampler settings, validated by ``Sample
 Config resolution, per field, in this order: explicit overrides (CLI flags) > the checkpoint's own
 record (``args`` of SiT's train.py, ``config`` of LightningDiT's train.py, igengine metadata) >
 the named model preset > tensor shapes. Shapes are always checked against the result.
+An explicit ``model`` must agree with the checkpoint: its family (the recorded one, else the
+layers), patch size, width and depth (these two may differ only with an explicit ``num_heads``);
+a contradiction is refused, naming what the checkpoint is.
 ``encoder_depth`` and ``num_heads`` cannot be read from shapes: they come from a flag, the
 checkpoint or a named model (whose official default is stated in the notes), never from a guess.
 """
@@ -182,6 +185,10 @@ def resolve_config(
 
     if family_mismatch := _family_mismatch(base.family, facts):
         raise CheckpointError(f"{path} does not look like a {base.family.value} model: {family_mismatch}")
+    if model_name:
+        recorded = rec_name or stored.get("name")
+        recorded_family = _family_of_record(rec_name, record, stored)
+        _check_named_model(model_name, base, facts, path, recorded, recorded_family, "num_heads" in overrides)
 
     fields: dict[str, Any] = {}
     # Architecture that shapes determine.
@@ -262,6 +269,68 @@ def _preset_or_error(name: str, path: Path) -> ModelConfig:
         return preset(name)
     except KeyError:
         raise CheckpointError(f"unknown model {name!r} (for {path}); known models: {', '.join(MODEL_NAMES)}") from None
+
+
+_FAMILY_NAME = {Family.SIT: "SiT", Family.LIGHTNINGDIT: "LightningDiT"}
+
+
+def _family_of_record(rec_name: str | None, record: dict[str, Any], stored: dict[str, Any]) -> Family | None:
+    """The family the checkpoint itself records (its training record or igengine metadata), if any."""
+    if record.get("source") == "config":  # written by LightningDiT's train.py
+        return Family.LIGHTNINGDIT
+    if record.get("source") == "args":  # written by SiT's train.py
+        return Family.SIT
+    for name in (rec_name, stored.get("name")):
+        try:
+            return family_of(name) if name else None
+        except KeyError:
+            pass
+    fam = stored.get("family")
+    return Family(fam) if fam in {f.value for f in Family} else None
+
+
+def _shape_name(family: Family, facts: ShapeFacts) -> str:
+    """What the tensors are, in words: the preset of that shape when there is one."""
+    shape = f"patch size {facts.patch_size}, hidden_size {facts.hidden_size}, depth {facts.depth}"
+    fam = _FAMILY_NAME[family]
+    for name in MODEL_NAMES:
+        if family_of(name) != family:
+            continue
+        p = preset(name)
+        if (p.patch_size, p.hidden_size, p.depth) == (facts.patch_size, facts.hidden_size, facts.depth):
+            return f"a {name} ({shape})"
+    return f"a {fam} model with {shape}"
+
+
+def _check_named_model(model_name: str, base: ModelConfig, facts: ShapeFacts, path: Path, recorded: str | None,
+                       recorded_family: Family | None, heads_given: bool) -> None:
+    """An explicit `model` must agree with what the checkpoint is: its family, patch size and shapes.
+
+    A preset's num_heads (and time convention, solver, VAE) is only right for weights of that
+    preset, so a contradiction is refused, naming what the checkpoint is. A trunk of another width
+    or depth is accepted only with an explicit `num_heads` (the one fact shapes cannot give).
+    """
+    has_ldit_layers = facts.use_swiglu or facts.use_rope or facts.use_rmsnorm or facts.wo_shift
+    family = recorded_family or (Family.LIGHTNINGDIT if has_ldit_layers else Family.SIT)
+    said = f" (it records model {recorded})" if recorded and recorded != model_name else ""
+    if base.family != family:
+        why = ("it has none of LightningDiT's layers (SwiGLU, RoPE, RMSNorm, no-shift adaLN)"
+               if family == Family.SIT and not recorded_family else f"it records the {_FAMILY_NAME[family]} family")
+        raise CheckpointError(
+            f"`model` {model_name} is a {_FAMILY_NAME[base.family]} model but {path} is {_shape_name(family, facts)}"
+            f"{said}: {why}; pass a {_FAMILY_NAME[family]} `model`, or leave `model` out when the checkpoint records one"
+        )
+    if base.patch_size != facts.patch_size:
+        raise CheckpointError(
+            f"`model` {model_name} has patch size {base.patch_size} but {path} is {_shape_name(family, facts)}{said}; "
+            "pass the `model` of that patch size"
+        )
+    if (base.hidden_size, base.depth) != (facts.hidden_size, facts.depth) and not heads_given:
+        raise CheckpointError(
+            f"`model` {model_name} has hidden_size {base.hidden_size} and depth {base.depth} but {path} is "
+            f"{_shape_name(family, facts)}{said}; pass the matching `model`, or `num_heads` as well for a model of "
+            "a custom size"
+        )
 
 
 def _family_mismatch(family: Family, facts: ShapeFacts) -> str:

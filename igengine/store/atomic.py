@@ -1,7 +1,8 @@
 """Atomic writes: a file appears under its name complete, or not at all.
 
 Every file goes to a temporary name in the same folder, is flushed and fsynced, then renamed over
-its final name (atomic on POSIX) and the folder is fsynced.
+its final name (atomic on POSIX) and the folder is fsynced. It gets the permissions ``open()``
+would give it (``0o666 & ~umask``), not the private 0600 of ``tempfile.mkstemp``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,34 @@ from typing import Any, BinaryIO
 import numpy as np
 
 
+_FALLBACK_UMASK: int | None = None
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (``/proc/self/status``, Linux >= 4.7).
+
+    Elsewhere it is read once per process with ``os.umask`` (set and restored at once), since that
+    briefly changes the umask of every thread.
+    """
+    global _FALLBACK_UMASK
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    if _FALLBACK_UMASK is None:
+        _FALLBACK_UMASK = os.umask(0o022)
+        os.umask(_FALLBACK_UMASK)
+    return _FALLBACK_UMASK
+
+
+def file_mode() -> int:
+    """The mode a new file gets from ``open()``: 0o666 minus the umask."""
+    return 0o666 & ~current_umask()
+
+
 @contextlib.contextmanager
 def atomic_writer(path: Path, tag: str = "") -> Iterator[BinaryIO]:
     """A binary file object that becomes ``path`` only if the ``with`` block completes.
@@ -30,16 +59,19 @@ def atomic_writer(path: Path, tag: str = "") -> Iterator[BinaryIO]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{tag}", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())  # mkstemp makes it 0600: give it what open() would
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.filename is None:  # a failed write(): name the file it was for
+            raise type(e)(e.errno, e.strerror, str(path)) from None
         raise
     _fsync_dir(path.parent)
 

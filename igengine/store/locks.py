@@ -51,8 +51,11 @@ def rank_lock(folder: Path, rank: int = 0, world_size: int = 1) -> Iterator[str 
         else:
             facts = {"pid": os.getpid(), "host": socket.gethostname(), "rank": rank,
                      "world_size": world_size, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(facts).encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(facts).encode(), 0)
+            except OSError as e:  # e.g. a full disk: name the file
+                raise type(e)(e.errno, e.strerror, str(path)) from None
         yield note
     finally:
         os.close(fd)  # releases the lock

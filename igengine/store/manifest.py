@@ -36,9 +36,13 @@ def read_manifest(folder: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise OutputError(f"{path} exists but cannot be read ({e}); move it away or pass `overwrite`") from None
+    if not isinstance(manifest, dict):
+        raise OutputError(f"{path} holds JSON that is not an igengine manifest (a {type(manifest).__name__}, not an "
+                          "object); move it away or pass `overwrite`")
+    return manifest
 
 
 def prepare_output_folder(folder: Path, run_key: dict, overwrite: bool) -> None:
@@ -61,7 +65,12 @@ def prepare_output_folder(folder: Path, run_key: dict, overwrite: bool) -> None:
         os.unlink(probe)
     except OSError as e:
         raise OutputError(f"output folder {folder} is not writable: {e.strerror}") from None
-    existing = read_manifest(folder)
+    try:
+        existing = read_manifest(folder)
+    except OutputError:
+        if not overwrite:  # a foreign or unreadable manifest: `overwrite` replaces it, as it replaces another run's
+            raise
+        existing = None
     if existing is not None and existing.get("run_key") != run_key and not overwrite:
         raise OutputError(
             f"{folder} holds the manifest of a different run (other checkpoint, settings or seed); "
