@@ -26,8 +26,9 @@ def _rows_per_block(n_cols: int, block_elements: int) -> int:
 
 
 def squared_distances(a: torch.Tensor, b: torch.Tensor, a_norm: torch.Tensor, b_norm: torch.Tensor) -> torch.Tensor:
-    """[len(a), len(b)] squared distances, clamped at 0."""
-    return torch.clamp(a_norm[:, None] - 2.0 * (a @ b.T) + b_norm[None, :], min=0.0)
+    """[len(a), len(b)] squared distances, clamped at 0 (in place: one block of memory, not four)."""
+    d = a @ b.T
+    return d.mul_(-2.0).add_(a_norm[:, None]).add_(b_norm[None, :]).clamp_(min=0.0)
 
 
 def knn_radii(x: torch.Tensor, k: int = K, block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
