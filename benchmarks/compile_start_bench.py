@@ -23,6 +23,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,7 +94,8 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--depth", type=int, default=None, help="override the preset's depth (quick checks)")
     ap.add_argument("--mode", default=None, help="torch.compile mode (see igengine.backends.compiled.MODES)")
-    ap.add_argument("--cache", type=Path, default=None, help="cache folder (default: a new temporary one)")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="cache folder, kept (default: a new temporary one, deleted at the end)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: one model in this process
     args = ap.parse_args()
@@ -122,6 +124,8 @@ def main() -> None:
             entry[phase] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "child_wall_s": round(wall, 2)}
             print(phase, json.dumps({k: v for k, v in entry[phase].items() if k != "backend"}), flush=True)
         results.append(entry)
+        if args.cache is None:  # a temporary cache of this run only
+            shutil.rmtree(cache, ignore_errors=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or ROOT / "benchmarks" / "results" / f"compile_start_{args.device.split(':')[0]}_{stamp}.json"
     report = {

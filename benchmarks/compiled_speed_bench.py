@@ -2,8 +2,8 @@
 
 Not a test. For each model (random weights, std 0.02) a child process builds, at fp32:
   * eager: ``TorchBackend``;
-  * compiled_<variant>: ``CompiledBackend`` with row counts = the batches measured (warmed up first),
-    with Inductor's freezing and/or without (--variants);
+  * compiled_<variant>: ``CompiledBackend`` with row counts = the batches measured (warmed up first):
+    its defaults, and/or Inductor's own linears (aten), and/or with freezing (--variants);
   * ort (if onnx, onnxscript and onnxruntime import, and not --no-ort): an fp32 graph exported into a
     temporary folder, on ONNX Runtime's provider for the device;
 then, per batch, runs the backends in turn, --reps rounds (one untimed round first), so that a
@@ -32,6 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_MODELS = ("SiT-B/2", "LightningDiT-B/1")
+# Compiled-backend variants (constructor arguments): the CPU default, plain Inductor, Inductor + freezing.
+VARIANTS = {
+    "default": {},
+    "aten": {"cpu_linear": "aten"},
+    "freezing": {"cpu_linear": "aten", "freezing": True},
+}
 
 
 def child(name: str, device: str, batches: list[int], reps: int, depth: int | None, ort: bool,
@@ -58,9 +64,9 @@ def child(name: str, device: str, batches: list[int], reps: int, depth: int | No
 
     backends = {"eager": TorchBackend(copy.deepcopy(model), precision=Precision.FP32, device=device)}
     compiled = {}
-    for variant in variants:  # "freezing" / "no-freezing"
+    for variant in variants:
         compiled[variant] = CompiledBackend(copy.deepcopy(model), row_counts=tuple(batches), precision=Precision.FP32,
-                                            device=device, freezing=variant == "freezing")
+                                            device=device, **VARIANTS[variant])
         compiled[variant].warmup()
         backends[f"compiled_{variant}"] = compiled[variant]
     tmp = None
@@ -124,8 +130,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--depth", type=int, default=None, help="override the preset's depth (quick checks)")
     ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime comparison")
-    ap.add_argument("--variants", nargs="+", default=["no-freezing"], choices=["freezing", "no-freezing"],
-                    help="compiled backends to measure (with / without Inductor's freezing)")
+    ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
+                    help="compiled backends to measure: default (CPU: oneDNN linears), aten (Inductor's own "
+                         "linears, MKL), freezing (aten + Inductor's freezing)")
     ap.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", help=argparse.SUPPRESS)

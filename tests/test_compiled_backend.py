@@ -10,7 +10,8 @@ maths done plainly in its dtype):
   fp32: compiled vs eager fp32, max abs <= FP32_REL * max|eager| with FP32_REL = 3e-6. Both compute
         the same fp32 maths with different summation orders and fused elementwise code (unit
         roundoff 6e-8; a dot product over these K <= 256 terms moves by ~sqrt(K) u ~ 1e-6 at worst).
-        Measured on CPU: 2.3e-7 .. 3.1e-7 relative, so the bound has a 10x margin.
+        Measured on CPU: 2.3e-7 .. 3.1e-7 relative with Inductor's own linears, 4.6e-7 .. 6.6e-7 with
+        the default oneDNN linears, so the bound has a 4.5x margin.
   bf16: both the compiled and the eager bf16 run are compared with a float64 run of the same weights
         (``fp64_reference``); compiled error <= 2 * eager error + BF16_SLACK * max|ref|, with the
         slack (1e-5) far below the bf16 errors themselves (measured eager bf16: 1.0e-4 .. 2.0e-3
@@ -97,6 +98,8 @@ def test_call_plan_pads_up_to_the_next_compiled_count_and_splits_above_the_large
     (dict(mode="reduce-overhead"), "needs a CUDA device"),
     (dict(allow_tf32=True, precision="reference"), "allow_tf32"),
     (dict(max_batch=0), "max_batch"),
+    (dict(cpu_linear="blas"), "cpu_linear"),
+    (dict(cpu_linear="onednn", freezing=True), "freezing"),
 ])
 def test_bad_constructor_arguments_name_the_argument(kwargs, match):
     args = dict(row_counts=(2,), precision="fp32") | kwargs
@@ -165,14 +168,18 @@ def sit_fp32(cache_root):
 
 @pytest.fixture(scope="module")
 def one_count(cache_root):
-    """Backends compiled for 3 rows only, built on first use: {(family, precision): (compiled, eager, model)}."""
+    """Backends compiled for 3 rows only, built on first use: {(family, precision): (compiled, eager, model)}.
+
+    fp32 takes the CPU default (fp32 linears through oneDNN); bf16 the plain Inductor path
+    (cpu_linear="aten"), so that both paths are covered without more compiles."""
     built = {}
 
     def get(family: str, precision: Precision):
         if (family, precision) not in built:
             model = random_model(family)
             eager = TorchBackend(copy.deepcopy(model), precision=precision)
-            compiled = CompiledBackend(copy.deepcopy(model), row_counts=(3,), precision=precision)
+            linear = "aten" if precision == Precision.BF16 else None
+            compiled = CompiledBackend(copy.deepcopy(model), row_counts=(3,), precision=precision, cpu_linear=linear)
             compiled.warmup()
             built[family, precision] = compiled, eager, model
         return built[family, precision]
@@ -305,6 +312,9 @@ def test_describe_is_json_and_records_the_compile(sit_fp32, cache_root):
     assert d["torch"] == torch.__version__ and d["compile_mode"] == "default"
     assert set(d["first_call_seconds"]) == {"2", "4"} and len(d["compile_seconds"]) == 2
     assert d["cache_dir"].startswith(str(cache_root))
+    # CPU default: every fp32 linear of the graph runs through oneDNN. Per block qkv, proj, fc1, fc2 and
+    # the adaLN linear; two time-MLP linears; per head its adaLN and output linear.
+    assert d["cpu_linear"] == "onednn" and d["onednn_linears_per_graph"] == [5 * 2 + 2 + 2 * 2] * 2
 
 
 @pytest.mark.gpu

@@ -32,10 +32,17 @@ Dynamo's per-function recompile limit (default 8, shared by every instance over 
 is raised to ``RECOMPILE_LIMIT`` for the duration of this backend's calls, and where torch has the
 option, hitting it raises instead of silently falling back to eager.
 
+CPU linears (``cpu_linear``): on CPU, every fp32 ``linear`` of the traced graph is routed to oneDNN
+(``route_linears_to_onednn``, a custom op Inductor calls as an opaque kernel) instead of Inductor's
+MKL ``addmm``: GEMMs are ~85% of a compiled CPU forward, and on the AMD EPYC (AVX2) we measured,
+oneDNN's fp32 GEMM ran the DiT's shapes 1.0-1.4x faster than MKL's. SiT-B/2 width, 2 blocks,
+2 threads: 79 ms vs 100 ms at batch 1, 0.58 s vs 0.64 s at batch 8 (benchmarks/compiled_speed_bench.py).
+``cpu_linear="aten"`` keeps Inductor's own path.
+
 Freezing (``freezing=True``, off by default): Inductor then treats the weights as constants, folds
 them and, on CPU, pre-packs every linear for MKL. Measured on our 2-core CPU (SiT-B/2 width,
-1 thread) it gave no speed-up (the MKL GEMMs dominate either way: 0.478 s vs 0.478 s at batch 1,
-3.02 s vs 3.09 s at batch 8), and it costs the warm start: packed MKL weights cannot be stored in the
+1 thread, MKL linears) it gave no speed-up (the GEMMs dominate either way: 0.478 s vs 0.478 s at
+batch 1, 3.02 s vs 3.09 s at batch 8), and it costs the warm start: packed MKL weights cannot be stored in the
 FX graph cache, so every process recompiles from scratch. On CUDA it is untested here.
 
 Cross-process cache. Inductor's FX graph cache (and AOTAutograd's cache, where it applies: not with
@@ -61,6 +68,7 @@ Global state this backend touches, and how it is contained:
   * Inductor options (``mode``'s options, caches on) are per-compile config patches, never set
     globally. ``freezing`` is read by Dynamo while tracing, so Inductor's ``freezing`` flag is
     patched for the duration of each call (and restored after it).
+  * The custom op ``igengine::onednn_linear`` (registered once per process, on first use).
   * Dynamo's code cache on ``IGDiT.forward`` (process-global by design; entries of one instance
     are guarded by its own backend object and are not used by another instance).
   * Inductor's compile worker pool: subprocesses Inductor starts on its first compile and keeps
@@ -189,6 +197,65 @@ def inductor_options(mode: str, freezing: bool, use_cache: bool) -> dict:
     return options
 
 
+_ONEDNN_LINEAR = None
+
+
+def onednn_linear_op():
+    """``torch.ops.igengine.onednn_linear(x, w, b)``: an fp32 linear layer through oneDNN, registered once.
+
+    A custom op, so that Inductor calls it as an opaque kernel (Inductor's own oneDNN lowering
+    requires frozen, pre-packed weights). None where this torch has no oneDNN linear kernel.
+    """
+    global _ONEDNN_LINEAR
+    if _ONEDNN_LINEAR is None:
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                and hasattr(torch, "library") and hasattr(torch.library, "custom_op")):
+            _ONEDNN_LINEAR = False
+            return None
+
+        @torch.library.custom_op("igengine::onednn_linear", mutates_args=())
+        def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+        @onednn_linear.register_fake
+        def _(x, w, b):
+            return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+        _ONEDNN_LINEAR = torch.ops.igengine.onednn_linear.default
+    return _ONEDNN_LINEAR or None
+
+
+def route_linears_to_onednn(gm: torch.fx.GraphModule) -> int:
+    """Replace every fp32 CPU ``linear(x, w, b)`` of a Dynamo graph by ``onednn_linear_op()``; returns how many.
+
+    Why: on the CPUs we measured (AMD EPYC, AVX2), oneDNN's fp32 GEMM is 1.0-1.4x faster than the
+    MKL ``addmm`` Inductor calls otherwise, for the DiT's shapes (M = tokens x rows, K, N in
+    768..3072), and GEMMs are ~85% of a compiled forward. Same maths in fp32 (no reduced precision
+    unless ``torch.backends.mkldnn.matmul.fp32_precision`` is changed from its default).
+    """
+    op = onednn_linear_op()
+    if op is None:
+        return 0
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (torch._C._nn.linear, torch.nn.functional.linear):
+            continue
+        args = list(node.args) + [None] * (3 - len(node.args))
+        x, w, b = args[0], args[1], node.kwargs.get("bias", args[2])
+        vals = [getattr(a, "meta", {}).get("example_value") for a in (x, w, b)]
+        if any(not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.device.type != "cpu" for v in vals):
+            continue
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_function(op, (x, w, b))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        replaced += 1
+    if replaced:
+        gm.recompile()
+    return replaced
+
+
 @contextlib.contextmanager
 def autograd_cache(enabled: bool) -> Iterator[None]:
     """AOTAutograd's cache on (or off) inside the block, where this torch has it; restored after.
@@ -216,8 +283,11 @@ class CountingInductor:
 
     compiler_name = "inductor"
 
-    def __init__(self, options: dict, cache_dir: Path, latent_shape: tuple[int, ...], use_cache: bool = True):
+    def __init__(self, options: dict, cache_dir: Path, latent_shape: tuple[int, ...], use_cache: bool = True,
+                 onednn_linear: bool = False):
         self.options = dict(options)
+        self.onednn_linear = onednn_linear
+        self.onednn_linears: list[int] = []
         self.latent_shape = tuple(latent_shape)
         self.cache_dir = Path(cache_dir)
         self.use_cache = use_cache
@@ -232,6 +302,8 @@ class CountingInductor:
         self.rows.append(sorted({a.shape[0] for a in example_inputs
                                  if isinstance(a, torch.Tensor) and tuple(a.shape[1:]) == self.latent_shape}))
         t0 = time.perf_counter()
+        if self.onednn_linear:
+            self.onednn_linears.append(route_linears_to_onednn(gm))
         try:
             with inductor_cache_env(self.cache_dir), autograd_cache(self.use_cache):
                 return compile_fx(gm, example_inputs, config_patches=dict(self.options))
@@ -256,7 +328,9 @@ class CompiledBackend:
         need a CUDA device). freezing: Inductor's freezing (weights as constants, constant folding,
         packed CPU GEMM weights); default False, see the module docstring. allow_tf32: fp32 matmuls and convolutions may use TF32
         on CUDA (not with ``reference`` precision). max_batch: most rows the sampler should feed in
-        one call (None: any, larger calls are split here). cache_dir: Inductor's cache folder
+        one call (None: any, larger calls are split here). cpu_linear: "onednn" (default on CPU
+        without freezing, where oneDNN is available) routes fp32 linear layers through oneDNN
+        (``route_linears_to_onednn``), "aten" leaves them to Inductor (MKL addmm). cache_dir: Inductor's cache folder
         (default ``inductor_cache_dir(device)``, under $IGENGINE_CACHE); use_cache: False disables
         Inductor's FX graph and AOTAutograd caches (for cold-start measurements).
     """
@@ -275,6 +349,7 @@ class CompiledBackend:
         max_batch: int | None = None,
         cache_dir: str | Path | None = None,
         use_cache: bool = True,
+        cpu_linear: str | None = None,
     ):
         self.precision = Precision(precision)
         self.device = torch.device(device)
@@ -295,13 +370,22 @@ class CompiledBackend:
             raise BackendUnavailable(f"device {self.device} asked for, but torch sees no CUDA GPU")
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
             raise BackendError(f"max_batch must be None or an int >= 1, got {max_batch!r}")
+        default_linear = "onednn" if self.device.type == "cpu" and not freezing and onednn_linear_op() else "aten"
+        self.cpu_linear = cpu_linear or default_linear
+        if self.cpu_linear not in ("onednn", "aten"):
+            raise BackendError(f"cpu_linear must be 'onednn' or 'aten', got {cpu_linear!r}")
+        if self.cpu_linear == "onednn" and (self.device.type != "cpu" or onednn_linear_op() is None):
+            raise BackendError(f"cpu_linear='onednn' needs a CPU device and a torch with oneDNN, got {self.device}")
+        if self.cpu_linear == "onednn" and freezing:
+            raise BackendError("cpu_linear='onednn' and freezing exclude each other (freezing packs linears for MKL)")
         self.allow_tf32 = bool(allow_tf32)
         self.freezing = bool(freezing)
         self.use_cache = bool(use_cache)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else inductor_cache_dir(self.device)
         self.model = apply_precision(model.eval().requires_grad_(False), self.precision).to(self.device)
         self._backend = CountingInductor(inductor_options(self.mode, self.freezing, self.use_cache), self.cache_dir,
-                                         self.config.latent_shape, self.use_cache)
+                                         self.config.latent_shape, self.use_cache,
+                                         onednn_linear=self.cpu_linear == "onednn")
         self._compiled = torch.compile(self.model, backend=self._backend, dynamic=False, fullgraph=True)
         self._compiles_at_warmup: int | None = None
         self.first_call_seconds: dict[int, float] = {}
@@ -449,6 +533,8 @@ class CompiledBackend:
             "compile_mode": self.mode,
             "inductor_options": dict(self._backend.options),
             "freezing": self.freezing,
+            "cpu_linear": self.cpu_linear,
+            "onednn_linears_per_graph": list(self._backend.onednn_linears),
             "tf32": self.allow_tf32 and self.device.type == "cuda",
             "cache_dir": str(self.cache_dir) if self.use_cache else None,
             "row_counts": list(self.row_counts),
