@@ -15,6 +15,8 @@ from typing import Optional
 
 import typer
 
+from igengine.config import BackendName, Precision, Solver
+
 
 def _click_classes(name: str) -> tuple[type, ...]:
     """An exception class of click, from typer's vendored copy (typer >= 0.20) and/or click itself."""
@@ -77,30 +79,9 @@ Example:
 """
 
 
-# The choices of enum options, written here so that --help needs no torch import; tests check that
-# they equal the library's enums (igengine.config.Precision / Solver, igengine.backends.BackendName).
-class PrecisionChoice(str, enum.Enum):
-    auto = "auto"
-    reference = "reference"
-    fp32 = "fp32"
-    tf32 = "tf32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class SolverChoice(str, enum.Enum):
-    sde = "sde"
-    ode_euler = "ode-euler"
-    ode_heun = "ode-heun"
-    heun2 = "heun2"
-    euler = "euler"
-
-
-class BackendChoice(str, enum.Enum):
-    torch = "torch"
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
-    compiled = "compiled"
+# Enum options. igengine.config imports no torch, so --help stays cheap; the choices of modules that
+# do import torch (vae, export) are written here and pinned to the library's by tests/test_cli.py.
+PrecisionChoice = enum.Enum("PrecisionChoice", [("auto", "auto")] + [(p.value, p.value) for p in Precision], type=str)
 
 
 class VAEKindChoice(str, enum.Enum):
@@ -141,16 +122,16 @@ def sample(
     labels: str = typer.Option("random", "--labels", "--class", help="random | balanced | classes: 207, 0-9, 1,5,9 "
                                "(sample i gets the (i mod count)-th class given) | FILE (.npy or text of class ids, "
                                "one per sample; write ./3 for a file named 3)."),
-    solver: Optional[SolverChoice] = typer.Option(None, "--solver", help="SiT: sde | ode-euler | ode-heun; LightningDiT: heun2 | euler."),
+    solver: Optional[Solver] = typer.Option(None, "--solver", help="SiT: sde | ode-euler | ode-heun; LightningDiT: heun2 | euler."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Solver steps (SiT) / grid points (LightningDiT)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="CFG scale (1 = off)."),
     cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="LOW,HIGH in the family's time (SiT: t=1 noise)."),
     ig_scale: Optional[float] = typer.Option(None, "--ig-scale", help="Internal Guidance scale (1 = off)."),
     ig_interval: Optional[str] = typer.Option(None, "--ig-interval", help="LOW,HIGH in the family's time."),
     timestep_shift: Optional[float] = typer.Option(None, "--timestep-shift", help="LightningDiT timestep shift s (0 = none)."),
-    precision: PrecisionChoice = typer.Option(PrecisionChoice.auto, "--precision", help="Numerics of the run (README, Precision modes); auto: bf16 on CUDA, reference on the CPU."),
+    precision: PrecisionChoice = typer.Option("auto", "--precision", help="Numerics of the run (README, Precision modes); auto: bf16 on CUDA, reference on the CPU."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    backend: BackendChoice = typer.Option(BackendChoice.torch, "--backend", help="Network backend (tensorrt: CUDA only)."),
+    backend: BackendName = typer.Option(BackendName.TORCH, "--backend", help="Network backend (tensorrt: CUDA only)."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Exported graph (.onnx or `igengine export` folder) for "
                                         "onnxruntime/tensorrt; default: exported on first use into the cache."),
     png: bool = typer.Option(False, "--png", help="Also write one PNG per sample under OUT/png/."),
@@ -169,18 +150,16 @@ def sample(
     Output goes to OUT/chunks/ as it is made; a rerun of the same command resumes. Under torchrun
     each process computes its own block of chunks and rank 0 assembles samples.npz at the end.
     """
-    from igengine.backends import BackendName
-    from igengine.config import Precision, Solver
     from igengine.jobs.sample import SampleJob, parse_interval, run_sample
 
     job = SampleJob(
         out=out, n=n, batch_size=batch_size, seed=seed, ckpt=ckpt, model=model, encoder_depth=encoder_depth,
-        num_heads=num_heads, labels=labels, solver=Solver(solver.value) if solver is not None else None, steps=steps,
+        num_heads=num_heads, labels=labels, solver=solver, steps=steps,
         cfg_scale=cfg_scale,
         cfg_interval=parse_interval(cfg_interval, "cfg_interval") if cfg_interval is not None else None,
         ig_scale=ig_scale, ig_interval=parse_interval(ig_interval, "ig_interval") if ig_interval is not None else None,
         timestep_shift=timestep_shift, precision=None if precision.value == "auto" else Precision(precision.value), device=device,
-        backend=BackendName(backend.value), onnx=onnx, png=png, save_latents=save_latents, no_decode=no_decode,
+        backend=backend, onnx=onnx, png=png, save_latents=save_latents, no_decode=no_decode,
         overwrite=overwrite, vae=vae, vae_kind=vae_kind.value, latent_stats=latent_stats,
         latent_multiplier=latent_multiplier, chunk_size=chunk_size, evaluate=evaluate_ref,
     )
@@ -202,7 +181,7 @@ def sample(
         "world_size": result.rank.world_size,
         "model": result.manifest["model"]["name"],
         "sampler": result.manifest["sampler"],
-        "notes": result.notes,
+        "notes": [flagify(note, _flags_of("sample")) for note in result.notes],
     }
     if interactive:
         typer.echo(f"wrote {job.n} samples to {result.out} in {result.wall_s:.1f} s "
@@ -391,10 +370,8 @@ def bench(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of throughput and MFU vs batch size (matplotlib)."),
 ) -> None:
     """Time configurations side by side (precision x backend x batch size) against the reference."""
-    from igengine.backends import BackendName
     from igengine.bench.job import BenchError, BenchJob, run_bench
     from igengine.bench.report import summary_line, table, write_json, write_plot
-    from igengine.config import Precision
 
     job = BenchJob(ckpt=ckpt, model=model, precisions=_choices(precision, Precision, "--precision"),
                    backends=_choices(backend, BackendName, "--backend"), batch_sizes=_ints(batch_size, "--batch-size"),

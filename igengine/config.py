@@ -55,6 +55,20 @@ class Solver(str, enum.Enum):
     EULER = "euler"
 
 
+class BackendName(str, enum.Enum):
+    """How the network runs (``igengine.backends``): eager torch, torch.compile, ONNX Runtime, TensorRT."""
+
+    TORCH = "torch"
+    COMPILED = "compiled"
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+    @property
+    def needs_graph(self) -> bool:
+        """Runs an exported ONNX graph (or an engine built from one)."""
+        return self in (BackendName.ONNXRUNTIME, BackendName.TENSORRT)
+
+
 SOLVERS_BY_FAMILY: dict[Family, tuple[Solver, ...]] = {
     Family.SIT: (Solver.SDE, Solver.ODE_EULER, Solver.ODE_HEUN),
     Family.LIGHTNINGDIT: (Solver.HEUN2, Solver.EULER),

@@ -46,3 +46,30 @@ def _seeded_torch():
 
 
 from igengine.jobs.backend import sampler_for  # noqa: E402,F401  (the one helper runs and tests share)
+
+
+@pytest.fixture(scope="session")
+def twin():
+    """The CPU twin of the fused kernels, built (incrementally) from csrc/ for the tests and loaded."""
+    from igengine.kernels.build import BuildError
+    from tests import kernel_parity as P
+
+    missing = P.twin_tools_missing()
+    if missing:
+        pytest.skip(missing)
+    try:
+        return P.build_twin()
+    except BuildError as exc:
+        pytest.fail(f"building the CPU twin failed: {exc}")
+
+
+@pytest.fixture
+def twin_discovered(twin, monkeypatch):
+    """The library search finds the test build (the Sampler and the custom ops look their library up)."""
+    from igengine.kernels import library
+
+    monkeypatch.setenv(library.ENV_DIR, str(twin.path.parent))
+    monkeypatch.delenv(library.ENV_SWITCH, raising=False)
+    library._reset_for_tests()
+    yield twin
+    library._reset_for_tests()

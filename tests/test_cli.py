@@ -348,3 +348,16 @@ def test_version_and_help_answer_without_importing_torch(argv, expect):
     *text, last = proc.stdout.strip().splitlines()
     assert json.loads(last) == {"rc": 0, "torch": False}, proc.stderr
     assert expect.replace("0.1.0", igengine.__version__) in "\n".join(text)
+
+
+def test_the_cli_choices_written_out_are_the_librarys():
+    """The choices cli.py spells out (their modules import torch) equal the library's enums."""
+    from igengine import cli
+    from igengine.config import Precision
+    from igengine.export.config import GRAPH_PRECISIONS, ExportFormat
+    from igengine.vae import VAEKind
+
+    assert {c.value for c in cli.VAEKindChoice} == {"auto"} | {k.value for k in VAEKind}
+    assert {c.value for c in cli.ExportFormatChoice} == {f.value for f in ExportFormat}
+    assert {c.value for c in cli.ExportPrecisionChoice} == {p.value for p in GRAPH_PRECISIONS}
+    assert [c.value for c in cli.PrecisionChoice] == ["auto"] + [p.value for p in Precision]

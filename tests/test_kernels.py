@@ -34,30 +34,6 @@ from tests.conftest import sampler_for as make_sampler
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def twin() -> library.KernelLibrary:
-    """Build (incrementally) and load the CPU twin."""
-    from igengine.kernels.build import BuildError
-
-    missing = P.twin_tools_missing()
-    if missing:
-        pytest.skip(missing)
-    try:
-        return P.build_twin()
-    except BuildError as exc:
-        pytest.fail(f"building the CPU twin failed: {exc}")
-
-
-@pytest.fixture
-def twin_discovered(twin, monkeypatch):
-    """Make the library search find the test build (the Sampler looks its library up)."""
-    monkeypatch.setenv(library.ENV_DIR, str(twin.path.parent))
-    monkeypatch.delenv(library.ENV_SWITCH, raising=False)
-    library._reset_for_tests()
-    yield twin
-    library._reset_for_tests()
-
-
 # ------------------------------------------------------------------------------------------------
 # The noise contract
 # ------------------------------------------------------------------------------------------------

@@ -72,23 +72,29 @@ def _resolve(name: str) -> str | None:
     return name or None
 
 
+def violations(src: str, imported: set[str]) -> list[str]:
+    """The imports of a module of package ``src`` that break the rules (module names of igengine)."""
+    bad = []
+    for mod in sorted(imported):
+        dst = _group(mod)
+        if dst == src:
+            continue
+        if dst not in RANKS:
+            bad.append(f"{mod} (unranked)")
+        elif (src, dst) in FORBIDDEN:
+            bad.append(f"{mod} (forbidden: {src} never imports {dst})")
+        elif RANKS[dst] > RANKS[src] or (RANKS[dst] == RANKS[src] and not (
+                RANKS[src] == 0 and FOUNDATION_ORDER.index(dst) < FOUNDATION_ORDER.index(src))):
+            bad.append(f"{mod} ({dst}, rank {RANKS[dst]}, is not below {src}, rank {RANKS[src]})")
+    return bad
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_go_down_the_layers(module):
     if _group(module) not in RANKS:
         pytest.fail(f"{module}: package {_group(module)!r} has no rank in tests/test_layers.py (add it)")
-    src = _group(module)
-    bad = []
-    for imported in sorted({m for n in _imports(MODULES[module]) if (m := _resolve(n))}):
-        dst = _group(imported)
-        if dst == src:
-            continue
-        if dst not in RANKS:
-            bad.append(f"{imported} (unranked)")
-        elif (src, dst) in FORBIDDEN:
-            bad.append(f"{imported} (forbidden: {src} never imports {dst})")
-        elif RANKS[dst] > RANKS[src] or (RANKS[dst] == RANKS[src] and not (
-                RANKS[src] == 0 and FOUNDATION_ORDER.index(dst) < FOUNDATION_ORDER.index(src))):
-            bad.append(f"{imported} ({dst}, rank {RANKS[dst]}, is not below {src}, rank {RANKS[src]})")
+    imported = {m for n in _imports(MODULES[module]) if (m := _resolve(n))}
+    bad = violations(_group(module), imported)
     assert not bad, f"{module} imports upwards or sideways: {bad}"
 
 
@@ -117,8 +123,12 @@ def test_no_import_cycles():
 
 
 def test_the_checker_sees_a_violation():
-    """The rules can fail: an upward import written into a sampling module is reported."""
-    src, dst = "sampling", "backends"
-    assert (src, dst) in FORBIDDEN and RANKS["backends"] > RANKS["sampling"]
-    imported = _imports(MODULES["igengine.jobs.sample"])
-    assert any(_group(_resolve(n) or "") == "backends" for n in imported)  # jobs do import backends
+    """The rules can fail: upward, sideways, forbidden and foundation-order imports are each reported."""
+    assert violations("sampling", {"igengine.backends.base"})  # forbidden (and upward)
+    assert violations("sampling", {"igengine.models.dit"})  # forbidden although of a lower rank
+    assert violations("store", {"igengine.models.dit"})  # sideways: same rank
+    assert violations("models", {"igengine.jobs.sample"})  # upward
+    assert violations("config", {"igengine.precision"})  # foundation, against its order
+    assert violations("jobs", {"igengine.nowhere.x"}) == ["igengine.nowhere.x (unranked)"]
+    assert not violations("jobs", {"igengine.backends.base", "igengine.sampling.loop", "igengine.config"})
+    assert not violations("precision", {"igengine.config", "igengine.errors"})

@@ -15,27 +15,15 @@ only when their backend is asked for.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from igengine.backends.torch_backend import TorchBackend
-from igengine.config import Precision
+from igengine.config import BackendName, Precision
 from igengine.errors import BackendError
 from igengine.models.checkpoint import LoadedCheckpoint
-
-
-class BackendName(str, enum.Enum):
-    TORCH = "torch"
-    ONNXRUNTIME = "onnxruntime"
-    TENSORRT = "tensorrt"
-    COMPILED = "compiled"
-
-    @property
-    def needs_graph(self) -> bool:
-        return self in (BackendName.ONNXRUNTIME, BackendName.TENSORRT)
 
 
 BACKENDS: tuple[str, ...] = tuple(b.value for b in BackendName)

@@ -34,9 +34,8 @@ from pathlib import Path
 
 import torch
 
-from igengine.backends import BackendName
-from igengine.backends.factory import BACKENDS
-from igengine.config import Family, ModelConfig, Precision, SamplerConfig, SamplerSettings
+from igengine.backends import network
+from igengine.config import BackendName, ModelConfig, Precision, SamplerSettings
 from igengine.errors import BackendUnavailable, JobError, RunError
 from igengine.jobs.backend import build_backend
 from igengine.jobs.sample import resolve_device
@@ -185,10 +184,6 @@ def _peak_bytes(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS since start"
 
 
-def _peak_dtype(precision: Precision) -> torch.dtype:
-    return NETWORK_DTYPE[precision]
-
-
 # ----------------------------------------------------------------------------------------------
 # Configurations
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +204,6 @@ class Config:
     net_times: dict = field(default_factory=dict)  # rows multiplier -> seconds per forward
     latents: torch.Tensor | None = None
     peak_memory: tuple[int, str] = (0, "")
-    error: str | None = None
 
     @property
     def label(self) -> str:
@@ -267,8 +261,6 @@ def run_bench(job: BenchJob, log: Callable[[str], None] = lambda line: None) -> 
             built[key] = (backend, time.perf_counter() - t0)
         backend, build_s = built[key]
         c.backend_obj, c.build_s = backend, build_s
-        from igengine.backends import network
-
         c.net = network(backend)
         for sc in classes:
             c.samplers[sc.rows] = Sampler(c.net, sc.window, facts, c.precision, device)
@@ -321,13 +313,13 @@ def run_bench(job: BenchJob, log: Callable[[str], None] = lambda line: None) -> 
         else:
             c.peak_memory = (peak, how)
 
-    # Peaks of the dtypes the rows use, measured in this run.
+    # Peaks of the matmuls the rows run (dtype, and TF32 for tf32 rows), measured in this run.
     peaks = {}
     for p in sorted({c.precision for c in configs}, key=lambda p: p.value):
-        dt = _peak_dtype(p)
-        if dt not in peaks:
-            log(f"matmul peak {str(dt).replace('torch.', '')} on {device}")
-            peaks[dt] = matmul_peak(dt, device)
+        key = _peak_key(p)
+        if key not in peaks:
+            log(f"matmul peak {_peak_name(key)} on {device}")
+            peaks[key] = matmul_peak(key[0], device, allow_tf32=key[1])
 
     rows = [_row(c, classes, full, cfg, peaks, configs, forward_flops) for c in configs]
     bad = [r for r in rows if r["recompiles"]]
@@ -343,13 +335,22 @@ def run_bench(job: BenchJob, log: Callable[[str], None] = lambda line: None) -> 
                                 f"{job.steps} steps and the plan's exact step counts per class",
             "device": str(device), "repeats": job.repeats, "warmup": job.warmup, "seed": job.seed,
         },
-        "peaks": {str(k).replace("torch.", ""): v for k, v in peaks.items()},
+        "peaks": {_peak_name(k): v for k, v in peaks.items()},
         "rows": rows,
     }
     if bad:
         report["error"] = "recompilation after warm-up: " + ", ".join(f"{r['precision']}/{r['backend']}/N={r['batch_size']}"
                                                                      for r in bad)
     return report
+
+
+def _peak_key(precision: Precision) -> tuple[torch.dtype, bool]:
+    """The matmul a row's network runs: its dtype, and whether TF32 is allowed (the tf32 precision)."""
+    return NETWORK_DTYPE[precision], precision == Precision.TF32
+
+
+def _peak_name(key: tuple[torch.dtype, bool]) -> str:
+    return str(key[0]).replace("torch.", "") + ("+tf32" if key[1] else "")
 
 
 def _parameters(backend) -> list[torch.Tensor]:
@@ -379,7 +380,7 @@ def _row(c: Config, classes: list[StepClass], full: Plan, cfg: ModelConfig, peak
     window_s = sum(statistics.median(c.times[sc.rows]) for sc in classes)
     net_s = sum(c.net_times[m] for sc in classes for s in sc.window.steps for m in sc.rows)
     flops_full = sum(forward_flops(cfg, rows=(2 if ev.cfg else 1) * n) for s in full.steps for ev in s.evals)
-    peak = peaks[_peak_dtype(c.precision)]
+    peak = peaks[_peak_key(c.precision)]
     mfu = flops_full / full_s / peak["max_flops"]
     anchor = next((a for a in configs if a.anchor and a.batch_size == n), None)
     max_abs = rel_l2 = None
@@ -417,4 +418,4 @@ def _row(c: Config, classes: list[StepClass], full: Plan, cfg: ModelConfig, peak
     }
 
 
-__all__ = ["BACKENDS", "BenchError", "BenchJob", "random_model", "run_bench", "step_classes"]
+__all__ = ["BenchError", "BenchJob", "random_model", "run_bench", "step_classes"]

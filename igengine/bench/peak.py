@@ -1,13 +1,17 @@
 """Measured matmul peak: the achieved FLOP/s of one square matmul, the denominator of an MFU figure.
 
-``matmul_peak`` times ``C = A @ B`` for square n x n operands (2 n^3 FLOPs per product, the same
-2 x multiply-add convention as ``igengine.bench.flops``):
+``matmul_peak`` times ``C = A @ B^T`` for square n x n operands (2 n^3 FLOPs per product, the same
+2 x multiply-add convention as ``igengine.bench.flops``). ``B^T`` is the layout of ``nn.Linear`` (its
+weight is stored out x in), so the peak is measured on the path the network's matmuls take: on a CPU
+without bf16 matmul units, torch's bf16 ``A @ B`` takes a slow generic path (about 1 GFLOP/s here)
+while ``A @ B^T`` goes to oneDNN (about 12 GFLOP/s), and a peak below what the network achieves would
+give an MFU above 1.
   CUDA: operands and output preallocated, ``warmup`` untimed products (clocks ramp up, cuBLAS picks
         its kernel), then ``repeats`` products each between two CUDA events, one synchronisation at
         the end. Default n = 8192 (large enough to saturate an H100/H200's tensor cores).
   CPU:  the same with ``time.perf_counter`` around each product. Default n = 1024 for fp32 (tens of
         ms per product on 2 cores) and 256 for bf16/fp16 (CPUs without native bf16/fp16 matmul
-        units run these two orders of magnitude slower than fp32), so a default call stays under 2 s.
+        units run these about an order of magnitude slower than fp32), so a default call stays under 2 s.
 The result reports the median and the best (max) FLOP/s over the repeats.
 
 Numerics flags: fp32 is measured without TF32 unless ``allow_tf32=True``. The TF32 flags
@@ -117,11 +121,11 @@ def matmul_peak(
 def _time_cuda(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, repeats: int, warmup: int) -> list[float]:
     with torch.cuda.device(a.device):
         for _ in range(warmup):
-            torch.matmul(a, b, out=c)
+            torch.mm(a, b.t(), out=c)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
         for start, end in events:
             start.record()
-            torch.matmul(a, b, out=c)
+            torch.mm(a, b.t(), out=c)
             end.record()
         torch.cuda.synchronize()
         return [start.elapsed_time(end) / 1e3 for start, end in events]  # elapsed_time is in ms
@@ -129,10 +133,10 @@ def _time_cuda(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, repeats: int, 
 
 def _time_cpu(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, repeats: int, warmup: int) -> list[float]:
     for _ in range(warmup):
-        torch.matmul(a, b, out=c)
+        torch.mm(a, b.t(), out=c)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        torch.matmul(a, b, out=c)
+        torch.mm(a, b.t(), out=c)
         times.append(time.perf_counter() - t0)
     return times

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import igengine
-from igengine.backends import BackendName
+from igengine.config import BackendName
 from igengine.config import Family, ModelConfig, Precision, SamplerConfig, SamplerSettings, Solver
 from igengine.errors import ConfigError, Interrupted, JobError
 from igengine.jobs.backend import build_backend, sampler_for
@@ -131,13 +131,18 @@ def parse_interval(text: str, name: str) -> tuple[float, float]:
 
 
 def resolve_sampler_config(job: SampleJob, loaded: LoadedCheckpoint) -> SamplerConfig:
-    """The job's explicit values over the checkpoint's recommended settings over the paper's."""
-    family = loaded.config.family
+    """The job's explicit values over the checkpoint's recommended settings over the paper's, checked
+    against the model: the solver must belong to its family, CFG needs its null-class row."""
+    cfg = loaded.config
     try:
-        sampler = resolve_sampler(family, job.precision, loaded.sampler_settings, job.settings)
-        build_plan(family, sampler)  # the solver must belong to the family
+        sampler = resolve_sampler(cfg.family, job.precision, loaded.sampler_settings, job.settings)
+        plan = build_plan(cfg.family, sampler)
     except ConfigError as e:
         raise JobError(str(e)) from None
+    try:
+        ModelFacts.of(cfg).check_plan(plan)
+    except ConfigError as e:
+        raise JobError(f"{cfg.name}: {e}") from None
     return sampler
 
 
@@ -372,10 +377,6 @@ def _run_sample(job: SampleJob, progress: Progress | None) -> RunResult:
         job = dataclasses.replace(job, precision=default_precision(device))
         chosen.append(f"precision {job.precision.value} (the default on {device.type}; choose with `precision`)")
     sampler_cfg = resolve_sampler_config(job, loaded)
-    try:
-        ModelFacts.of(cfg).check_plan(build_plan(cfg.family, sampler_cfg))
-    except ConfigError as e:
-        raise JobError(f"{cfg.name}: {e}") from None
     labels, label_info = resolve_labels(job, cfg.num_classes)
     decode = not job.no_decode
     decoder = resolve_decoder(job, cfg)

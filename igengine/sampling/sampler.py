@@ -33,7 +33,7 @@ from igengine.sampling.captured import PATH_CUDA_GRAPH, run_captured
 from igengine.sampling.fused import run_fused
 from igengine.sampling.loop import ModelFacts, Network, OnStep, run_reference
 from igengine.sampling.plan import Plan
-from igengine.sampling.randomness import Randomness, default_randomness
+from igengine.sampling.randomness import Randomness, default_randomness, kernel_randomness
 
 KERNEL_CHOICES = ("auto", "off")
 CAPTURE_CHOICES = ("auto", "off")
@@ -80,7 +80,9 @@ class Sampler:
         set_(self, "_library", lib)
         set_(self, "_captured", bool(self.capture == "auto" and lib is not None and lib.kind == "cuda"
                                      and getattr(self.net, "capturable", False) is True))
-        set_(self, "_randomness", self.randomness if self.randomness is not None else default_randomness(self.device))
+        # The fused loops draw in the kernel library they run on; the reference loop takes the argument.
+        set_(self, "_randomness", self.randomness if self.randomness is not None else
+             kernel_randomness(lib) if lib is not None else default_randomness(self.device))
 
     @property
     def path(self) -> str:
@@ -94,8 +96,6 @@ class Sampler:
     @property
     def generator(self) -> str:
         """Which generator of the noise contract draws the numbers ('cuda-kernel', 'cpu-twin' or 'numpy')."""
-        if self._library is not None:
-            return kernel_library.PATH_CUDA + "-kernel" if self._library.kind == "cuda" else kernel_library.PATH_CPU
         return self._randomness.name
 
     def describe(self) -> dict:
