@@ -35,7 +35,7 @@ from igengine.kernels.abi import Fault
 from igengine.kernels.binding import fused_step_indexed, gaussian, pack_table
 from igengine.kernels.library import KernelError, KernelLibrary
 from igengine.noise import STREAM_INITIAL
-from igengine.sampling.fused import _kernel_ready
+from igengine.sampling.fused import kernel_ready
 from igengine.sampling.launches import plan_launches
 from igengine.sampling.loop import ModelFacts, Network, OnStep, cfg_labels, raise_if_nonfinite
 from igengine.sampling.plan import Plan
@@ -106,7 +106,7 @@ class CapturedLoop:
         t = self.t[:r]
         torch.index_select(self.t_rows[m], 0, self.counter, out=t.view(1, r))
         v_final, v_inter = self.net(self.net_in[:r].view(r, *self.shape), t, self.labels[m])
-        fused_step_indexed(self.table, self.counter, self.x, _kernel_ready(v_final), _kernel_ready(v_inter),
+        fused_step_indexed(self.table, self.counter, self.x, kernel_ready(v_final), kernel_ready(v_inter),
                            self.idx, self.k1, self.x, self.net_in, self.first_bad, fault=self.fault,
                            library=self.library)
 

@@ -50,7 +50,7 @@ def _network(net: Network, shape: tuple[int, int, int], rows: torch.Tensor, ev: 
     """Network outputs for ``rows`` (R, E) float32 at ev.t, as contiguous kernel-readable tensors."""
     r = rows.shape[0]
     v_final, v_inter = net(rows.view(r, *shape), time_column(ev.t, r, rows.device), labels)
-    return _kernel_ready(v_final), _kernel_ready(v_inter)
+    return kernel_ready(v_final), kernel_ready(v_inter)
 
 
 def _advance(net: Network, shape: tuple[int, int, int], lib: KernelLibrary, sl: StepLaunches, b: _Buffers,
@@ -95,11 +95,11 @@ def fused_step_once(net: Network, plan: Plan, facts: ModelFacts, step: Step, x: 
     return b.x.view_as(x)
 
 
-def _kernel_ready(v: torch.Tensor) -> torch.Tensor:
+def kernel_ready(v: torch.Tensor) -> torch.Tensor:
     """Backends return float32 (the contract); others (bf16/fp16 engines) are read as they are."""
     if v.dtype not in _NET_DTYPES:
         v = v.float()
     return v.contiguous()
 
 
-__all__ = ["fused_step_once", "run_fused"]
+__all__ = ["fused_step_once", "kernel_ready", "run_fused"]
