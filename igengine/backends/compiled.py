@@ -86,6 +86,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from igengine.backends.cpu_linear import onednn_available
+from igengine.backends.cpu_linear import onednn_linear as onednn_linear_kernel
 from igengine.errors import BackendError, BackendUnavailable
 from igengine.config import ModelConfig, Precision
 from igengine.models import IGDiT, apply_precision
@@ -208,14 +210,13 @@ def onednn_linear_op():
     """
     global _ONEDNN_LINEAR
     if _ONEDNN_LINEAR is None:
-        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                and hasattr(torch, "library") and hasattr(torch.library, "custom_op")):
+        if not (onednn_available() and hasattr(torch, "library") and hasattr(torch.library, "custom_op")):
             _ONEDNN_LINEAR = False
             return None
 
         @torch.library.custom_op("igengine::onednn_linear", mutates_args=())
         def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+            return onednn_linear_kernel(x, w, b)
 
         @onednn_linear.register_fake
         def _(x, w, b):
@@ -228,10 +229,8 @@ def onednn_linear_op():
 def route_linears_to_onednn(gm: torch.fx.GraphModule) -> int:
     """Replace every fp32 CPU ``linear(x, w, b)`` of a Dynamo graph by ``onednn_linear_op()``; returns how many.
 
-    Why: on the CPUs we measured (AMD EPYC, AVX2), oneDNN's fp32 GEMM is 1.0-1.4x faster than the
-    MKL ``addmm`` Inductor calls otherwise, for the DiT's shapes (M = tokens x rows, K, N in
-    768..3072), and GEMMs are ~85% of a compiled forward. Same maths in fp32 (no reduced precision
-    unless ``torch.backends.mkldnn.matmul.fp32_precision`` is changed from its default).
+    Why: see ``igengine.backends.cpu_linear`` (oneDNN's fp32 GEMM is faster than the MKL ``addmm``
+    Inductor calls otherwise, and GEMMs are ~85% of a compiled forward).
     """
     op = onednn_linear_op()
     if op is None:

@@ -1,0 +1,76 @@
+"""oneDNN linears on the CPU (igengine.backends.cpu_linear): fp32 only, reference keeps nn.Linear."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from igengine.backends import TorchBackend
+from igengine.backends.cpu_linear import OneDNNLinear, onednn_available, route_linears
+from igengine.config import Precision
+from igengine.models import IGDiT
+from igengine.models.registry import preset
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN linear kernel")
+
+
+def _model() -> IGDiT:
+    torch.manual_seed(0)
+    model = IGDiT(preset("SiT-S/8", input_size=16, num_classes=10))
+    for p in model.parameters():  # every parameter random: the official init zeroes the heads
+        nn.init.normal_(p, std=0.05)
+    return model
+
+
+def _inputs(n: int = 3):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 4, 16, 16, generator=g), torch.rand(n, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_onednn_linear_matches_aten_in_fp32():
+    """Same maths, another summation order: within fp32 rounding of a K-term dot product."""
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(384, 1152)
+    x = torch.randn(2, 64, 384, generator=g)
+    want = lin(x)
+    route_linears(lin)
+    assert type(lin) is OneDNNLinear
+    got = lin(x)
+    scale = (x.abs() @ lin.weight.abs().t()).max()  # bound on |sum| terms
+    assert (got - want).abs().max() <= 384 * torch.finfo(torch.float32).eps * scale
+    assert not torch.equal(lin.weight, torch.zeros_like(lin.weight))
+
+
+def test_fp32_backend_routes_linears_and_reference_does_not():
+    model = _model()
+    n_linear = sum(type(m) is nn.Linear for m in model.modules())
+    fast = TorchBackend(copy.deepcopy(model), precision=Precision.FP32)
+    ref = TorchBackend(copy.deepcopy(model), precision=Precision.REFERENCE)
+    assert fast.onednn_linears == n_linear > 0 and fast.describe()["cpu_linear"] == "onednn"
+    assert ref.onednn_linears == 0 and ref.describe()["cpu_linear"] == "aten"
+    assert not any(isinstance(m, OneDNNLinear) for m in ref.model.modules())
+    x, t, y = _inputs()
+    (f_fast, i_fast), (f_ref, i_ref) = fast(x, t, y), ref(x, t, y)
+    # fp32 tolerance of the fp32 precision against the reference network (docs/CONTRACTS.md, tolerances)
+    for a, b in ((f_fast, f_ref), (i_fast, i_ref)):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+        assert a.abs().max() > 0
+
+
+def test_reference_backend_undoes_routing_on_a_shared_model():
+    """A model first used by an fp32 backend and then by a reference one runs nn.Linear again (bit for bit)."""
+    model = _model()
+    x, t, y = _inputs()
+    want = TorchBackend(copy.deepcopy(model), precision=Precision.REFERENCE)(x, t, y)
+    TorchBackend(model, precision=Precision.FP32)
+    got = TorchBackend(model, precision=Precision.REFERENCE)(x, t, y)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_bf16_linears_stay_aten():
+    model = _model()
+    backend = TorchBackend(model, precision=Precision.BF16)
+    routed = [m for m in backend.model.modules() if isinstance(m, OneDNNLinear)]
+    # only the fp32 linears (embeddings, adaLN, heads) are routed; the bf16 block matmuls are not
+    assert routed and all(m.weight.dtype == torch.float32 for m in routed)
