@@ -5,6 +5,7 @@
   onnx         the exporter (torch.onnx dynamo) and its post-processing   [needs onnx, onnxscript]
   graph_passes ONNX rewrites and the low-precision report                [needs onnx]
   cache        graphs exported on demand, keyed by checkpoint + config + precision + exporter
+  integrity    a graph's files checked against the sizes and sha256s its export.json records
   tensorrt     optimization profiles, engine cache, timing cache, builder [needs tensorrt + GPU]
   job          `igengine export` as a library call
 

@@ -3,6 +3,7 @@
 Root: ``$IGENGINE_CACHE`` if set, else ``$XDG_CACHE_HOME/igengine``, else ``~/.cache/igengine``.
   onnx/<model>-<precision>-<key>/   an export folder (model.onnx, model.onnx.data, export.json)
   tensorrt/                         engines and timing caches (``igengine.export.tensorrt``)
+  verified/                         sha256 memos of graph files, keyed by their stat (``igengine.export.integrity``)
 The ONNX key is a sha256 over the checkpoint's sha256, its architecture, the ExportConfig, the
 graph contract and the exporter (torch / onnxscript versions): a different checkpoint, config,
 precision, opset or exporter gives a different folder. A graph found there is still checked
@@ -33,6 +34,10 @@ from igengine.export.contract import (
     read_record,
     verify_record,
 )
+from igengine.export.integrity import verify_graph_files
+
+
+VERIFIED = "verified"
 
 
 def cache_root() -> Path:
@@ -93,13 +98,17 @@ def locate_graph(loaded: LoadedCheckpoint, precision: Precision | str, onnx_path
 
     With ``onnx_path`` (a .onnx file or an export folder) that graph, refused with GraphMismatchError
     if it was exported for another checkpoint, architecture or precision; without it the cached
-    export for (checkpoint, config, precision), made now if missing.
+    export for (checkpoint, config, precision), made now if missing. Either way its files must be
+    those its export.json records (``integrity.verify_graph_files``; digests remembered under
+    ``<root>/verified``).
     """
     import_onnx(exporter=onnx_path is None)
     if onnx_path is not None:
-        graph = graph_path(onnx_path)
+        graph, fix = graph_path(onnx_path), None
     else:
         graph = cached_graph(loaded, ExportConfig(precision=graph_precision(precision)), root)
+        fix = f"delete {graph.parent} so that the next run exports it again"
     record = read_record(graph)
     verify_record(record, loaded, precision, graph)
+    verify_graph_files(graph, (root or cache_root()) / VERIFIED, fix)
     return graph, record
