@@ -144,6 +144,7 @@ def sample(
     latent_multiplier: float = typer.Option(1.0, "--latent-multiplier", help="VA-VAE: x * std / multiplier + mean (released config: 1.0)."),
     chunk_size: int = typer.Option(1000, "--chunk-size", help="Samples per chunk file (the unit of output and resume; part of the run's identity)."),
     evaluate_ref: Optional[Path] = typer.Option(None, "--evaluate", help="After packing, run `igengine evaluate` against REF (metrics.json beside samples.npz)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads; default: OMP_NUM_THREADS, else the usable cores that other work does not keep busy."),
 ) -> None:
     """Draw samples with IG (+CFG), bit-reproducibly, and write samples.npz + manifest.json.
 
@@ -161,7 +162,7 @@ def sample(
         timestep_shift=timestep_shift, precision=None if precision.value == "auto" else Precision(precision.value), device=device,
         backend=backend, onnx=onnx, png=png, save_latents=save_latents, no_decode=no_decode,
         overwrite=overwrite, vae=vae, vae_kind=vae_kind.value, latent_stats=latent_stats,
-        latent_multiplier=latent_multiplier, chunk_size=chunk_size, evaluate=evaluate_ref,
+        latent_multiplier=latent_multiplier, chunk_size=chunk_size, evaluate=evaluate_ref, threads=threads,
     )
     from igengine.jobs.launch import RankInfo
 
@@ -254,8 +255,10 @@ def info() -> None:
         "onnxruntime": importlib.util.find_spec("onnxruntime") is not None,
         "tensorrt": importlib.util.find_spec("tensorrt") is not None,
     }
+    from igengine.jobs.threads import choose_threads
     from igengine.kernels import describe as kernels_describe
 
+    facts["cpu_threads"] = choose_threads().to_dict()  # what `igengine sample` would use now
     facts["kernels"] = kernels_describe()
     typer.echo(json.dumps(facts, indent=2))
 

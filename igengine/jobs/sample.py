@@ -37,6 +37,8 @@ from igengine.errors import ConfigError, Interrupted, JobError
 from igengine.jobs.backend import build_backend, sampler_for
 from igengine.jobs.bulk import BulkSampler, Progress, SampleMaker
 from igengine.jobs.launch import RankInfo
+from igengine.jobs.threads import ENV as THREADS_ENV
+from igengine.jobs.threads import ThreadChoice, choose_threads, using_threads
 from igengine.models.checkpoint import LoadedCheckpoint, load_checkpoint
 from igengine.noise import balanced_labels, check_seed, random_labels
 from igengine.precision import default_precision
@@ -86,11 +88,12 @@ class SampleJob:
     latent_multiplier: float = 1.0  # VA-VAE: x * std / multiplier + mean (1.0 in the released config)
     chunk_size: int = 1000  # samples per chunk file: the unit of output and of resume
     evaluate: Path | None = None  # a reference for `igengine evaluate`, run after packing (metrics.json)
+    threads: int | None = None  # CPU threads; None: OMP_NUM_THREADS, else the cores not busy (igengine.jobs.threads)
 
     def validate(self) -> None:
         """The checks that need no file: counts, the seed, the output names. Sampler settings are
         checked where they are built (``igengine.config``)."""
-        for name in ("n", "batch_size", "chunk_size"):
+        for name in ("n", "batch_size", "chunk_size") + (("threads",) if self.threads is not None else ()):
             if getattr(self, name) < 1:
                 raise JobError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.vae_kind not in ("auto", *(k.value for k in VAEKind)):
@@ -354,7 +357,9 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
     """
     with signals_raise_interrupted():
         try:
-            return _run_sample(job, progress)
+            job.validate()
+            with using_threads(threads := choose_threads(job.threads)):
+                return _run_sample(job, progress, threads)
         except Interrupted as e:
             if str(e) == f"interrupted by {e.signal_name}":  # before any sampling started
                 raise Interrupted(e.signum, f"interrupted by {e.signal_name} before sampling started; "
@@ -362,9 +367,8 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
             raise
 
 
-def _run_sample(job: SampleJob, progress: Progress | None) -> RunResult:
+def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice) -> RunResult:
     started = time.time()
-    job.validate()
     progress = progress or Progress()
     rank = RankInfo.from_env()
     ckpt_path = Path(job.ckpt) if job.ckpt is not None else DEFAULT_CHECKPOINT
@@ -376,6 +380,8 @@ def _run_sample(job: SampleJob, progress: Progress | None) -> RunResult:
     if job.precision is None:
         job = dataclasses.replace(job, precision=default_precision(device))
         chosen.append(f"precision {job.precision.value} (the default on {device.type}; choose with `precision`)")
+    if threads.source == "auto" and device.type == "cpu":
+        chosen.append(f"{threads.threads} CPU thread(s) ({threads.why}; choose with `threads` or {THREADS_ENV})")
     sampler_cfg = resolve_sampler_config(job, loaded)
     labels, label_info = resolve_labels(job, cfg.num_classes)
     decode = not job.no_decode
@@ -423,7 +429,7 @@ def _run_sample(job: SampleJob, progress: Progress | None) -> RunResult:
         for line in chosen:  # only once the request is known to be good: a refusal stays one line
             progress.log(line)
         manifest = _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, sampler, backend, run_key, label_info, labels,
-                             decoder, layout, rank, png_dir is not None)
+                             decoder, layout, rank, png_dir is not None, threads)
         if rank.is_main:
             atomic_write_json(out / MANIFEST, manifest)
         make = SampleMaker(sampler, job.seed, labels, decoder, cfg.family, pixels=decode)
@@ -465,7 +471,7 @@ def _evaluate(out: Path, job: SampleJob, device: torch.device, manifest: dict, p
 
 
 def _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, sampler, backend, run_key, label_info, labels, decoder,
-              layout: BulkLayout, rank: RankInfo, png: bool) -> dict:
+              layout: BulkLayout, rank: RankInfo, png: bool, threads: ThreadChoice) -> dict:
     outputs: dict[str, Any] = {"chunks": layout.chunks_dir + "/"}
     if layout.pixels is not None:
         outputs["samples"] = SAMPLES
@@ -493,6 +499,7 @@ def _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, sampler, backend, run_ke
         "vae": decoder.describe() if decoder is not None else None,
         "batch_size": job.batch_size,
         "world_size": rank.world_size,
+        "cpu_threads": {**threads.to_dict(), "threads": torch.get_num_threads()},
         "noise_contract": "igengine.noise: Philox4x32-10, key=(seed lo, hi), counter=(block, stream, index lo, hi)",
         "bulk": layout.to_dict(),
         "outputs": outputs,
