@@ -71,6 +71,7 @@ Examples:
   igengine sample --ckpt lightningdit-xl-1-ig.pt --model LightningDiT-XL/1 --vae vavae-imagenet256-f16d32-dinov2.pt --latent-stats latents_stats.pt --n 50000 --out out/ldit50k
   torchrun --standalone --nproc-per-node 8 -m igengine sample --ckpt SiT-XL-2-IG.pt --vae sd-vae-ft-ema/ --num-samples 50000 --out out/sit50k
 Rerunning the same command resumes (completed chunks are kept); a larger --n extends the run.
+OUT/grid.png shows the first samples (--no-grid: not written); --png writes OUT/png/000000/000000.png ...
 """
 
 PACK_EPILOG = """\b

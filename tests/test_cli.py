@@ -336,6 +336,7 @@ def test_console_script_prints_no_traceback(tmp_path):
     (["--help"], "Usage: igengine [OPTIONS] COMMAND"),
     (["sample", "-h"], "Usage: igengine sample [OPTIONS]"),
     (["sample", "--help"], "igengine sample --n 64 --out out/digits"),
+    (["sample", "--help"], "--grid / --no-grid"),
     (["export", "-h"], "Usage: igengine export [OPTIONS]"),
     (["bench", "--help"], "Usage: igengine bench [OPTIONS]"),
     (["pack", "-h"], "Usage: igengine pack [OPTIONS]"),
