@@ -71,6 +71,7 @@ Examples:
   igengine sample --ckpt lightningdit-xl-1-ig.pt --model LightningDiT-XL/1 --vae vavae-imagenet256-f16d32-dinov2.pt --latent-stats latents_stats.pt --n 50000 --out out/ldit50k
   torchrun --standalone --nproc-per-node 8 -m igengine sample --ckpt SiT-XL-2-IG.pt --vae sd-vae-ft-ema/ --num-samples 50000 --out out/sit50k
 Rerunning the same command resumes (completed chunks are kept); a larger --n extends the run.
+OUT/grid.png shows the first samples (--no-grid: not written); --png writes OUT/png/000000/000000.png ...
 """
 
 PACK_EPILOG = """\b
@@ -111,7 +112,7 @@ def flagify(message: str, flags: dict[str, str]) -> str:
 
 @app.command(epilog=SAMPLE_EPILOG)
 def sample(
-    out: Path = typer.Option(Path("samples"), "--out", help="Output folder (samples.npz, png/, manifest.json)."),
+    out: Path = typer.Option(Path("samples"), "--out", help="Output folder (samples.npz, grid.png, png/, manifest.json)."),
     n: int = typer.Option(16, "--n", "--num-samples", help="Number of samples (indices 0..n-1); under torchrun write --num-samples (torchrun reads --n as its own --nnodes / --nproc-per-node)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Samples per sampler batch (results do not depend on it)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the noise contract, in [0, 2^64)."),
@@ -134,7 +135,8 @@ def sample(
     backend: BackendName = typer.Option(BackendName.TORCH, "--backend", help="Network backend (tensorrt: CUDA only)."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Exported graph (.onnx or `igengine export` folder) for "
                                         "onnxruntime/tensorrt; default: exported on first use into the cache."),
-    png: bool = typer.Option(False, "--png", help="Also write one PNG per sample under OUT/png/."),
+    png: bool = typer.Option(False, "--png", help="Also write one PNG per sample: OUT/png/<i // 1000:06d>/<i:06d>.png (1,000 per subfolder)."),
+    grid: bool = typer.Option(True, "--grid/--no-grid", help="Write OUT/grid.png, the first (up to 64) samples with their class ids, after packing (decoding runs)."),
     save_latents: Optional[Path] = typer.Option(None, "--save-latents", help="Also write the final latents to FILE.npy."),
     no_decode: bool = typer.Option(False, "--no-decode", help="Write latents only (OUT/latents.npy), no pixels."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different run's outputs in OUT."),
@@ -160,7 +162,7 @@ def sample(
         cfg_interval=parse_interval(cfg_interval, "cfg_interval") if cfg_interval is not None else None,
         ig_scale=ig_scale, ig_interval=parse_interval(ig_interval, "ig_interval") if ig_interval is not None else None,
         timestep_shift=timestep_shift, precision=None if precision.value == "auto" else Precision(precision.value), device=device,
-        backend=backend, onnx=onnx, png=png, save_latents=save_latents, no_decode=no_decode,
+        backend=backend, onnx=onnx, png=png, grid=grid, save_latents=save_latents, no_decode=no_decode,
         overwrite=overwrite, vae=vae, vae_kind=vae_kind.value, latent_stats=latent_stats,
         latent_multiplier=latent_multiplier, chunk_size=chunk_size, evaluate=evaluate_ref, threads=threads,
     )

@@ -45,7 +45,8 @@ def test_embedded_model_end_to_end(tmp_path, capsys):
     assert data["arr_0"].shape == (6, 8, 8, 3) and data["arr_0"].dtype == np.uint8
     assert data["labels"].dtype == np.int64 and data["labels"].shape == (6,)
     assert (data["arr_0"][..., 0] == data["arr_0"][..., 2]).all()
-    assert len(list((out / "png").glob("*.png"))) == 6
+    assert sorted(p.relative_to(out / "png").as_posix() for p in (out / "png").rglob("*.png")) == [
+        f"000000/{i:06d}.png" for i in range(6)]  # EDM2's --subdirs layout: 1,000 per subfolder
     m = json.loads((out / "manifest.json").read_text())
     assert m["model"]["encoder_depth"] == 2 and m["model"]["encoder_depth_source"]
     assert m["checkpoint"]["sha256"] and m["sampler"]["solver"] == "sde" and m["sampler"]["steps"] == 6
@@ -208,7 +209,7 @@ def test_every_output_file_gets_the_mode_of_the_umask(tmp_path, capsys):
         os.umask(saved)
     files = [p for p in out.rglob("*") if p.is_file() and ".locks" not in p.parts] + [tmp_path / "lat.npy"]
     names = {p.name for p in files}
-    assert {"samples.npz", "manifest.json", "000000.png", "00000000-00000000.npz", "lat.npy"} <= names
+    assert {"samples.npz", "manifest.json", "grid.png", "000000.png", "00000000-00000000.npz", "lat.npy"} <= names
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o664) for p in files}
 
 
@@ -335,6 +336,7 @@ def test_console_script_prints_no_traceback(tmp_path):
     (["--help"], "Usage: igengine [OPTIONS] COMMAND"),
     (["sample", "-h"], "Usage: igengine sample [OPTIONS]"),
     (["sample", "--help"], "igengine sample --n 64 --out out/digits"),
+    (["sample", "--help"], "--grid / --no-grid"),
     (["export", "-h"], "Usage: igengine export [OPTIONS]"),
     (["bench", "--help"], "Usage: igengine bench [OPTIONS]"),
     (["pack", "-h"], "Usage: igengine pack [OPTIONS]"),

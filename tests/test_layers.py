@@ -23,7 +23,7 @@ RANKS = {
     "backends": 3,
     # orchestration
     "jobs": 4,
-    "bench": 5, "digits": 5,
+    "bench": 5, "digits": 5, "api": 5,
     "cli": 6,
     "__main__": 7,
 }
@@ -31,6 +31,9 @@ RANKS = {
 FOUNDATION_ORDER = ["errors", "config", "noise", "precision", "safeload", "__init__"]
 # Same-or-lower rank but still not allowed: the sampler never knows the model or how it is run.
 FORBIDDEN = {("sampling", "models"), ("sampling", "backends"), ("sampling", "export"), ("kernels", "sampling")}
+# Upward but allowed, and only inside a function: the package root re-exports the Python API
+# (``igengine.load``) without importing it, so ``import igengine`` stays free of torch.
+LAZY_REEXPORTS = {("__init__", "api")}
 
 
 def _group(module: str) -> str:
@@ -72,12 +75,21 @@ def _resolve(name: str) -> str | None:
     return name or None
 
 
-def violations(src: str, imported: set[str]) -> list[str]:
-    """The imports of a module of package ``src`` that break the rules (module names of igengine)."""
+def violations(src: str, imported: set[str], top_level: set[str] | None = None) -> list[str]:
+    """The imports of a module of package ``src`` that break the rules (module names of igengine).
+
+    top_level: those of ``imported`` made at module level (None: all of them), which a
+    ``LAZY_REEXPORTS`` pair may not use.
+    """
     bad = []
+    top_level = imported if top_level is None else top_level
     for mod in sorted(imported):
         dst = _group(mod)
         if dst == src:
+            continue
+        if (src, dst) in LAZY_REEXPORTS:
+            if mod in top_level:
+                bad.append(f"{mod} (a lazy re-export: import it inside the function, not at module level)")
             continue
         if dst not in RANKS:
             bad.append(f"{mod} (unranked)")
@@ -94,7 +106,8 @@ def test_imports_go_down_the_layers(module):
     if _group(module) not in RANKS:
         pytest.fail(f"{module}: package {_group(module)!r} has no rank in tests/test_layers.py (add it)")
     imported = {m for n in _imports(MODULES[module]) if (m := _resolve(n))}
-    bad = violations(_group(module), imported)
+    top_level = {m for n in _imports(MODULES[module], top_level_only=True) if (m := _resolve(n))}
+    bad = violations(_group(module), imported, top_level)
     assert not bad, f"{module} imports upwards or sideways: {bad}"
 
 
@@ -132,3 +145,6 @@ def test_the_checker_sees_a_violation():
     assert violations("jobs", {"igengine.nowhere.x"}) == ["igengine.nowhere.x (unranked)"]
     assert not violations("jobs", {"igengine.backends.base", "igengine.sampling.loop", "igengine.config"})
     assert not violations("precision", {"igengine.config", "igengine.errors"})
+    assert not violations("__init__", {"igengine.api"}, top_level=set())  # igengine.load's lazy import
+    assert violations("__init__", {"igengine.api"})  # the same import at module level
+    assert violations("__init__", {"igengine.jobs.sample"}, top_level=set())  # only the API is re-exported

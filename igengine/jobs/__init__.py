@@ -4,6 +4,8 @@
   bulk    chunked, resumable, torchrun-sharded execution of a sample job
   launch  where this process sits in a torchrun launch
   export  `igengine export`
+  preview grid.png after packing, the png/ folder layout
 
-May import every layer below it (models, backends, export, sampling, vae, store); only igengine.cli imports it.
+May import every layer below it (models, backends, export, sampling, vae, store); imported by
+igengine.cli, igengine.api (the Python API) and the tools above it (bench, digits).
 """

@@ -30,6 +30,7 @@ from igengine.jobs.launch import RankInfo
 from igengine.sampling import Sampler
 from igengine.store.atomic import atomic_write_bytes, png_bytes
 from igengine.store.chunks import Chunk, ChunkPlan, ChunkStore, coalesce
+from igengine.store.preview import png_path
 from igengine.vae import LatentDecoder
 from igengine.vae.pixels import to_uint8
 
@@ -90,13 +91,16 @@ def compute_chunk(chunk: Chunk, make: SampleMaker, batch_size: int, on_batch: Ca
 
 
 def write_pngs(png_dir: Path, store: ChunkStore, chunk: Chunk, pixels: np.ndarray) -> None:
-    """PNGs of a chunk's samples (``png/<index:06d>.png``), then the chunk's ``.png-done`` marker.
+    """PNGs of a chunk's samples (``png/<index // 1000:06d>/<index:06d>.png``, ``igengine.store.preview``),
+    then the chunk's ``.png-done`` marker.
 
     The marker lives in the run's chunk folder, so PNGs left by a different run (``--overwrite``)
     are never taken for this run's.
     """
     for i, img in zip(chunk.indices(), pixels):
-        atomic_write_bytes(png_dir / f"{i:06d}.png", png_bytes(img))
+        path = png_path(png_dir, int(i))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, png_bytes(img))
     _png_marker(store, chunk).touch()
 
 

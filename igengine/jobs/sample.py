@@ -37,6 +37,7 @@ from igengine.errors import ConfigError, Interrupted, JobError
 from igengine.jobs.backend import build_backend, sampler_for
 from igengine.jobs.bulk import BulkSampler, Progress, SampleMaker
 from igengine.jobs.launch import RankInfo
+from igengine.jobs.preview import prepare_png_dir, write_run_grid
 from igengine.jobs.threads import ENV as THREADS_ENV
 from igengine.jobs.threads import ThreadChoice, choose_threads, using_threads
 from igengine.models.checkpoint import LoadedCheckpoint, load_checkpoint
@@ -79,6 +80,7 @@ class SampleJob:
     backend: BackendName = BackendName.TORCH
     onnx: Path | None = None  # exported graph (file or folder) for onnxruntime/tensorrt; None: the export cache
     png: bool = False
+    grid: bool = True  # grid.png of the first samples, after packing (decoding runs only)
     save_latents: Path | None = None
     no_decode: bool = False
     overwrite: bool = False
@@ -420,7 +422,8 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
         png_dir = None
         if job.png and decode:
             png_dir = out / "png"
-            png_dir.mkdir(exist_ok=True)
+            if (moved := prepare_png_dir(png_dir)) is not None:
+                chosen.append(moved)
         backend = make_backend(job, loaded, device)
         # Fused guidance + update kernels for fp32/bf16/fp16 when a library is built; else the reference loop.
         sampler = sampler_for(backend, sampler_cfg, device=device)
@@ -450,6 +453,8 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
                                       "computed_this_session": new, "already_complete": report.initial_done}
                 manifest["notes"] = notes
                 manifest = pack_folder(out, manifest)
+                if job.grid and decode:
+                    manifest = write_run_grid(out, manifest, label_info, cfg.num_classes)
         except (Interrupted, KeyboardInterrupt) as e:
             progress.finish()
             raise _interrupted(e, out, manifest, layout, store, rank) from None
@@ -478,6 +483,7 @@ def _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, sampler, backend, run_ke
         outputs["pixel_conversion"] = PIXEL_CONVERSION[cfg.family]
         if png:
             outputs["png"] = "png/"
+            outputs["png_layout"] = "png/<index // 1000:06d>/<index:06d>.png"
     if layout.latents_path is not None:
         outputs["latents"] = layout.latents_path
         if layout.pixels is None:

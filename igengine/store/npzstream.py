@@ -134,6 +134,25 @@ def scan_member(zf: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dty
     return copy_member(zf, name, None)
 
 
+def read_rows(zf: zipfile.ZipFile, name: str, count: int) -> np.ndarray:
+    """The first ``count`` rows of member ``name`` (all of them if it has fewer), reading only those bytes.
+
+    The member is not read to its end, so its CRC-32 is not checked: for previews of a file just
+    written (``grid.png`` from ``samples.npz``), never for verification.
+    """
+    stream, shape, dtype = _open_member(zf, name)
+    with stream:
+        _data_bytes(name, shape, dtype)  # refuses object arrays
+        if not shape:
+            raise NpzFormatError(f"member {name!r} is a scalar, not an array of rows")
+        count = max(0, min(int(count), shape[0]))
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        data = stream.read(count * row)
+    if len(data) != count * row:
+        raise NpzFormatError(f"member {name!r} ends after {len(data)} bytes, its first {count} rows need {count * row}")
+    return np.frombuffer(data, dtype=dtype).reshape(count, *shape[1:]).copy()
+
+
 def copy_member(zf: zipfile.ZipFile, name: str, sink: MemberSink | None) -> tuple[tuple[int, ...], np.dtype]:
     """Stream the data of member ``name`` into ``sink`` (or nowhere), ``PIECE`` bytes at a time.
 
@@ -155,5 +174,5 @@ def copy_member(zf: zipfile.ZipFile, name: str, sink: MemberSink | None) -> tupl
     return shape, dtype
 
 
-__all__ = ["NpzFormatError", "NpzWriter", "MemberSink", "PIECE", "copy_member", "member_header", "scan_member",
-           "start_npy"]
+__all__ = ["NpzFormatError", "NpzWriter", "MemberSink", "PIECE", "copy_member", "member_header", "read_rows",
+           "scan_member", "start_npy"]
