@@ -22,6 +22,13 @@
 
 #define IGK_THREADS 256
 
+#if defined(IGK_PARAMS_SIZE) /* the NVRTC build: the layout igengine/kernels/abi.py passes pointers to */
+static_assert(IGK_ABI_VERSION == IGK_ABI_VERSION_EXPECTED, "csrc/igk_api.h and igengine/kernels/abi.py differ");
+static_assert(sizeof(igk_step_params) == IGK_PARAMS_SIZE, "igk_step_params differs from abi.StepParams");
+static_assert(sizeof(igk_step_buffers) == IGK_BUFFERS_SIZE, "igk_step_buffers differs from abi.StepBuffers");
+static_assert(sizeof(igk_step_table) == IGK_TABLE_SIZE, "igk_step_table differs from abi.StepTable");
+#endif
+
 /* ---- bodies ------------------------------------------------------------------------------------ */
 
 template <int DT, bool VEC>

@@ -28,6 +28,7 @@ Nothing here runs at import time, and importing this module imports neither cuda
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import os
@@ -35,6 +36,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from igengine.kernels import abi
 
 # The kernels' entry points (extern "C" in csrc/igk_kernels.cuh), by (dtype code, vectorised).
 STEP_KERNELS = {(0, False): "igk_k_step_f32", (0, True): "igk_k_step_f32_vec",
@@ -47,8 +50,12 @@ THREADS = 256  # IGK_THREADS
 # The device code NVRTC compiles: the main file, then the headers it includes.
 MAIN = "igk_kernels.cuh"
 SOURCES = (MAIN, "igk_math.h", "igk_api.h")
-# --fmad=false: every float32 operation rounds once, as in the CMake build (csrc/README.md).
-OPTIONS = ("--fmad=false", "--std=c++17", "-DIGK_NVRTC=1")
+# --fmad=false: every float32 operation rounds once, as in the CMake build (csrc/README.md). The
+# sizes: igk_kernels.cuh static_asserts that the device's structs are abi.py's (the CMake library
+# is checked on load through igk_*_size(); an NVRTC module has no such functions).
+OPTIONS = ("--fmad=false", "--std=c++17", f"-DIGK_ABI_VERSION_EXPECTED={abi.ABI_VERSION}",
+           f"-DIGK_PARAMS_SIZE={ctypes.sizeof(abi.StepParams)}", f"-DIGK_BUFFERS_SIZE={ctypes.sizeof(abi.StepBuffers)}",
+           f"-DIGK_TABLE_SIZE={ctypes.sizeof(abi.StepTable)}")
 CACHE_FORMAT = 1
 _MAGIC = b"IGKNVRTC"
 ENV_CACHE = "IGENGINE_CACHE"

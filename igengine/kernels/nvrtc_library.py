@@ -206,7 +206,10 @@ class NvrtcLibrary:
             functions = {}
             for name in nvrtc.KERNELS:
                 (fn,) = _call(drv, drv.cuModuleGetFunction(module, name.encode()), f"cuModuleGetFunction({name})")
-                # Touch every kernel now: lazy loading would otherwise load it inside a graph capture.
+                # Load every kernel now: lazy loading (CUDA_MODULE_LOADING=LAZY) would otherwise load it
+                # at its first launch, which may be inside a graph capture. cuFuncLoad: CUDA >= 12.4.
+                if hasattr(drv, "cuFuncLoad"):
+                    _call(drv, drv.cuFuncLoad(fn), f"cuFuncLoad({name})")
                 _call(drv, drv.cuFuncGetAttribute(drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NUM_REGS, fn),
                       f"cuFuncGetAttribute({name})")
                 functions[name] = fn
