@@ -524,6 +524,16 @@ def test_the_command_line_compiles_for_an_architecture_without_a_gpu_then_reads_
     assert len(files) == 1 and nvrtc._unpack(files[0].read_bytes())[:4] == b"\x7fELF"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_the_command_line_without_a_gpu_or_arch_says_what_to_do_in_one_line(tmp_path):
+    env = {**os.environ, "IGENGINE_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "igengine.kernels.nvrtc"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_command_line_refuses_a_bad_architecture_in_one_line(capsys):
     assert nvrtc.main(["--arch", "5"]) == 1
     err = capsys.readouterr().err

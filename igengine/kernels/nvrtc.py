@@ -318,4 +318,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: under `python -m` this file is __main__, a second copy whose
+    # exception classes are not those nvrtc_library raises.
+    from igengine.kernels.nvrtc import main as _main
+
+    sys.exit(_main())
