@@ -118,6 +118,11 @@ print(json.dumps(d, indent=1))
 open('$WORK/kernels.json', 'w').write(json.dumps(d))
 print('kernel path:', d['path'])"
 
+  # The NVRTC build (pip-only GPU users): a cold compile for the GPU present into a fresh cache, then a
+  # cache hit. Needs cuda-python + the NVRTC wheel (igengine[nvrtc]); without them it says so (rc 1).
+  run_section nvrtc 60 bash -c "IGENGINE_CACHE='$WORK/nvrtc-cache' \$PY -m igengine.kernels.nvrtc && \
+    IGENGINE_CACHE='$WORK/nvrtc-cache' \$PY -m igengine.kernels.nvrtc"
+
   run_section pytest-gpu 130 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$PREFIX.pytest.xml" tests
 
   # igengine bench on XL-sized random-weight models at the paper settings: K-step windows per class of

@@ -17,7 +17,21 @@
 #ifndef IGK_API_H
 #define IGK_API_H
 
+#if defined(__CUDACC_RTC__)
+/* NVRTC (igengine/kernels/nvrtc.py) has no system headers: the fixed-width types of the ABI, for
+ * the device's LP64 data model (the sizes igk_*_size() and the Python binding check). */
+typedef signed char int8_t;
+typedef unsigned char uint8_t;
+typedef short int16_t;
+typedef unsigned short uint16_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+typedef unsigned long long uintptr_t;
+#else
 #include <stdint.h>
+#endif
 
 #ifdef __cplusplus
 extern "C" {
@@ -146,6 +160,7 @@ typedef struct igk_step_table {
     int64_t net_rows;
 } igk_step_table;
 
+#if !defined(__CUDACC_RTC__) /* the host entry points; NVRTC compiles only the kernels (igk_kernels.cuh) */
 /* ---- both libraries ---------------------------------------------------------------------------- */
 IGK_EXPORT int igk_abi_version(void);
 IGK_EXPORT int igk_params_size(void);   /* sizeof(igk_step_params), checked against the binding */
@@ -183,6 +198,7 @@ IGK_EXPORT int igk_cuda_philox(uint64_t seed, uint32_t stream, const int64_t* in
                                uint32_t* out, int device, void* cuda_stream);
 IGK_EXPORT int igk_cuda_gaussian(uint64_t seed, uint32_t stream, const int64_t* indices, int64_t n, int64_t numel,
                                  float* out, int device, void* cuda_stream);
+#endif /* !__CUDACC_RTC__ */
 
 #ifdef __cplusplus
 }

@@ -1,20 +1,20 @@
 /*
- * igk_cuda.cu -- CUDA kernels of the fused step and the noise contract, and their launchers.
+ * igk_cuda.cu -- the host launchers of the CUDA kernels (the CMake/nvcc build of
+ * libigengine_kernels_cuda). The kernels themselves are igk_kernels.cuh, device code shared
+ * verbatim with the NVRTC build (igengine/kernels/nvrtc.py), so both builds run the same text.
  *
- * One thread per (row, 4-element block): the block is one Philox4x32-10 call, so every thread
- * draws exactly the four Gaussians its four elements need. Grid: x over blocks of a row, y over
- * rows (grid-stride in both). Launches go on the caller's stream; nothing allocates, copies or
- * synchronises, so a launch can be captured in a CUDA graph. The indexed step reads its scalars from
- * a device table at a device counter and a one-thread kernel advances the counter after it, so one
- * captured launch replays every step of a plan. Compiled with --fmad=false so that
- * the float32 maths rounds exactly like the reference's separate PyTorch operations.
+ * Launches go on the caller's stream; nothing allocates, copies or synchronises, so a launch can
+ * be captured in a CUDA graph. The indexed step reads its scalars from a device table at a device
+ * counter and a one-thread kernel advances the counter after it, so one captured launch replays
+ * every step of a plan. Compiled with --fmad=false so that the float32 maths rounds exactly like
+ * the reference's separate PyTorch operations.
  */
 #include <cuda_runtime.h>
 
 #include <algorithm>
 
 #include "igk_common.h"
-#include "igk_math.h"
+#include "igk_kernels.cuh"
 
 #ifndef IGK_CUDA_ARCHS
 #define IGK_CUDA_ARCHS "unknown"
@@ -22,66 +22,20 @@
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = IGK_THREADS;
 constexpr int64_t kMaxGridX = int64_t(1) << 30;
 constexpr int64_t kMaxGridY = 65535;
 
-template <int DT, bool VEC>
-__global__ void __launch_bounds__(kThreads) step_kernel(const igk_step_params p, const igk_step_buffers b) {
-    const int64_t blocks = (b.e + 3) >> 2;
-    for (int64_t n = blockIdx.y; n < b.n; n += gridDim.y)
-        for (int64_t blk = (int64_t)blockIdx.x * kThreads + threadIdx.x; blk < blocks; blk += (int64_t)gridDim.x * kThreads)
-            igk_step_block<DT, VEC>(p, b, n, blk);
-}
+typedef void (*step_fn)(const igk_step_params, const igk_step_buffers);
+typedef void (*step_indexed_fn)(const igk_step_table, const igk_step_buffers);
 
-/* The indexed step: thread 0 of every thread block reads the counter and the scalars into shared
- * memory and checks them (igk_launch_fault); a refused launch writes nothing but the fault word
- * (block (0, 0) only). The decision is uniform per block, so the early return is safe. */
-template <int DT, bool VEC>
-__global__ void __launch_bounds__(kThreads) step_indexed_kernel(const igk_step_table t, const igk_step_buffers b) {
-    __shared__ igk_step_params sp;
-    __shared__ int fault;
-    if (threadIdx.x == 0) {
-        const int64_t k = *t.counter;
-        int f = (k < 0 || k >= t.count) ? IGK_FAULT_COUNTER : IGK_FAULT_NONE;
-        if (f == IGK_FAULT_NONE) {
-            sp = t.params[k];
-            f = igk_launch_fault(sp, b, t.v_rows, t.net_rows);
-        }
-        fault = f;
-        if (f != IGK_FAULT_NONE && blockIdx.x == 0 && blockIdx.y == 0 && t.fault && t.fault[0] == IGK_FAULT_NONE) {
-            t.fault[0] = f;
-            t.fault[1] = k;
-        }
-    }
-    __syncthreads();
-    if (fault != IGK_FAULT_NONE) return;
-    const igk_step_params p = sp;
-    const igk_step_buffers bk = igk_select_buffers(p, b);
-    const int64_t blocks = (b.e + 3) >> 2;
-    for (int64_t n = blockIdx.y; n < b.n; n += gridDim.y)
-        for (int64_t blk = (int64_t)blockIdx.x * kThreads + threadIdx.x; blk < blocks; blk += (int64_t)gridDim.x * kThreads)
-            igk_step_block<DT, VEC>(p, bk, n, blk);
-}
-
-/* Launched after step_indexed_kernel on the same stream, so it runs once every reader is done. */
-__global__ void advance_kernel(int64_t* counter) { *counter += 1; }
-
-__global__ void __launch_bounds__(kThreads) gaussian_kernel(uint64_t seed, uint32_t stream, const int64_t* indices,
-                                                            int64_t n, int64_t numel, float* out) {
-    const int64_t blocks = (numel + 3) >> 2;
-    for (int64_t r = blockIdx.y; r < n; r += gridDim.y)
-        for (int64_t blk = (int64_t)blockIdx.x * kThreads + threadIdx.x; blk < blocks; blk += (int64_t)gridDim.x * kThreads)
-            igk_gaussian_block(seed, stream, indices, numel, out, r, blk);
-}
-
-__global__ void __launch_bounds__(kThreads) philox_kernel(uint64_t seed, uint32_t stream, const int64_t* indices,
-                                                          int64_t n, int64_t blocks, uint32_t* out) {
-    for (int64_t r = blockIdx.y; r < n; r += gridDim.y)
-        for (int64_t blk = (int64_t)blockIdx.x * kThreads + threadIdx.x; blk < blocks; blk += (int64_t)gridDim.x * kThreads)
-            igk_noise_words((uint32_t)seed, (uint32_t)(seed >> 32), (uint64_t)blk, stream, (uint64_t)indices[r],
-                            out + (r * blocks + blk) * 4);
-}
+/* [dtype][vectorised] */
+const step_fn kStep[3][2] = {{igk_k_step_f32, igk_k_step_f32_vec},
+                             {igk_k_step_bf16, igk_k_step_bf16_vec},
+                             {igk_k_step_f16, igk_k_step_f16_vec}};
+const step_indexed_fn kStepIndexed[3][2] = {{igk_k_step_indexed_f32, igk_k_step_indexed_f32_vec},
+                                            {igk_k_step_indexed_bf16, igk_k_step_indexed_bf16_vec},
+                                            {igk_k_step_indexed_f16, igk_k_step_indexed_f16_vec}};
 
 dim3 grid_for(int64_t rows, int64_t blocks) {
     const int64_t gx = std::min<int64_t>((blocks + kThreads - 1) / kThreads, kMaxGridX);
@@ -118,34 +72,6 @@ class DeviceGuard {
     cudaError_t status_;
 };
 
-template <int DT, bool VEC>
-void launch_step(const igk_step_params& p, const igk_step_buffers& b, cudaStream_t s) {
-    step_kernel<DT, VEC><<<grid_for(b.n, igk::num_blocks(b.e)), kThreads, 0, s>>>(p, b);
-}
-
-template <int DT>
-void launch_dtype(const igk_step_params& p, const igk_step_buffers& b, cudaStream_t s) {
-    if (igk::can_vectorise(&b))
-        launch_step<DT, true>(p, b, s);
-    else
-        launch_step<DT, false>(p, b, s);
-}
-
-template <int DT, bool VEC>
-void launch_indexed(const igk_step_table& t, const igk_step_buffers& b, cudaStream_t s) {
-    step_indexed_kernel<DT, VEC><<<grid_for(b.n, igk::num_blocks(b.e)), kThreads, 0, s>>>(t, b);
-}
-
-/* The vectorised path is chosen on the host from every pointer of b (a kind that drops some of
- * them can only be more aligned), so both paths compute the same bits anyway. */
-template <int DT>
-void launch_indexed_dtype(const igk_step_table& t, const igk_step_buffers& b, cudaStream_t s) {
-    if (igk::can_vectorise(&b))
-        launch_indexed<DT, true>(t, b, s);
-    else
-        launch_indexed<DT, false>(t, b, s);
-}
-
 template <typename K>
 cudaError_t probe_one(K kernel) {
     cudaFuncAttributes attr;
@@ -175,14 +101,11 @@ IGK_EXPORT int igk_cuda_probe(int device) {
     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
     /* Loads every kernel now (lazy module loading would otherwise do it inside a graph capture). */
     const cudaError_t errs[] = {
-        probe_one(step_kernel<IGK_DTYPE_F32, true>),  probe_one(step_kernel<IGK_DTYPE_F32, false>),
-        probe_one(step_kernel<IGK_DTYPE_BF16, true>), probe_one(step_kernel<IGK_DTYPE_BF16, false>),
-        probe_one(step_kernel<IGK_DTYPE_F16, true>),  probe_one(step_kernel<IGK_DTYPE_F16, false>),
-        probe_one(step_indexed_kernel<IGK_DTYPE_F32, true>),  probe_one(step_indexed_kernel<IGK_DTYPE_F32, false>),
-        probe_one(step_indexed_kernel<IGK_DTYPE_BF16, true>), probe_one(step_indexed_kernel<IGK_DTYPE_BF16, false>),
-        probe_one(step_indexed_kernel<IGK_DTYPE_F16, true>),  probe_one(step_indexed_kernel<IGK_DTYPE_F16, false>),
-        probe_one(advance_kernel),
-        probe_one(gaussian_kernel),                   probe_one(philox_kernel),
+        probe_one(kStep[0][0]),        probe_one(kStep[0][1]),        probe_one(kStep[1][0]),
+        probe_one(kStep[1][1]),        probe_one(kStep[2][0]),        probe_one(kStep[2][1]),
+        probe_one(kStepIndexed[0][0]), probe_one(kStepIndexed[0][1]), probe_one(kStepIndexed[1][0]),
+        probe_one(kStepIndexed[1][1]), probe_one(kStepIndexed[2][0]), probe_one(kStepIndexed[2][1]),
+        probe_one(igk_k_advance),      probe_one(igk_k_gaussian),     probe_one(igk_k_philox),
     };
     for (cudaError_t err : errs) {
         if (err != cudaSuccess) {
@@ -201,11 +124,7 @@ IGK_EXPORT int igk_cuda_step(const igk_step_params* p, const igk_step_buffers* b
     DeviceGuard guard(device);
     if (guard.status() != cudaSuccess) return cuda_fail(guard.status(), "cudaSetDevice");
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    switch (b->v_dtype) {
-        case IGK_DTYPE_F32: launch_dtype<IGK_DTYPE_F32>(*p, *b, s); break;
-        case IGK_DTYPE_BF16: launch_dtype<IGK_DTYPE_BF16>(*p, *b, s); break;
-        default: launch_dtype<IGK_DTYPE_F16>(*p, *b, s); break;
-    }
+    kStep[b->v_dtype][igk::can_vectorise(b) ? 1 : 0]<<<grid_for(b->n, igk::num_blocks(b->e)), kThreads, 0, s>>>(*p, *b);
     const cudaError_t e = cudaGetLastError();
     return e == cudaSuccess ? igk::ok() : cuda_fail(e, "fused step launch");
 }
@@ -216,14 +135,13 @@ IGK_EXPORT int igk_cuda_step_indexed(const igk_step_table* t, const igk_step_buf
     DeviceGuard guard(device);
     if (guard.status() != cudaSuccess) return cuda_fail(guard.status(), "cudaSetDevice");
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    switch (b->v_dtype) {
-        case IGK_DTYPE_F32: launch_indexed_dtype<IGK_DTYPE_F32>(*t, *b, s); break;
-        case IGK_DTYPE_BF16: launch_indexed_dtype<IGK_DTYPE_BF16>(*t, *b, s); break;
-        default: launch_indexed_dtype<IGK_DTYPE_F16>(*t, *b, s); break;
-    }
+    /* The vectorised path is chosen on the host from every pointer of b (a kind that drops some of
+     * them can only be more aligned), so both paths compute the same bits anyway. */
+    kStepIndexed[b->v_dtype][igk::can_vectorise(b) ? 1 : 0]<<<grid_for(b->n, igk::num_blocks(b->e)), kThreads, 0, s>>>(
+        *t, *b);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return cuda_fail(e, "indexed fused step launch");
-    advance_kernel<<<1, 1, 0, s>>>(t->counter);
+    igk_k_advance<<<1, 1, 0, s>>>(t->counter);
     e = cudaGetLastError();
     return e == cudaSuccess ? igk::ok() : cuda_fail(e, "counter advance launch");
 }
@@ -234,7 +152,7 @@ IGK_EXPORT int igk_cuda_philox(uint64_t seed, uint32_t stream, const int64_t* in
     if (n <= 0 || blocks <= 0) return igk::fail(IGK_ERR_SIZE, "n and blocks must be > 0");
     DeviceGuard guard(device);
     if (guard.status() != cudaSuccess) return cuda_fail(guard.status(), "cudaSetDevice");
-    philox_kernel<<<grid_for(n, blocks), kThreads, 0, static_cast<cudaStream_t>(cuda_stream)>>>(seed, stream, indices, n,
+    igk_k_philox<<<grid_for(n, blocks), kThreads, 0, static_cast<cudaStream_t>(cuda_stream)>>>(seed, stream, indices, n,
                                                                                               blocks, out);
     const cudaError_t e = cudaGetLastError();
     return e == cudaSuccess ? igk::ok() : cuda_fail(e, "philox launch");
@@ -246,7 +164,7 @@ IGK_EXPORT int igk_cuda_gaussian(uint64_t seed, uint32_t stream, const int64_t* 
     if (n <= 0 || numel <= 0) return igk::fail(IGK_ERR_SIZE, "n and numel must be > 0");
     DeviceGuard guard(device);
     if (guard.status() != cudaSuccess) return cuda_fail(guard.status(), "cudaSetDevice");
-    gaussian_kernel<<<grid_for(n, igk::num_blocks(numel)), kThreads, 0, static_cast<cudaStream_t>(cuda_stream)>>>(
+    igk_k_gaussian<<<grid_for(n, igk::num_blocks(numel)), kThreads, 0, static_cast<cudaStream_t>(cuda_stream)>>>(
         seed, stream, indices, n, numel, out);
     const cudaError_t e = cudaGetLastError();
     return e == cudaSuccess ? igk::ok() : cuda_fail(e, "gaussian launch");

@@ -17,9 +17,11 @@
 #ifndef IGK_MATH_H
 #define IGK_MATH_H
 
+#if !defined(__CUDACC_RTC__) /* NVRTC: sqrt/log/cos/sin are built in, memcpy is host-only below */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#endif
 
 #include "igk_api.h"
 

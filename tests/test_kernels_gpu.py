@@ -2,7 +2,8 @@
 
 Every test is marked ``gpu`` and skips with a reason without a GPU or a buildable CUDA library.
 Nothing touches CUDA at import or collection time: the module fixture does, when a test runs.
-The library comes from the normal search (igengine/_lib, IGENGINE_KERNELS_DIR); if none can run on
+The library comes from the normal search (igengine/_lib, IGENGINE_KERNELS_DIR) with
+IGENGINE_KERNELS_BUILD=cmake (the NVRTC build has its own tests in test_nvrtc.py); if none can run on
 this GPU, the fixture builds one for it into build/kernels-test-cuda/.
 
 Tolerance: as for the CPU twin, |fused - reference| <= 1e-6 * max(1, |reference|) elementwise (indexed
@@ -53,9 +54,11 @@ def cuda_lib() -> library.KernelLibrary:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU (torch.cuda.is_available() is False)")
     library._reset_for_tests()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
         warnings.simplefilter("ignore", RuntimeWarning)  # a stale library is rebuilt below
+        mp.setenv(library.ENV_BUILD, "cmake")  # this file tests the CMake build (the NVRTC one: test_nvrtc.py)
         lib = library.cuda_library(0)
+    library._reset_for_tests()
     if lib is not None:
         return lib
     status = library.library_status("cuda", 0)
@@ -76,6 +79,7 @@ def cuda_lib() -> library.KernelLibrary:
 def cuda_discovered(cuda_lib, monkeypatch):
     monkeypatch.setenv(library.ENV_DIR, str(cuda_lib.path.parent))
     monkeypatch.delenv(library.ENV_SWITCH, raising=False)
+    monkeypatch.setenv(library.ENV_BUILD, "cmake")
     library._reset_for_tests()
     yield cuda_lib
     library._reset_for_tests()
@@ -367,6 +371,7 @@ def test_library_for_another_gpu_falls_back_with_one_warning(cuda_lib, tmp_path,
     except BuildError as exc:
         pytest.skip(f"cannot build a library for sm_{other}: {exc}")
     monkeypatch.setenv(library.ENV_DIR, str(lib_dir))
+    monkeypatch.setenv(library.ENV_BUILD, "cmake")  # auto would go on to the NVRTC build (test_nvrtc.py)
     library._reset_for_tests()
     try:
         with pytest.warns(RuntimeWarning, match="cannot run on cuda:0") as record:

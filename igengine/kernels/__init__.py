@@ -4,7 +4,7 @@ Importing this package loads nothing and never touches CUDA: the libraries are o
 
     >>> import igengine.kernels as K
     >>> K.kernel_path()          # 'cuda', 'cpu-twin' or 'reference'
-    >>> K.describe()             # JSON-able status of both libraries (for `igengine info`)
+    >>> K.describe()             # JSON-able status of both libraries and the CUDA build (for `igengine info`)
 
   abi      the C ABI (StepParams, StepBuffers, enums) mirrored with ctypes
   library  finding, loading and probing the libraries
@@ -13,6 +13,9 @@ Importing this package loads nothing and never touches CUDA: the libraries are o
   ops      torch custom ops igengine::fused_step_indexed and igengine::gaussian, for torch.compile
            (torch >= 2.4; imported only on request: ``import igengine.kernels.ops``)
   build    ``python -m igengine.kernels.build`` (CMake; the CUDA library where nvcc is found)
+  nvrtc    the CUDA kernels compiled at first use with NVRTC (cuda-python; ``pip install 'igengine[nvrtc]'``),
+           cached under $IGENGINE_CACHE/kernels; ``python -m igengine.kernels.nvrtc`` compiles ahead
+  nvrtc_library  that build loaded and launched through the CUDA driver API (used when no CMake library runs)
 
 May import: igengine.config, errors, noise. The sampling loop that uses them is igengine.sampling.fused.
 """

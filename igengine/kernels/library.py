@@ -5,10 +5,18 @@ Search order for ``libigengine_kernels_{cpu,cuda}`` (``.so`` / ``.dylib`` / ``.d
   2. ``igengine/_lib/`` (where ``python -m igengine.kernels.build`` and the top-level CMakeLists.txt put them).
 ``IGENGINE_KERNELS=off`` disables both libraries (every run takes the plain PyTorch path).
 
+Two builds of the CUDA kernels, tried in this order (``IGENGINE_KERNELS_BUILD`` = auto | cmake | nvrtc
+narrows it to one):
+  cmake  ``libigengine_kernels_cuda`` from the search above (developers, CI: python -m igengine.kernels.build);
+  nvrtc  the same device code compiled at first use for the GPU present with NVRTC through cuda-python
+         (``pip install 'igengine[nvrtc]'``), cached under $IGENGINE_CACHE/kernels (igengine.kernels.nvrtc).
+Without either, a CUDA run takes the reference path; ``describe()`` says why.
+
 Nothing here runs at import time. The CUDA library is opened only when asked for a CUDA device and
-PyTorch sees a GPU; it is then probed once per device (``igk_cuda_probe`` loads every kernel). A
-library that cannot run on that GPU (built for another architecture, stale ABI, driver too old)
-is refused with one warning and the reference path is used instead.
+PyTorch sees a GPU; it is then probed once per device (``igk_cuda_probe`` loads every kernel; the
+NVRTC build compiles or reads its image and loads every kernel). A library that cannot run on that
+GPU (built for another architecture, stale ABI, driver too old) is refused with one warning and the
+next build, or the reference path, is used instead.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from igengine.kernels import abi
 
 ENV_DIR = "IGENGINE_KERNELS_DIR"
 ENV_SWITCH = "IGENGINE_KERNELS"
+ENV_BUILD = "IGENGINE_KERNELS_BUILD"
+BUILDS = ("auto", "cmake", "nvrtc")
 CPU_STEM = "igengine_kernels_cpu"
 CUDA_STEM = "igengine_kernels_cuda"
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "_lib"
@@ -41,25 +51,37 @@ class KernelError(RuntimeError):
 
 @dataclass(frozen=True)
 class LibraryStatus:
-    """What happened when a library was looked for: state is loaded, missing, unusable, disabled or no-gpu."""
+    """What happened when a library was looked for: state is loaded, missing, unusable, disabled or no-gpu.
+
+    build: 'cmake' or 'nvrtc' (which build of the kernels is loaded; None when none is). path: the
+    library file, or for nvrtc the cached image.
+    """
 
     kind: str
     state: str
     path: str | None = None
     detail: str = ""
+    build: str | None = None
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "state": self.state, "path": self.path, "detail": self.detail}
+        return {"kind": self.kind, "state": self.state, "build": self.build, "path": self.path,
+                "detail": self.detail}
 
 
 class KernelLibrary:
     """One loaded library ('cpu' twin or 'cuda'): thin, checked wrappers of its C functions."""
+
+    build = "cmake"
 
     def __init__(self, cdll: ctypes.CDLL, kind: str, path: Path):
         self.cdll = cdll
         self.kind = kind
         self.path = path
         self.build_info = cdll.igk_build_info().decode()
+
+    def build_facts(self, device=None) -> dict:
+        """Which build this is, for manifests: {'build': 'cmake', 'path': the file, 'info': igk_build_info}."""
+        return {"build": self.build, "path": str(self.path), "info": self.build_info}
 
     def _check(self, rc: int, what: str) -> None:
         if rc != abi.Status.OK:
@@ -226,7 +248,7 @@ def _load_file(kind: str, stem: str) -> tuple[KernelLibrary | None, LibraryStatu
         warnings.warn(f"igengine kernels: {path} {problem}; using the reference PyTorch path", RuntimeWarning,
                       stacklevel=3)
         return None, LibraryStatus(kind, "unusable", str(path), problem)
-    return lib, LibraryStatus(kind, "loaded", str(path), lib.build_info)
+    return lib, LibraryStatus(kind, "loaded", str(path), lib.build_info, build="cmake")
 
 
 def cuda_library(device: int | None = None) -> KernelLibrary | None:
@@ -235,6 +257,15 @@ def cuda_library(device: int | None = None) -> KernelLibrary | None:
     Never raises for a missing library or GPU; warns once if the library exists but cannot run here.
     """
     return _load_cuda(device)[0]
+
+
+def _build_choice() -> str:
+    value = os.environ.get(ENV_BUILD, "").strip().lower() or "auto"
+    if value not in BUILDS:
+        warnings.warn(f"igengine kernels: {ENV_BUILD}={value!r} is not one of {', '.join(BUILDS)}; using auto",
+                      RuntimeWarning, stacklevel=4)
+        return "auto"
+    return value
 
 
 def _load_cuda(device: int | None) -> tuple[KernelLibrary | None, LibraryStatus]:
@@ -247,22 +278,52 @@ def _load_cuda(device: int | None) -> tuple[KernelLibrary | None, LibraryStatus]
     if device is None:
         device = torch.cuda.current_device()
     global _cuda_file
+    choice = _build_choice()
     with _lock:
         if device in _cuda_devices:
             return _cuda_devices[device]
-        if _cuda_file is None:
-            _cuda_file = _load_file("cuda", CUDA_STEM)
-        lib, status = _cuda_file
-        if lib is not None:
-            rc = lib.cdll.igk_cuda_probe(int(device))
-            if rc != abi.Status.OK:
-                text = lib.cdll.igk_last_error().decode(errors="replace")
-                warnings.warn(f"igengine kernels: {lib.path.name} cannot run on cuda:{device} ({text}); "
-                              "using the reference PyTorch path", RuntimeWarning, stacklevel=3)
-                status = LibraryStatus("cuda", "unusable", str(lib.path), text)
-                lib = None
+        lib, status = None, None
+        if choice != "nvrtc":
+            if _cuda_file is None:
+                _cuda_file = _load_file("cuda", CUDA_STEM)
+            lib, status = _cuda_file
+            if lib is not None:
+                rc = lib.cdll.igk_cuda_probe(int(device))
+                if rc != abi.Status.OK:
+                    text = lib.cdll.igk_last_error().decode(errors="replace")
+                    then = "trying the NVRTC build" if choice == "auto" else "using the reference PyTorch path"
+                    warnings.warn(f"igengine kernels: {lib.path.name} cannot run on cuda:{device} ({text}); {then}",
+                                  RuntimeWarning, stacklevel=3)
+                    status = LibraryStatus("cuda", "unusable", str(lib.path), text)
+                    lib = None
+        if lib is None and choice != "cmake":
+            nlib, nstatus = _load_nvrtc(int(device))
+            if nlib is not None or status is None:
+                lib, status = nlib, nstatus
+            else:
+                state = "unusable" if "unusable" in (status.state, nstatus.state) else "missing"
+                status = LibraryStatus("cuda", state, status.path or nstatus.path,
+                                       f"cmake: {status.detail}; nvrtc: {nstatus.detail}")
         _cuda_devices[device] = (lib, status)
         return lib, status
+
+
+def _load_nvrtc(device: int):
+    """The NVRTC build on ``device``: (library, status); never raises (cuda-python may be absent)."""
+    from igengine.kernels import nvrtc, nvrtc_library
+
+    lib = nvrtc_library.shared_library()
+    try:
+        lib.load(device)
+    except nvrtc.NvrtcUnavailable as exc:
+        return None, LibraryStatus("cuda", "missing", None, str(exc), build=None)
+    except Exception as exc:  # NvrtcError (compilation), DriverError (loading), anything cuda-python raises
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"igengine kernels: the NVRTC build cannot run on cuda:{device} ({text}); "
+                      "using the reference PyTorch path", RuntimeWarning, stacklevel=4)
+        return None, LibraryStatus("cuda", "unusable", str(lib.path) if lib.path else None, str(exc))
+    facts = lib.build_facts(device)
+    return lib, LibraryStatus("cuda", "loaded", facts["path"], facts["info"], build="nvrtc")
 
 
 def library_status(kind: str, device: int | None = None) -> LibraryStatus:
@@ -300,12 +361,18 @@ def kernel_path(device=None) -> str:
 
 
 def describe() -> dict:
-    """JSON-able facts for ``igengine info`` and manifests: the default path and both libraries' status."""
+    """JSON-able facts for ``igengine info`` and manifests: the default path, which CUDA build is in
+    use ('cmake', 'nvrtc' or None) and both libraries' status."""
+    from igengine.kernels.nvrtc import cache_dir
+
+    cuda = library_status("cuda")
     return {
         "path": kernel_path(),
-        "cuda": library_status("cuda").to_dict(),
+        "cuda_build": cuda.build if cuda.state == "loaded" else None,
+        "cuda": cuda.to_dict(),
         "cpu": library_status("cpu").to_dict(),
         "search_dirs": [str(d) for d in search_dirs()],
+        "nvrtc_cache": str(cache_dir()),
     }
 
 
@@ -316,3 +383,6 @@ def _reset_for_tests() -> None:
         _cpu = None
         _cuda_file = None
         _cuda_devices.clear()
+    from igengine.kernels import nvrtc_library
+
+    nvrtc_library._reset_for_tests()

@@ -94,6 +94,12 @@ class Sampler:
         return kernel_library.PATH_CUDA if self._library.kind == "cuda" else kernel_library.PATH_CPU
 
     @property
+    def kernel_build(self) -> dict | None:
+        """Which build of the kernels the fused step runs ({'build': 'cmake' or 'nvrtc', 'path', 'info'}),
+        None on the reference path."""
+        return None if self._library is None else self._library.build_facts(self.device)
+
+    @property
     def generator(self) -> str:
         """Which generator of the noise contract draws the numbers ('cuda-kernel', 'cpu-twin' or 'numpy')."""
         return self._randomness.name
