@@ -144,7 +144,7 @@ def sample(
     vae_kind: VAEKindChoice = typer.Option(VAEKindChoice.auto, "--vae-kind", help="auto: SiT -> sd, LightningDiT -> vavae."),
     latent_stats: Optional[Path] = typer.Option(None, "--latent-stats", help="VA-VAE: latents_stats.pt ({'mean','std'}, [1,C,1,1])."),
     latent_multiplier: float = typer.Option(1.0, "--latent-multiplier", help="VA-VAE: x * std / multiplier + mean (released config: 1.0)."),
-    chunk_size: int = typer.Option(1000, "--chunk-size", help="Samples per chunk file (the unit of output and resume; part of the run's identity)."),
+    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Samples per chunk file (the unit of output and resume; part of the run's identity); default: that of the run already in OUT, else 256."),
     evaluate_ref: Optional[Path] = typer.Option(None, "--evaluate", help="After packing, run `igengine evaluate` against REF (metrics.json beside samples.npz)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads; default: OMP_NUM_THREADS, else the usable cores that other work does not keep busy."),
 ) -> None:

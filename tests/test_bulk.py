@@ -255,13 +255,47 @@ def test_changing_n_extends_or_truncates_the_same_run(files, reference, tmp_path
     assert run(capsys, *sample_args(files, out, n=8))[0] == 0
     first = load(out)
     assert np.array_equal(first[0], reference[1][0][:8])
+    store, _ = store_of(out)
+    short = store.folder / "00000006-00000007.npz"
+    assert short.exists()
     code, stdout, err = run(capsys, *sample_args(files, out, n=N))
     assert code == 0, err
-    assert json.loads(stdout)["already_complete"] == 6  # chunk 0-5 kept; 6-7 was a short last chunk
-    assert_same_samples(out, reference[1])
-    assert run(capsys, *sample_args(files, out, n=5))[0] == 0
+    # chunk 0-5 kept, and the short last chunk 6-7 completed to 6-11 (samples 8-11 computed), not redone
+    assert json.loads(stdout)["already_complete"] == 8
+    assert "00000006-00000007.npz of an earlier run with a smaller n was completed to 00000006-00000011.npz" in err
+    assert not short.exists()
+    pixels, labels, latents = load(out)
+    ref_pixels, ref_labels, ref_latents = reference[1]
+    assert np.array_equal(labels, ref_labels) and np.abs(latents - ref_latents).max() <= 1e-5
+    assert np.array_equal(pixels[:8], first[0])  # the kept samples are the earlier run's bytes
+    # samples 8-11 ran as a batch of 4 rather than inside one of 6: the same noise, latents equal to
+    # rounding; a uint8 pixel on a quantisation boundary may round the other way (README, bulk)
+    assert np.mean(pixels != ref_pixels) <= 1e-3
+    code, _, err = run(capsys, *sample_args(files, out, n=5))
+    assert code == 0
+    assert "took its first 5 for 00000000-00000004.npz" in err
     pixels, labels, _ = load(out)
     assert np.array_equal(pixels, reference[1][0][:5]) and np.array_equal(labels, reference[1][1][:5])
+    assert (store.folder / "00000000-00000005.npz").exists()  # kept for a later, larger n
+
+
+def test_without_chunk_size_a_rerun_takes_the_folders_and_a_new_run_the_default(files, reference, tmp_path, capsys):
+    from igengine.store.chunks import DEFAULT_CHUNK_SIZE
+
+    out = tmp_path / "cs"
+    shutil.copytree(reference[0], out)  # a run with chunks of 6
+    def without_chunk_size(args):
+        i = args.index("--chunk-size")
+        return args[:i] + args[i + 2:]
+
+    code, stdout, err = run(capsys, *without_chunk_size(sample_args(files, out)))
+    assert code == 0, err
+    assert json.loads(stdout)["already_complete"] == N  # resumed: the folder's chunk size, nothing recomputed
+    assert "chunk size 6, that of the run already in" in err
+    fresh = tmp_path / "fresh"
+    code, _, err = run(capsys, *without_chunk_size(sample_args(files, fresh)))
+    assert code == 0, err
+    assert json.loads((fresh / "manifest.json").read_text())["bulk"]["chunk_size"] == DEFAULT_CHUNK_SIZE
 
 
 def test_a_second_run_into_a_locked_folder_is_refused(files, reference, tmp_path, capsys):

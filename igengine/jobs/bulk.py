@@ -169,7 +169,7 @@ class BulkSampler:
         removed = self.store.remove_temp_files(self.mine)
         if removed:
             self._note(f"removed {len(removed)} temporary file(s) left by an interrupted run")
-        todo = []
+        todo: list[tuple[Chunk, Chunk | None]] = []  # (chunk, the shorter file of an earlier n it completes)
         for chunk in self.mine:
             problem = self.store.problem(chunk, labels=self.labels[chunk.start:chunk.stop], full=True)
             if problem is None:
@@ -178,19 +178,66 @@ class BulkSampler:
                 if self.png_dir is not None and not _png_marker(self.store, chunk).exists():
                     with np.load(self.store.path(chunk)) as data:
                         self._guard(chunk, lambda: write_pngs(self.png_dir, self.store, chunk, data["arr_0"]))
+                continue
+            if problem != "missing":
+                self._note(f"chunk {chunk.name} is damaged ({problem}): computing it again")
+            relative = self._relative(chunk) if problem == "missing" else None
+            if relative is not None and relative.stop > chunk.stop:  # a larger n before: its first samples
+                self._take_prefix(chunk, relative)
             else:
-                if problem != "missing":
-                    self._note(f"chunk {chunk.name} is damaged ({problem}): computing it again")
-                todo.append(chunk)
+                if relative is not None:
+                    self._own_done += relative.size
+                    self.report.reused += relative.size
+                todo.append((chunk, relative))
         self.report.initial_done = self._own_done + (self._others_present(self._started) if self.rank.is_main else 0)
         self.progress.start(self._total(), self.report.initial_done)
-        for k, chunk in enumerate(todo):
+        for k, (chunk, shorter) in enumerate(todo):
             t_chunk = time.perf_counter()
-            latents, pixels = compute_chunk(chunk, self.make, self.batch_size, self._on_batch)
+            rest = Chunk(shorter.stop, chunk.stop) if shorter is not None else chunk
+            latents, pixels = compute_chunk(rest, self.make, self.batch_size, self._on_batch)
+            if shorter is not None:  # the earlier, smaller run's samples, then the new ones
+                kept = self.store.read(shorter)
+                latents = np.concatenate([kept["latents"], latents]) if self.keep_latents else latents
+                pixels = np.concatenate([kept["arr_0"], pixels]) if pixels is not None else None
             self._write(chunk, latents, pixels)
-            self.report.computed += chunk.size
+            if shorter is not None:
+                self._remove_stale(shorter, chunk)
+            self.report.computed += rest.size
             self._log_chunk(chunk, k + 1, len(todo), time.perf_counter() - t_chunk)
         return self.report
+
+    # -- chunks of the same run with another n ----------------------------------------------------
+    def _relative(self, chunk: Chunk) -> Chunk | None:
+        """A valid chunk file of this run's configuration with another ``n`` that starts where ``chunk``
+        does (its labels agree on their common indices), or None."""
+        for other in self.store.relatives(chunk):
+            common = min(other.stop, chunk.stop)
+            if self.store.problem(other, labels=self.labels[other.start:common], full=True) is None:
+                return other
+        return None
+
+    def _take_prefix(self, chunk: Chunk, longer: Chunk) -> None:
+        """Write ``chunk`` from the first samples of ``longer`` (left by a run with a larger ``n``), which stays."""
+        part = self.store.read(longer, rows=chunk.size)
+        self._write(chunk, part.get("latents"), part.get("arr_0"))
+        self._own_done += chunk.size
+        self.report.reused += chunk.size
+        self._note(f"chunk {longer.name} of an earlier run with a larger n holds samples {chunk.start}..{chunk.stop - 1}: "
+                   f"took its first {chunk.size} for {chunk.name} (the longer file is kept for a later, larger n)")
+
+    def _remove_stale(self, shorter: Chunk, chunk: Chunk) -> None:
+        """Delete the shorter files of earlier, smaller ``n`` (``shorter`` among them) once ``chunk`` holds
+        their samples and more."""
+        stale = [c for c in self.store.relatives(chunk) if c.stop < chunk.stop]
+        for c in stale:
+            for path in (self.store.path(c), _png_marker(self.store, c)):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+        others = f"; {len(stale) - 1} other shorter file(s) of the same start removed too" if len(stale) > 1 else ""
+        self._note(f"chunk {shorter.name} of an earlier run with a smaller n was completed to {chunk.name} "
+                   f"({chunk.stop - shorter.stop} new samples computed, {shorter.size} kept) and removed{others}")
 
     def _on_batch(self, m: int) -> None:
         self._own_done += m

@@ -33,7 +33,7 @@ import torch
 import igengine
 from igengine.config import BackendName
 from igengine.config import Family, ModelConfig, Precision, SamplerConfig, SamplerSettings, Solver
-from igengine.errors import ConfigError, Interrupted, JobError
+from igengine.errors import ConfigError, Interrupted, JobError, OutputError
 from igengine.jobs.backend import build_backend, sampler_for
 from igengine.jobs.bulk import BulkSampler, Progress, SampleMaker
 from igengine.jobs.launch import RankInfo
@@ -45,9 +45,9 @@ from igengine.noise import balanced_labels, check_seed, random_labels
 from igengine.precision import default_precision
 from igengine.sampling import ModelFacts, Sampler, build_plan, resolve_sampler
 from igengine.store.atomic import atomic_write_json
-from igengine.store.chunks import CHUNKS_DIR, coalesce
+from igengine.store.chunks import CHUNKS_DIR, DEFAULT_CHUNK_SIZE, coalesce
 from igengine.store.locks import rank_lock
-from igengine.store.manifest import MANIFEST, SAMPLES, igengine_commit, prepare_output_folder
+from igengine.store.manifest import MANIFEST, SAMPLES, igengine_commit, prepare_output_folder, read_manifest
 from igengine.store.pack import BulkLayout, pack_folder
 from igengine.vae import LatentDecoder, VAEKind, load_vae, resolve_kind
 from igengine.vae.pixels import PIXEL_CONVERSION
@@ -88,15 +88,15 @@ class SampleJob:
     vae_kind: str = "auto"  # 'auto' (by model family: SiT -> sd, LightningDiT -> vavae), 'sd', 'vavae'
     latent_stats: Path | None = None  # VA-VAE: latents_stats.pt ({'mean', 'std'}, [1, C, 1, 1])
     latent_multiplier: float = 1.0  # VA-VAE: x * std / multiplier + mean (1.0 in the released config)
-    chunk_size: int = 1000  # samples per chunk file: the unit of output and of resume
+    chunk_size: int | None = None  # samples per chunk file (the unit of output and resume); None: see resolve_chunk_size
     evaluate: Path | None = None  # a reference for `igengine evaluate`, run after packing (metrics.json)
     threads: int | None = None  # CPU threads; None: OMP_NUM_THREADS, else the cores not busy (igengine.jobs.threads)
 
     def validate(self) -> None:
         """The checks that need no file: counts, the seed, the output names. Sampler settings are
         checked where they are built (``igengine.config``)."""
-        for name in ("n", "batch_size", "chunk_size") + (("threads",) if self.threads is not None else ()):
-            if getattr(self, name) < 1:
+        for name in ("n", "batch_size", "chunk_size", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise JobError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.vae_kind not in ("auto", *(k.value for k in VAEKind)):
             raise JobError(f"unknown `vae_kind` {self.vae_kind!r}; choose auto, sd or vavae")
@@ -275,6 +275,29 @@ def resolve_decoder(job: SampleJob, cfg: ModelConfig) -> LatentDecoder | None:
     return load_vae(Path(job.vae), kind, cfg.in_channels, job.latent_stats, job.latent_multiplier)
 
 
+def resolve_chunk_size(asked: int | None, out: Path, run_key: dict, overwrite: bool) -> tuple[int, str | None]:
+    """The chunk size of a run and, when it was not asked for, a note saying where it came from.
+
+    Asked for: that. Otherwise the chunk size of the run already in ``out`` when it is this run with
+    another or the same ``n`` (its run key equal but for the chunk size), so that a rerun without the
+    flag resumes or extends it whatever the default was then; else ``DEFAULT_CHUNK_SIZE``.
+    """
+    if asked is not None:
+        return asked, None
+    try:
+        existing = None if overwrite else read_manifest(out)
+    except OutputError:  # refused with its own message by prepare_output_folder
+        existing = None
+    old_key = existing.get("run_key") if existing else None
+    if isinstance(old_key, dict) and isinstance(old_key.get("chunk_size"), int) and old_key["chunk_size"] >= 1:
+        if {k: v for k, v in old_key.items() if k != "chunk_size"} == json.loads(json.dumps(run_key)):
+            size = old_key["chunk_size"]
+            if size != DEFAULT_CHUNK_SIZE:
+                return size, f"chunk size {size}, that of the run already in {out} (choose with `chunk_size`)"
+            return size, None
+    return DEFAULT_CHUNK_SIZE, None
+
+
 def make_backend(job: SampleJob, loaded: LoadedCheckpoint, device: torch.device):
     n = min(job.batch_size, job.n)  # a compiled backend specialises to the rows a batch feeds (N, and 2N with CFG)
     return build_backend(job.backend, loaded, job.precision, device, onnx=job.onnx, row_counts=(n, 2 * n))
@@ -397,9 +420,13 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
         "backend": BackendName(job.backend).value,
         "decode": decode,
         "vae": decoder.identity if decoder is not None else None,
-        "chunk_size": job.chunk_size,
     }
     out = Path(job.out)
+    chunk_size, chunk_note = resolve_chunk_size(job.chunk_size, out, run_key, job.overwrite)
+    job = dataclasses.replace(job, chunk_size=chunk_size)
+    run_key["chunk_size"] = chunk_size
+    if chunk_note:
+        chosen.append(chunk_note)
     prepare_output_folder(out, run_key, job.overwrite)
     key = run_key_digest(run_key)[:16]
 

@@ -3,7 +3,14 @@
 Indices 0..n-1 are cut into chunks of ``chunk_size`` consecutive indices starting at 0; only the last
 chunk may be shorter. Chunk boundaries depend on ``chunk_size`` alone: never on the batch size, the
 number of processes or the point where a run was stopped, so every run of the same configuration
-writes the same chunk files. Extending ``n`` only changes the last chunk.
+writes the same chunk files. Changing ``n`` only changes the last chunk: a shorter file of an earlier,
+smaller ``n`` (same start) is completed rather than computed again, and a longer one of a larger
+``n`` gives its first samples (``ChunkStore.relatives``, used by ``igengine.jobs.bulk``).
+
+``DEFAULT_CHUNK_SIZE`` (256) keeps little work at risk when a run is stopped (the chunk in flight is
+discarded): about 3 minutes of SiT-XL/2 at the paper settings on one H100 in bf16 (68 samples/s
+over 8 steps measured, scaled to 250 steps), 15 s of the digits model on two CPU cores; and 50,000
+samples make 196 files.
 
 A chunk is one file, ``<start:08d>-<last:08d>.npz`` (inclusive range), in the run's chunk folder:
     arr_0    uint8  [m, H, W, 3]   decoded pixels (runs that decode)
@@ -18,6 +25,7 @@ With torchrun, rank r of W computes the contiguous block of chunks ``[r C / W, (
 
 from __future__ import annotations
 
+import re
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +37,8 @@ from igengine.store.npzstream import NpzFormatError, NpzWriter, member_header, s
 from igengine.store.atomic import atomic_writer
 
 CHUNKS_DIR = "chunks"
+DEFAULT_CHUNK_SIZE = 256
+_NAME = re.compile(r"^(\d{8})-(\d{8})\.npz$")
 
 
 @dataclass(frozen=True, order=True)
@@ -48,6 +58,14 @@ class Chunk:
 
     def indices(self) -> np.ndarray:
         return np.arange(self.start, self.stop, dtype=np.int64)
+
+    @classmethod
+    def from_name(cls, name: str) -> "Chunk | None":
+        """The chunk a file name ``<start:08d>-<last:08d>.npz`` stands for; None for any other name."""
+        m = _NAME.match(name)
+        if m is None or int(m.group(2)) < int(m.group(1)):
+            return None
+        return cls(int(m.group(1)), int(m.group(2)) + 1)
 
 
 @dataclass(frozen=True)
@@ -114,8 +132,8 @@ class ChunkStore:
         """Why the chunk file is not a valid, complete chunk of this run; None when it is.
 
         ``full`` reads every member to its end (length and CRC-32 checks, constant memory); otherwise
-        only the zip directory and the .npy headers are read. ``labels`` (int64 [m]), when given,
-        must equal the labels stored in the chunk.
+        only the zip directory and the .npy headers are read. ``labels`` (int64 [k], k <= the chunk's
+        size), when given, must equal the first k labels stored in the chunk.
         """
         path = self.path(chunk)
         if not path.exists():
@@ -130,11 +148,24 @@ class ChunkStore:
                 if labels is not None:
                     with zf.open("labels.npy") as f:
                         stored = np.lib.format.read_array(f, allow_pickle=False)
-                    if not np.array_equal(stored, labels):
+                    if not np.array_equal(stored[: len(labels)], labels):
                         return "its labels differ from this run's labels"
         except (zipfile.BadZipFile, NpzFormatError, OSError, ValueError, EOFError) as e:
             return f"unreadable ({str(e) or type(e).__name__})"
         return None
+
+    def relatives(self, chunk: Chunk) -> list[Chunk]:
+        """Chunk files in the folder that start where ``chunk`` starts but end elsewhere (left by a run
+        of the same configuration with another ``n``), nearest end first. Not checked: see ``problem``."""
+        found = [c for p in self.folder.glob(f"{chunk.start:08d}-*.npz")
+                 if (c := Chunk.from_name(p.name)) is not None and c != chunk]
+        return sorted(found, key=lambda c: (abs(c.stop - chunk.stop), c.stop))
+
+    def read(self, chunk: Chunk, rows: int | None = None) -> dict[str, np.ndarray]:
+        """The members of a chunk file (its first ``rows`` samples), as arrays: arr_0, labels, latents."""
+        with np.load(self.path(chunk), allow_pickle=False) as data:
+            return {name.removesuffix(".npy"): np.ascontiguousarray(data[name][:rows])
+                    for name in data.files if name in self.spec.members()}
 
     def remove_temp_files(self, chunks: Iterable[Chunk]) -> list[str]:
         """Delete temporary files a killed process left for these chunks; returns their names."""
@@ -160,4 +191,4 @@ def coalesce(chunks: Iterable[Chunk]) -> list[list[int]]:
     return ranges
 
 
-__all__ = ["CHUNKS_DIR", "Chunk", "ChunkPlan", "ChunkSpec", "ChunkStore", "coalesce"]
+__all__ = ["CHUNKS_DIR", "DEFAULT_CHUNK_SIZE", "Chunk", "ChunkPlan", "ChunkSpec", "ChunkStore", "coalesce"]
