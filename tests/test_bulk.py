@@ -274,6 +274,7 @@ def test_changing_n_extends_or_truncates_the_same_run(files, reference, tmp_path
     code, _, err = run(capsys, *sample_args(files, out, n=5))
     assert code == 0
     assert "took its first 5 for 00000000-00000004.npz" in err
+    assert f"holds a run of {N} samples; --n 5 packs its first 5" in err
     pixels, labels, _ = load(out)
     assert np.array_equal(pixels, reference[1][0][:5]) and np.array_equal(labels, reference[1][1][:5])
     assert (store.folder / "00000000-00000005.npz").exists()  # kept for a later, larger n

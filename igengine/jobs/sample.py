@@ -427,7 +427,11 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
     run_key["chunk_size"] = chunk_size
     if chunk_note:
         chosen.append(chunk_note)
+    previous = read_manifest(out) if not job.overwrite else None  # accepted by prepare_output_folder
     prepare_output_folder(out, run_key, job.overwrite)
+    if previous is not None and isinstance(previous.get("n"), int) and previous["n"] > job.n:
+        chosen.append(f"{out} holds a run of {previous['n']} samples; `n` {job.n} packs its first {job.n} "
+                      "(the chunks of the others are kept for a later, larger `n`)")
     key = run_key_digest(run_key)[:16]
 
     keep_latents = job.save_latents is not None or not decode
