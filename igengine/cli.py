@@ -91,6 +91,11 @@ class VAEKindChoice(str, enum.Enum):
     vavae = "vavae"
 
 
+class CaptureChoice(str, enum.Enum):  # igengine.sampling.sampler.CAPTURE_CHOICES (pinned by a test)
+    auto = "auto"
+    off = "off"
+
+
 class ExportFormatChoice(str, enum.Enum):
     onnx = "onnx"
     tensorrt = "tensorrt"
@@ -146,6 +151,7 @@ def sample(
     latent_multiplier: float = typer.Option(1.0, "--latent-multiplier", help="VA-VAE: x * std / multiplier + mean (released config: 1.0)."),
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Samples per chunk file (the unit of output and resume; part of the run's identity); default: that of the run already in OUT, else 256."),
     evaluate_ref: Optional[Path] = typer.Option(None, "--evaluate", help="After packing, run `igengine evaluate` against REF (metrics.json beside samples.npz)."),
+    capture: CaptureChoice = typer.Option(CaptureChoice.auto, "--capture", help="auto: on CUDA, replay whole steps (network + fused step) from CUDA graphs when the backend allows it (torch); off: launch them one by one."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads; default: OMP_NUM_THREADS, else the usable cores that other work does not keep busy."),
 ) -> None:
     """Draw samples with IG (+CFG), bit-reproducibly, and write samples.npz + manifest.json.
@@ -165,6 +171,7 @@ def sample(
         backend=backend, onnx=onnx, png=png, grid=grid, save_latents=save_latents, no_decode=no_decode,
         overwrite=overwrite, vae=vae, vae_kind=vae_kind.value, latent_stats=latent_stats,
         latent_multiplier=latent_multiplier, chunk_size=chunk_size, evaluate=evaluate_ref, threads=threads,
+        capture=capture.value,
     )
     from igengine.jobs.launch import RankInfo
 

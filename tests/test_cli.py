@@ -360,6 +360,18 @@ def test_the_cli_choices_written_out_are_the_librarys():
     from igengine.vae import VAEKind
 
     assert {c.value for c in cli.VAEKindChoice} == {"auto"} | {k.value for k in VAEKind}
+    from igengine.sampling.sampler import CAPTURE_CHOICES
+
+    assert tuple(c.value for c in cli.CaptureChoice) == CAPTURE_CHOICES
     assert {c.value for c in cli.ExportFormatChoice} == {f.value for f in ExportFormat}
     assert {c.value for c in cli.ExportPrecisionChoice} == {p.value for p in GRAPH_PRECISIONS}
     assert [c.value for c in cli.PrecisionChoice] == ["auto"] + [p.value for p in Precision]
+
+
+def test_sample_job_refuses_an_unknown_capture(tmp_path):
+    from igengine.errors import JobError
+    from igengine.jobs.sample import SampleJob
+
+    SampleJob(out=tmp_path, capture="off").validate()
+    with pytest.raises(JobError, match="unknown `capture` 'sometimes'; choose auto or off"):
+        SampleJob(out=tmp_path, capture="sometimes").validate()

@@ -65,14 +65,14 @@ def build_backend(name: str | BackendName, loaded: LoadedCheckpoint, precision: 
 
 
 def sampler_for(backend, sampler: SamplerConfig, kernels: str = "auto", randomness: Randomness | None = None,
-                device: str | torch.device | None = None) -> Sampler:
+                device: str | torch.device | None = None, capture: str = "auto") -> Sampler:
     """The Sampler of a run on ``backend``: its network, the plan of ``sampler``, the model's facts, one precision.
 
     ``backend`` is any backend (or a callable with ``config`` and ``device``, e.g. a test double).
     """
     net = network(backend) if hasattr(backend, "precision") else backend
     return Sampler(net, build_plan(backend.config.family, sampler), ModelFacts.of(backend.config), sampler.precision,
-                   device if device is not None else backend.device, randomness, kernels)
+                   device if device is not None else backend.device, randomness, kernels, capture)
 
 
 __all__ = ["build_backend", "graph_artifacts", "sampler_for"]

@@ -44,6 +44,7 @@ from igengine.models.checkpoint import LoadedCheckpoint, load_checkpoint
 from igengine.noise import balanced_labels, check_seed, random_labels
 from igengine.precision import default_precision
 from igengine.sampling import ModelFacts, Sampler, build_plan, resolve_sampler
+from igengine.sampling.sampler import CAPTURE_CHOICES
 from igengine.store.atomic import atomic_write_json
 from igengine.store.chunks import CHUNKS_DIR, DEFAULT_CHUNK_SIZE, coalesce
 from igengine.store.locks import rank_lock
@@ -90,6 +91,7 @@ class SampleJob:
     latent_multiplier: float = 1.0  # VA-VAE: x * std / multiplier + mean (1.0 in the released config)
     chunk_size: int | None = None  # samples per chunk file (the unit of output and resume); None: see resolve_chunk_size
     evaluate: Path | None = None  # a reference for `igengine evaluate`, run after packing (metrics.json)
+    capture: str = "auto"  # CUDA graphs of whole steps where the backend allows them ('auto'), or never ('off')
     threads: int | None = None  # CPU threads; None: OMP_NUM_THREADS, else the cores not busy (igengine.jobs.threads)
 
     def validate(self) -> None:
@@ -98,6 +100,8 @@ class SampleJob:
         for name in ("n", "batch_size", "chunk_size", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise JobError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.capture not in CAPTURE_CHOICES:
+            raise JobError(f"unknown `capture` {self.capture!r}; choose {' or '.join(CAPTURE_CHOICES)}")
         if self.vae_kind not in ("auto", *(k.value for k in VAEKind)):
             raise JobError(f"unknown `vae_kind` {self.vae_kind!r}; choose auto, sd or vavae")
         try:
@@ -457,7 +461,7 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
                 chosen.append(moved)
         backend = make_backend(job, loaded, device)
         # Fused guidance + update kernels for fp32/bf16/fp16 when a library is built; else the reference loop.
-        sampler = sampler_for(backend, sampler_cfg, device=device)
+        sampler = sampler_for(backend, sampler_cfg, device=device, capture=job.capture)
         if decoder is not None:
             decoder.to(device)
         for line in chosen:  # only once the request is known to be good: a refusal stays one line
