@@ -430,7 +430,8 @@ def export(
 
     job = ExportJob(ckpt=ckpt, out=out, model=model, encoder_depth=encoder_depth, num_heads=num_heads, format=fmt.value,
                     precision=precision.value, opset=opset, max_batch=max_batch, overwrite=overwrite)
-    typer.echo(json.dumps(run_export(job)))
+    flags = _flags_of("export")
+    typer.echo(json.dumps(run_export(job, log=lambda line: typer.echo(f"igengine: {flagify(line, flags)}", err=True))))
 
 
 # --- igengine evaluate (issue 10) -------------------------------------------------------------

@@ -358,6 +358,9 @@ def test_cli_export_then_sample_with_onnxruntime_matches_torch(tmp_path, capsys,
     code, stdout, err = cli(capsys, "export", "--ckpt", ckpt, "--format", "onnx", "--max-batch", 8, "--out", out)
     assert code == 0, err
     summary = json.loads(stdout)
+    start, done = err.splitlines()  # what it does, then how long it took
+    assert start == f"igengine: exporting {summary['model']} (fp32) to {out}: this takes a while"
+    assert done == f"igengine: exported in {summary['export_s']:.1f} s"
     assert summary["max_batch"] == 8 and summary["files"]["model.onnx"]["bytes"] > 0
     common = ["sample", "--ckpt", ckpt, "--n", 5, "--steps", 3, "--precision", "fp32", "--no-decode", "--device", "cpu"]
     assert cli(capsys, *common, "--backend", "onnxruntime", "--onnx", out, "--out", tmp_path / "a")[0] == 0
