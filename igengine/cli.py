@@ -185,8 +185,9 @@ def sample(
     summary = {
         "out": str(result.out),
         "n": job.n,
-        "wall_s": round(result.wall_s, 3),
+        "wall_s": round(result.wall_s, 3),  # the sampling loop; setup_s: before it (export_s: of that, exporting)
         "samples_per_s": round(result.samples_per_s, 3),
+        **{k: v for k, v in result.manifest["timing"].items() if k in ("setup_s", "export_s")},
         "already_complete": result.manifest["timing"]["already_complete"],
         "world_size": result.rank.world_size,
         "model": result.manifest["model"]["name"],
@@ -194,8 +195,10 @@ def sample(
         "notes": [flagify(note, _flags_of("sample")) for note in result.notes],
     }
     if interactive:
+        timing = result.manifest["timing"]
+        export = f", of which {timing['export_s']:.1f} s exporting the ONNX graph" if "export_s" in timing else ""
         typer.echo(f"wrote {job.n} samples to {result.out} in {result.wall_s:.1f} s "
-                   f"({result.samples_per_s:.2f} samples/s)", err=True)
+                   f"({result.samples_per_s:.2f} samples/s) after {timing['setup_s']:.1f} s of setup{export}", err=True)
         flags = _flags_of("sample")
         for note in result.notes:
             typer.echo(f"  note: {flagify(note, flags)}", err=True)
@@ -434,7 +437,8 @@ def export(
 
     job = ExportJob(ckpt=ckpt, out=out, model=model, encoder_depth=encoder_depth, num_heads=num_heads, format=fmt.value,
                     precision=precision.value, opset=opset, max_batch=max_batch, overwrite=overwrite)
-    typer.echo(json.dumps(run_export(job)))
+    flags = _flags_of("export")
+    typer.echo(json.dumps(run_export(job, log=lambda line: typer.echo(f"igengine: {flagify(line, flags)}", err=True))))
 
 
 # --- igengine evaluate (issue 10) -------------------------------------------------------------

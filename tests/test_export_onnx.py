@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -307,6 +308,34 @@ def test_export_cache_exports_once_and_keys_by_precision(graph, checkpoint, tmp_
     assert graph_folder(other, ExportConfig(), tmp_path) != seeded
 
 
+def test_an_export_into_the_cache_announces_itself_and_is_timed(graph, checkpoint, tmp_path, monkeypatch):
+    from igengine.export.cache import SetupLog, graph_folder, locate_graph
+
+    loaded = load_checkpoint(checkpoint["sit"])
+    made = graph("sit", "fp32")
+    exported = []
+
+    def export(loaded, config, out):  # the real export's files, made in no time by a fake clock
+        exported.append(out)
+        for p in made.iterdir():
+            shutil.copy(p, out / p.name)
+
+    monkeypatch.setattr("igengine.export.onnx.export_onnx", export)
+    monkeypatch.setattr("igengine.export.cache.perf_counter", iter([100.0, 136.24]).__next__)
+    lines = []
+    setup = SetupLog(lines.append)
+    path, _ = locate_graph(loaded, "reference", root=tmp_path, setup=setup)
+    folder = graph_folder(loaded, ExportConfig(), tmp_path)
+    assert path == folder / GRAPH_FILE and len(exported) == 1
+    assert lines == [f"exporting {loaded.config.name} (fp32) to the ONNX cache at {folder}: first use, this takes "
+                     "a while", "exported in 36.2 s"]
+    assert setup.timing() == {"export_s": 36.24}
+    # A cache hit says nothing and takes no export time.
+    again = SetupLog(lines.append)
+    assert locate_graph(loaded, "reference", root=tmp_path, setup=again)[0] == path
+    assert len(lines) == 2 and again.timing() == {} and len(exported) == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------
@@ -329,6 +358,9 @@ def test_cli_export_then_sample_with_onnxruntime_matches_torch(tmp_path, capsys,
     code, stdout, err = cli(capsys, "export", "--ckpt", ckpt, "--format", "onnx", "--max-batch", 8, "--out", out)
     assert code == 0, err
     summary = json.loads(stdout)
+    start, done = err.splitlines()  # what it does, then how long it took
+    assert start == f"igengine: exporting {summary['model']} (fp32) to {out}: this takes a while"
+    assert done == f"igengine: exported in {summary['export_s']:.1f} s"
     assert summary["max_batch"] == 8 and summary["files"]["model.onnx"]["bytes"] > 0
     common = ["sample", "--ckpt", ckpt, "--n", 5, "--steps", 3, "--precision", "fp32", "--no-decode", "--device", "cpu"]
     assert cli(capsys, *common, "--backend", "onnxruntime", "--onnx", out, "--out", tmp_path / "a")[0] == 0
@@ -359,12 +391,26 @@ def test_cli_sample_without_onnx_exports_into_the_cache_once(tmp_path, capsys, c
     monkeypatch.setenv("IGENGINE_CACHE", str(tmp_path / "cache"))
     args = ["sample", "--ckpt", checkpoint["sit"], "--n", 2, "--steps", 3, "--no-decode", "--device", "cpu",
             "--backend", "onnxruntime"]
-    code, _, err = cli(capsys, *args, "--out", tmp_path / "first")
+    code, stdout, err = cli(capsys, *args, "--out", tmp_path / "first")
     assert code == 0, err
     graphs = list((tmp_path / "cache" / "onnx").glob(f"*/{GRAPH_FILE}"))
     assert len(graphs) == 1 and "-fp32-" in graphs[0].parent.name
+    # The export says so on the progress log, and its time is kept apart from the sampling loop's.
+    timing = json.loads((tmp_path / "first" / "manifest.json").read_text())["timing"]
+    summary = json.loads(stdout)
+    lines = err.splitlines()
+    start = lines.index(f"igengine: exporting {summary['model']} (fp32) to the ONNX cache at {graphs[0].parent}: "
+                        "first use, this takes a while")
+    assert re.fullmatch(r"igengine: exported in \d+\.\d s", lines[start + 1]), lines
+    assert lines[start + 1] == f"igengine: exported in {timing['export_s']:.1f} s"
+    assert 0 < timing["export_s"] <= timing["setup_s"] and timing["wall_s"] < timing["setup_s"]
+    assert (summary["wall_s"], summary["setup_s"], summary["export_s"]) == (
+        timing["wall_s"], timing["setup_s"], timing["export_s"])
     monkeypatch.setattr("igengine.export.onnx.export_onnx", lambda *a, **k: pytest.fail("re-exported a cached graph"))
-    assert cli(capsys, *args, "--out", tmp_path / "second")[0] == 0
+    code, stdout, err = cli(capsys, *args, "--out", tmp_path / "second")
+    assert code == 0 and "export" not in err, err
+    assert "export_s" not in json.loads(stdout) and "setup_s" in json.loads(stdout)
+    assert "export_s" not in json.loads((tmp_path / "second" / "manifest.json").read_text())["timing"]
     first, second = (np.load(tmp_path / d / "latents.npy") for d in ("first", "second"))
     assert np.array_equal(first, second)
     assert json.loads((tmp_path / "second" / "manifest.json").read_text())["backend"]["graph"] == str(graphs[0])

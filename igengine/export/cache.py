@@ -8,6 +8,10 @@ The ONNX key is a sha256 over the checkpoint's sha256, its architecture, the Exp
 graph contract and the exporter (torch / onnxscript versions): a different checkpoint, config,
 precision, opset or exporter gives a different folder. A graph found there is still checked
 against the run (``contract.verify_record``) before use.
+
+An export on demand takes a while (tens of seconds for a large model, more than a short run's
+sampling): ``SetupLog`` lets the caller show that it is happening and keep its duration apart from
+the sampling loop's.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from time import perf_counter
 
 from igengine.models.checkpoint import LoadedCheckpoint
 from igengine.config import Precision
@@ -38,6 +45,22 @@ from igengine.export.integrity import verify_graph_files
 
 
 VERIFIED = "verified"
+
+
+@dataclass
+class SetupLog:
+    """What preparing a run's artifacts reports: ``log`` gets a line before and after each slow step
+    (an export into the cache), ``seconds`` how long each took (``{"export_s": 36.2}``, summed)."""
+
+    log: Callable[[str], None] = lambda line: None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def took(self, key: str, seconds: float) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+
+    def timing(self) -> dict[str, float]:
+        """``seconds`` rounded to milliseconds, for a manifest's "timing"."""
+        return {key: round(value, 3) for key, value in self.seconds.items()}
 
 
 def cache_root() -> Path:
@@ -68,20 +91,30 @@ def graph_folder(loaded: LoadedCheckpoint, config: ExportConfig, root: Path | No
     return (root or cache_root()) / "onnx" / f"{name}-{config.precision.value}-{graph_key(loaded, config)}"
 
 
-def cached_graph(loaded: LoadedCheckpoint, config: ExportConfig, root: Path | None = None) -> Path:
+def cached_graph(loaded: LoadedCheckpoint, config: ExportConfig, root: Path | None = None,
+                 setup: SetupLog | None = None) -> Path:
     """The cached graph of (``loaded``, ``config``), exported now if the cache has none (not yet verified).
 
+    An export is announced on ``setup.log`` before it starts and when it is done, and its duration
+    added to ``setup.seconds["export_s"]``; a cache hit reports nothing.
     Concurrent runs may export the same key at once: each writes a private folder and renames it
     into place; the first rename wins and the others use its result.
     """
     from igengine.export.onnx import export_onnx  # needs onnx and onnxscript (checked by ``locate_graph``)
 
+    setup = setup or SetupLog()
     folder = graph_folder(loaded, config, root)
     if not (folder / SIDECAR).is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
+            setup.log(f"exporting {loaded.config.name} ({config.precision.value}) to the ONNX cache at {folder}: "
+                      "first use, this takes a while")
+            t0 = perf_counter()
             export_onnx(loaded, config, tmp)
+            seconds = perf_counter() - t0
+            setup.took("export_s", seconds)
+            setup.log(f"exported in {seconds:.1f} s")
             try:
                 os.rename(tmp, folder)
             except OSError:
@@ -93,20 +126,20 @@ def cached_graph(loaded: LoadedCheckpoint, config: ExportConfig, root: Path | No
 
 
 def locate_graph(loaded: LoadedCheckpoint, precision: Precision | str, onnx_path: str | Path | None = None,
-                 root: Path | None = None) -> tuple[Path, GraphRecord]:
+                 root: Path | None = None, setup: SetupLog | None = None) -> tuple[Path, GraphRecord]:
     """The graph a run of ``loaded`` at ``precision`` uses, checked against the run, and its record.
 
     With ``onnx_path`` (a .onnx file or an export folder) that graph, refused with GraphMismatchError
     if it was exported for another checkpoint, architecture or precision; without it the cached
     export for (checkpoint, config, precision), made now if missing. Either way its files must be
     those its export.json records (``integrity.verify_graph_files``; digests remembered under
-    ``<root>/verified``).
+    ``<root>/verified``). An export into the cache is reported to ``setup`` (``cached_graph``).
     """
     import_onnx(exporter=onnx_path is None)
     if onnx_path is not None:
         graph, fix = graph_path(onnx_path), None
     else:
-        graph = cached_graph(loaded, ExportConfig(precision=graph_precision(precision)), root)
+        graph = cached_graph(loaded, ExportConfig(precision=graph_precision(precision)), root, setup)
         fix = f"delete {graph.parent} so that the next run exports it again"
     record = read_record(graph)
     verify_record(record, loaded, precision, graph)

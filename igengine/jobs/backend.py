@@ -8,6 +8,7 @@ are checked first, so a missing one fails at once, before anything is exported o
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,14 +19,19 @@ from igengine.models.checkpoint import LoadedCheckpoint
 from igengine.sampling import ModelFacts, Sampler, build_plan
 from igengine.sampling.randomness import Randomness
 
+if TYPE_CHECKING:
+    from igengine.export.cache import SetupLog
+
 
 def graph_artifacts(name: str | BackendName, loaded: LoadedCheckpoint, precision: Precision | str,
                     device: str | torch.device, onnx: str | Path | None = None,
-                    max_batch: int | None = None, cache_root: Path | None = None) -> Artifacts | None:
+                    max_batch: int | None = None, cache_root: Path | None = None,
+                    setup: SetupLog | None = None) -> Artifacts | None:
     """The graph (and TensorRT engine) backend ``name`` runs for ``loaded`` at ``precision``; None for torch.
 
     onnx: a .onnx file or an `igengine export` folder (refused if made for another checkpoint,
-    architecture or precision); None: the export cache (exported on first use).
+    architecture or precision); None: the export cache (exported on first use, announced on
+    ``setup.log`` and timed in ``setup.seconds``).
     """
     kind = backend_name(name)
     if not kind.needs_graph:
@@ -36,12 +42,12 @@ def graph_artifacts(name: str | BackendName, loaded: LoadedCheckpoint, precision
         from igengine.backends.onnxruntime_backend import import_onnxruntime
 
         import_onnxruntime()
-        return Artifacts(*locate_graph(loaded, precision, onnx, cache_root))
+        return Artifacts(*locate_graph(loaded, precision, onnx, cache_root, setup))
     from igengine.export.tensorrt import ensure_engine, import_tensorrt, require_gpu
 
     import_tensorrt()
     require_gpu(device)
-    graph, record = locate_graph(loaded, precision, onnx, cache_root)
+    graph, record = locate_graph(loaded, precision, onnx, cache_root, setup)
     engine, key = ensure_engine(graph, record, loaded.config.latent_shape, device, max_batch=max_batch,
                                 root=cache_root)
     return Artifacts(graph, record, engine, key)
@@ -49,17 +55,19 @@ def graph_artifacts(name: str | BackendName, loaded: LoadedCheckpoint, precision
 
 def build_backend(name: str | BackendName, loaded: LoadedCheckpoint, precision: Precision | str,
                   device: str | torch.device, onnx: str | Path | None = None, max_batch: int | None = None,
-                  cache_root: Path | None = None, row_counts: tuple[int, ...] | None = None):
+                  cache_root: Path | None = None, row_counts: tuple[int, ...] | None = None,
+                  setup: SetupLog | None = None):
     """The backend ``name`` for ``loaded`` at the run's ``precision`` on ``device``, with its artifacts.
 
     row_counts: the network row counts the run feeds (N and 2N per batch size), for backends that
-    specialise to them (the compiled backend); ignored by the others.
+    specialise to them (the compiled backend); ignored by the others. setup: where an export into
+    the cache is announced and timed (``igengine.export.cache.SetupLog``); None: silently.
     """
     if onnx is not None and not backend_name(name).needs_graph:
         from igengine.errors import BackendError
 
         raise BackendError("`onnx` only applies to the onnxruntime and tensorrt backends")
-    artifacts = graph_artifacts(name, loaded, precision, device, onnx, max_batch, cache_root)
+    artifacts = graph_artifacts(name, loaded, precision, device, onnx, max_batch, cache_root, setup)
     return create_backend(name, loaded, precision, device, artifacts=artifacts, max_batch=max_batch,
                           row_counts=row_counts, cache_root=cache_root)
 

@@ -7,6 +7,7 @@ request fails before a large checkpoint is read.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,13 @@ class ExportJob:
     overwrite: bool = False
 
 
-def run_export(job: ExportJob) -> dict[str, Any]:
-    """Export ``job.ckpt`` into ``job.out``; returns a JSON-able summary (files, sizes, digests, timings)."""
+def run_export(job: ExportJob, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Export ``job.ckpt`` into ``job.out``; returns a JSON-able summary (files, sizes, digests, timings).
+
+    ``log`` gets a line when the export starts (once ``out`` is known to take it, so that a refusal
+    stays the only line) and one saying how long it took.
+    """
+    log = log or (lambda line: None)
     try:
         fmt = ExportFormat(job.format)
     except ValueError:
@@ -47,11 +53,14 @@ def run_export(job: ExportJob) -> dict[str, Any]:
         require_gpu()
 
     import_onnx(exporter=True)
-    from igengine.export.onnx import export_onnx
+    from igengine.export.onnx import export_onnx, make_record, prepare_export_folder
 
     overrides = {"encoder_depth": job.encoder_depth, "num_heads": job.num_heads}
     loaded = load_checkpoint(job.ckpt, model_name=job.model, overrides=overrides)
+    prepare_export_folder(Path(job.out), make_record(loaded, config), job.overwrite)  # refusals before the line
+    log(f"exporting {loaded.config.name} ({config.precision.value}) to {job.out}: this takes a while")
     result = export_onnx(loaded, config, job.out, overwrite=job.overwrite)
+    log(f"exported in {result.seconds:.1f} s")
     summary: dict[str, Any] = {
         "out": str(result.folder),
         "graph": str(result.graph),

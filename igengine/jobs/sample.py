@@ -34,6 +34,7 @@ import igengine
 from igengine.config import BackendName
 from igengine.config import Family, ModelConfig, Precision, SamplerConfig, SamplerSettings, Solver
 from igengine.errors import ConfigError, Interrupted, JobError, OutputError
+from igengine.export.cache import SetupLog
 from igengine.jobs.backend import build_backend, sampler_for
 from igengine.jobs.bulk import BulkSampler, Progress, SampleMaker
 from igengine.jobs.launch import RankInfo
@@ -302,9 +303,10 @@ def resolve_chunk_size(asked: int | None, out: Path, run_key: dict, overwrite: b
     return DEFAULT_CHUNK_SIZE, None
 
 
-def make_backend(job: SampleJob, loaded: LoadedCheckpoint, device: torch.device):
+def make_backend(job: SampleJob, loaded: LoadedCheckpoint, device: torch.device, setup: SetupLog | None = None):
     n = min(job.batch_size, job.n)  # a compiled backend specialises to the rows a batch feeds (N, and 2N with CFG)
-    return build_backend(job.backend, loaded, job.precision, device, onnx=job.onnx, row_counts=(n, 2 * n))
+    return build_backend(job.backend, loaded, job.precision, device, onnx=job.onnx, row_counts=(n, 2 * n),
+                         setup=setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,7 +461,7 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
             png_dir = out / "png"
             if (moved := prepare_png_dir(png_dir)) is not None:
                 chosen.append(moved)
-        backend = make_backend(job, loaded, device)
+        backend = make_backend(job, loaded, device, setup := SetupLog(progress.log))  # an export says so
         # Fused guidance + update kernels for fp32/bf16/fp16 when a library is built; else the reference loop.
         sampler = sampler_for(backend, sampler_cfg, device=device, capture=job.capture)
         if decoder is not None:
@@ -474,6 +476,7 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
         bulk = BulkSampler(store, layout.plan, rank, labels.numpy(), make, job.batch_size, keep_latents, png_dir,
                            progress, started=started)
         t0 = time.perf_counter()
+        setup_s = time.time() - started  # checkpoint, backend (an export into the cache) before the loop
         try:
             report = bulk.run_rank()
             if rank.is_main:
@@ -485,7 +488,8 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
             rate = new / wall if wall > 0 else 0.0
             if rank.is_main:
                 manifest["timing"] = {"wall_s": round(wall, 3), "samples_per_s": round(rate, 3),
-                                      "computed_this_session": new, "already_complete": report.initial_done}
+                                      "computed_this_session": new, "already_complete": report.initial_done,
+                                      "setup_s": round(setup_s, 3), **setup.timing()}
                 manifest["notes"] = notes
                 manifest = pack_folder(out, manifest)
                 if job.grid and decode:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -71,8 +72,54 @@ def prepare_output_folder(folder: Path, run_key: dict, overwrite: bool) -> None:
         if not overwrite:  # a foreign or unreadable manifest: `overwrite` replaces it, as it replaces another run's
             raise
         existing = None
-    if existing is not None and existing.get("run_key") != run_key and not overwrite:
-        raise OutputError(
-            f"{folder} holds the manifest of a different run (other checkpoint, settings or seed); "
-            "choose another `out` or pass `overwrite`"
-        )
+    if existing is None or overwrite:
+        return
+    stored, asked = existing.get("run_key"), json.loads(json.dumps(run_key))  # as it would be stored
+    if stored != asked:
+        why = (run_key_difference(stored, asked) if isinstance(stored, dict)
+               else "its manifest records no run_key")
+        raise OutputError(f"{folder} holds the manifest of a different run ({why}); "
+                          "choose another `out` or pass `overwrite`")
+
+
+SHOWN = 3  # differences a refusal names; the rest are counted
+LONG = 40  # characters of a value shown before it is elided
+_HASH = re.compile(r"^[0-9a-f]{13,}$")
+_ABSENT = object()
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted path, folder's value, new value) for each setting that differs; dicts on both sides are walked,
+    in the order of the new key, then the keys only the folder has."""
+    found = []
+    for name in list(new) + [k for k in old if k not in new]:
+        a, b = old.get(name, _ABSENT), new.get(name, _ABSENT)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{name}.")
+        elif a != b:
+            found.append((f"{prefix}{name}", a, b))
+    return found
+
+
+def _shown(value: object) -> str:
+    """A run_key value in a message: hashes cut to 12 hex digits, printable strings bare, the rest as JSON, long ones elided."""
+    if value is _ABSENT:
+        return "absent"
+    if isinstance(value, str) and value.isprintable():
+        text = value[:12] if _HASH.match(value) else value
+    else:
+        text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= LONG else text[:LONG - 3] + "..."
+
+
+def run_key_difference(stored: dict, asked: dict) -> str:
+    """The settings in which two run keys differ, for one line: "sampler.steps: 50 in the folder, 20 asked; ...".
+
+    Keys are dotted paths into the run key, in the order of the new run's key (then keys only the folder
+    has); at most ``SHOWN`` are named and the rest counted ("+2 more").
+    """
+    differ = _differences(stored, asked)
+    parts = [f"{path}: {_shown(a)} in the folder, {_shown(b)} asked" for path, a, b in differ[:SHOWN]]
+    if len(differ) > SHOWN:
+        parts.append(f"+{len(differ) - SHOWN} more")
+    return "; ".join(parts) if parts else "the same settings, stored differently"
