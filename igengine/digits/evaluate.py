@@ -125,10 +125,20 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def sample_run(n: int, seed: int, ig_scale: float | None, cfg_scale: float | None, out: Path, batch_size: int = 250,
-               ckpt: Path | None = None, config: RunConfig = RunConfig()) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Balanced samples through `igengine sample`'s library path: (pixels, labels, manifest)."""
+               ckpt: Path | None = None, config: RunConfig = RunConfig(),
+               fresh: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Balanced samples through `igengine sample`'s library path: (pixels, labels, manifest).
+
+    A folder holding a finished run of the same configuration is resumed, i.e. nothing is sampled
+    again; ``fresh`` deletes ``out`` first, so that every sample (and the backend's warm-up and
+    recompile count in the manifest) comes from this call.
+    """
+    import shutil
+
     from igengine.jobs.sample import SampleJob, run_sample
 
+    if fresh and Path(out).exists():
+        shutil.rmtree(out)
     job = SampleJob(out=out, n=n, batch_size=batch_size, seed=seed, labels="balanced", ig_scale=ig_scale,
                     cfg_scale=cfg_scale, overwrite=True, ckpt=ckpt, device="cpu", precision=config.precision,
                     backend=config.backend)
@@ -190,7 +200,7 @@ def evaluate(n: int, seeds: list[int], out_dir: Path, ckpt: Path | None = None, 
                     per_seed.append(score(clf, pixels, labels, real_feats))
                     continue
                 work = out_dir / config.name.replace("/", "-") / f"ig{ig}-cfg{cfg}-seed{seed}"
-                pixels, labels, manifest = sample_run(n, seed, ig, cfg, work, ckpt=ckpt, config=config)
+                pixels, labels, manifest = sample_run(n, seed, ig, cfg, work, ckpt=ckpt, config=config, fresh=True)
                 record = score(clf, pixels, labels, real_feats, fd_digits=5)
                 be = manifest["backend"]
                 record["step"] = be.get("step")
@@ -198,6 +208,7 @@ def evaluate(n: int, seeds: list[int], out_dir: Path, ckpt: Path | None = None, 
                     record.update(recompiles=be["recompiles"], compiles=be["compiles"],
                                   warmup_s=round(be["warmup_seconds"], 1) if be.get("warmup_seconds") is not None else None)
                 record["sampling_s"] = manifest["timing"]["wall_s"]
+                record["computed"] = manifest["timing"]["computed_this_session"]
                 per_seed.append(record)
             row = {"setting": f"IG {ig}, CFG {cfg}", "ig_scale": ig, "cfg_scale": cfg}
             if config is not None:
