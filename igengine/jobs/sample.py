@@ -490,6 +490,9 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
                 manifest["timing"] = {"wall_s": round(wall, 3), "samples_per_s": round(rate, 3),
                                       "computed_this_session": new, "already_complete": report.initial_done,
                                       "setup_s": round(setup_s, 3), **setup.timing()}
+                # The backend's facts as they stand after sampling (the compiled backend's warm-up
+                # time, compiles and recompiles are only known now; at the start they read 0).
+                manifest["backend"] = {**manifest["backend"], **backend.describe()}
                 manifest["notes"] = notes
                 manifest = pack_folder(out, manifest)
                 if job.grid and decode:
