@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from igengine.kernels import abi, library, nvrtc, nvrtc_library
+from igengine.kernels import abi, library, nvrtc, nvrtc_library, selftest
 from igengine.kernels.library import KernelError, LibraryStatus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -309,8 +309,13 @@ class _FakeNvrtc:
 @pytest.fixture
 def builds(monkeypatch, fake_gpu_without_cmake_library):
     """Installs stand-ins: set .cmake_rc (None: no CMake library; else igk_cuda_probe's result) and .nvrtc."""
-    state = SimpleNamespace(cmake_rc=None, nvrtc=_FakeNvrtc())
+    state = SimpleNamespace(cmake_rc=None, nvrtc=_FakeNvrtc(), selftest_error=None)
     real_load_file = library._load_file
+
+    def self_test(lib, device, cpu_lib=None):  # the stand-in has no kernels to launch
+        if state.selftest_error is not None:
+            raise state.selftest_error
+        return ["noise: bit-equal to the contract"]
 
     def load_file(kind, stem):
         if kind != "cuda":
@@ -324,7 +329,51 @@ def builds(monkeypatch, fake_gpu_without_cmake_library):
 
     monkeypatch.setattr(library, "_load_file", load_file)
     monkeypatch.setattr(nvrtc_library, "shared_library", lambda: state.nvrtc)
+    monkeypatch.setattr(selftest, "check_against_reference", self_test)
     return state
+
+
+def test_an_nvrtc_build_that_fails_its_self_test_is_refused_with_one_warning(builds):
+    builds.selftest_error = selftest.SelfTestError("its noise differs from the noise contract in 3 of 420 values")
+    with pytest.warns(RuntimeWarning, match="NVRTC build failed its self-test on cuda:0 .its noise differs") as rec:
+        assert library.cuda_library(0) is None
+    assert len(rec) == 1
+    status = library.library_status("cuda", 0)
+    assert status.state == "unusable" and "nvrtc: self-test: its noise differs" in status.detail
+    assert library.kernel_path("cuda:0") == library.PATH_REFERENCE
+
+
+class _Skewed:
+    """The CPU twin with one thing wrong, as a launcher with a bad argument would be."""
+
+    def __init__(self, lib, what):
+        self.lib, self.what, self.kind = lib, what, lib.kind
+
+    def __getattr__(self, name):
+        return getattr(self.lib, name)
+
+    def gaussian(self, seed, stream, *args, **kwargs):
+        return self.lib.gaussian(seed ^ (self.what == "noise"), stream, *args, **kwargs)
+
+    def step(self, params, buffers, **kwargs):
+        if self.what == "step":
+            params = type(params).from_buffer_copy(params)
+            params.dt *= 2  # a scalar passed wrongly
+        return self.lib.step(params, buffers, **kwargs)
+
+
+def test_the_self_test_passes_a_correct_build_and_catches_wrong_noise_or_steps():
+    cpu = library.cpu_library()
+    if cpu is None:
+        pytest.skip("the CPU twin is not built (python -m igengine.kernels.build)")
+    notes = selftest.check_against_reference(cpu, torch.device("cpu"), cpu)
+    assert notes[0] == "noise: bit-equal to the contract" and notes[1].startswith("fused step: within")
+    assert selftest.check_against_reference(cpu, torch.device("cpu"))[1] == \
+        "fused step: not checked (no CPU twin to compare with)"
+    with pytest.raises(selftest.SelfTestError, match="its noise differs from the noise contract"):
+        selftest.check_against_reference(_Skewed(cpu, "noise"), torch.device("cpu"), cpu)
+    with pytest.raises(selftest.SelfTestError, match="its fused SDE step differs from the CPU twin's"):
+        selftest.check_against_reference(_Skewed(cpu, "step"), torch.device("cpu"), cpu)
 
 
 def test_a_usable_cmake_library_comes_first(builds):

@@ -216,7 +216,7 @@ def load_library(path: Path | str, kind: str) -> KernelLibrary:
     return lib
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: the NVRTC self-test loads the CPU twin while the CUDA load holds it
 _cpu: tuple[KernelLibrary | None, LibraryStatus] | None = None
 _cuda_file: tuple[KernelLibrary | None, LibraryStatus] | None = None
 _cuda_devices: dict[int, tuple[KernelLibrary | None, LibraryStatus]] = {}
@@ -322,8 +322,17 @@ def _load_nvrtc(device: int):
         warnings.warn(f"igengine kernels: the NVRTC build cannot run on cuda:{device} ({text}); "
                       "using the reference PyTorch path", RuntimeWarning, stacklevel=4)
         return None, LibraryStatus("cuda", "unusable", str(lib.path) if lib.path else None, str(exc))
+    from igengine.kernels.selftest import SelfTestError, check_against_reference
+
+    try:  # launched through the driver from Python: checked against the reference before any run uses it
+        notes = check_against_reference(lib, device, _load_cpu()[0])
+    except (SelfTestError, KernelError, RuntimeError) as exc:
+        warnings.warn(f"igengine kernels: the NVRTC build failed its self-test on cuda:{device} ({exc}); "
+                      "using the reference PyTorch path", RuntimeWarning, stacklevel=4)
+        return None, LibraryStatus("cuda", "unusable", str(lib.path) if lib.path else None, f"self-test: {exc}")
     facts = lib.build_facts(device)
-    return lib, LibraryStatus("cuda", "loaded", facts["path"], facts["info"], build="nvrtc")
+    return lib, LibraryStatus("cuda", "loaded", facts["path"], f"{facts['info']}; self-test: {', '.join(notes)}",
+                              build="nvrtc")
 
 
 def library_status(kind: str, device: int | None = None) -> LibraryStatus:
