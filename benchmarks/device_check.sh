@@ -127,8 +127,11 @@ print('kernel path:', d['path'])"
 
   # igengine bench on XL-sized random-weight models at the paper settings: K-step windows per class of
   # step, reference vs eager bf16 vs compiled bf16 (plus compiled bf16 alone at batch 256).
+  # --plot only where matplotlib is installed (the lent GPU image may lack it; bench refuses --plot then)
+  local PLOT=()
+  $PY -c "import matplotlib" > /dev/null 2>&1 && PLOT=(--plot "$WORK/bench_sit.png")
   run_section bench-sit 150 $PY -m igengine bench --model SiT-XL/2 --device cuda --precision reference,bf16 \
-    --backend torch,compiled --batch-size 1,16,64 --steps 2 --repeats 2 --json "$WORK/bench_sit.json" --plot "$WORK/bench_sit.png"
+    --backend torch,compiled --batch-size 1,16,64 --steps 2 --repeats 2 --json "$WORK/bench_sit.json" ${PLOT[@]+"${PLOT[@]}"}
   run_section bench-ldit 130 $PY -m igengine bench --model LightningDiT-XL/1 --device cuda --precision reference,bf16 \
     --backend torch,compiled --batch-size 1,16,64 --steps 2 --repeats 2 --json "$WORK/bench_ldit.json"
   run_section bench-256 60 $PY -m igengine bench --model SiT-XL/2 --device cuda --precision bf16 --backend compiled \
