@@ -8,10 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from igengine.errors import ConfigError
+
+CACHE_ENV = "IGENGINE_CACHE"
+
+
+def cache_root() -> Path:
+    """Root folder of every igengine cache (ONNX exports, TensorRT engines, Inductor artifacts, NVRTC
+    kernels, graph-file digests): ``$IGENGINE_CACHE`` if set, else ``$XDG_CACHE_HOME/igengine``,
+    else ``~/.cache/igengine``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = Path(os.environ["XDG_CACHE_HOME"]) if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "igengine"
 
 
 class Family(str, enum.Enum):

@@ -16,19 +16,20 @@ the sampling loop's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
 
 from igengine.models.checkpoint import LoadedCheckpoint
-from igengine.config import Precision
+from igengine.config import Precision, cache_root
 from igengine.export.config import ExportConfig, graph_precision
 from igengine.export.contract import (
     GRAPH_CONTRACT,
@@ -58,17 +59,20 @@ class SetupLog:
     def took(self, key: str, seconds: float) -> None:
         self.seconds[key] = self.seconds.get(key, 0.0) + seconds
 
+    @contextlib.contextmanager
+    def exporting(self, name: str, precision: str, where: str, why: str = "this takes a while") -> Iterator[None]:
+        """Announce an export of model ``name`` at ``precision`` into ``where``, then say how long it took
+        and add that to ``seconds["export_s"]`` (only when the block completes)."""
+        self.log(f"exporting {name} ({precision}) to {where}: {why}")
+        t0 = perf_counter()
+        yield
+        seconds = perf_counter() - t0
+        self.took("export_s", seconds)
+        self.log(f"exported in {seconds:.1f} s")
+
     def timing(self) -> dict[str, float]:
         """``seconds`` rounded to milliseconds, for a manifest's "timing"."""
         return {key: round(value, 3) for key, value in self.seconds.items()}
-
-
-def cache_root() -> Path:
-    """Root folder of igengine's caches (see the module docstring)."""
-    if os.environ.get("IGENGINE_CACHE"):
-        return Path(os.environ["IGENGINE_CACHE"])
-    base = Path(os.environ["XDG_CACHE_HOME"]) if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-    return base / "igengine"
 
 
 def graph_key(loaded: LoadedCheckpoint, config: ExportConfig) -> str:
@@ -108,13 +112,9 @@ def cached_graph(loaded: LoadedCheckpoint, config: ExportConfig, root: Path | No
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            setup.log(f"exporting {loaded.config.name} ({config.precision.value}) to the ONNX cache at {folder}: "
-                      "first use, this takes a while")
-            t0 = perf_counter()
-            export_onnx(loaded, config, tmp)
-            seconds = perf_counter() - t0
-            setup.took("export_s", seconds)
-            setup.log(f"exported in {seconds:.1f} s")
+            with setup.exporting(loaded.config.name, config.precision.value, f"the ONNX cache at {folder}",
+                                 "first use, this takes a while"):
+                export_onnx(loaded, config, tmp)
             try:
                 os.rename(tmp, folder)
             except OSError:

@@ -14,6 +14,7 @@ from typing import Any
 
 from igengine.models.checkpoint import load_checkpoint
 from igengine.export.config import DEFAULT_MAX_BATCH, DEFAULT_OPSET, ExportConfig, ExportFormat
+from igengine.export.cache import SetupLog
 from igengine.export.contract import import_onnx
 from igengine.errors import ExportError
 
@@ -58,9 +59,8 @@ def run_export(job: ExportJob, log: Callable[[str], None] | None = None) -> dict
     overrides = {"encoder_depth": job.encoder_depth, "num_heads": job.num_heads}
     loaded = load_checkpoint(job.ckpt, model_name=job.model, overrides=overrides)
     prepare_export_folder(Path(job.out), make_record(loaded, config), job.overwrite)  # refusals before the line
-    log(f"exporting {loaded.config.name} ({config.precision.value}) to {job.out}: this takes a while")
-    result = export_onnx(loaded, config, job.out, overwrite=job.overwrite)
-    log(f"exported in {result.seconds:.1f} s")
+    with SetupLog(log).exporting(loaded.config.name, config.precision.value, str(job.out)):
+        result = export_onnx(loaded, config, job.out, overwrite=job.overwrite)
     summary: dict[str, Any] = {
         "out": str(result.folder),
         "graph": str(result.graph),

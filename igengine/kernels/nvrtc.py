@@ -37,6 +37,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from igengine.config import cache_root
 from igengine.kernels import abi
 
 # The kernels' entry points (extern "C" in csrc/igk_kernels.cuh), by (dtype code, vectorised).
@@ -58,7 +59,6 @@ OPTIONS = ("--fmad=false", "--std=c++17", f"-DIGK_ABI_VERSION_EXPECTED={abi.ABI_
            f"-DIGK_TABLE_SIZE={ctypes.sizeof(abi.StepTable)}")
 CACHE_FORMAT = 1
 _MAGIC = b"IGKNVRTC"
-ENV_CACHE = "IGENGINE_CACHE"
 
 _PACKAGE_SOURCES = Path(__file__).resolve().parents[1] / "_csrc"  # in a wheel (setup.py copies csrc/ there)
 _CHECKOUT_SOURCES = Path(__file__).resolve().parents[2] / "csrc"  # in a source checkout / editable install
@@ -92,14 +92,6 @@ class Target:
     @property
     def name(self) -> str:
         return f"{'sm' if self.fmt == 'cubin' else 'compute'}_{self.arch}"
-
-
-def cache_root() -> Path:
-    """Root of igengine's caches (the same rule as igengine.export.cache.cache_root)."""
-    if os.environ.get(ENV_CACHE):
-        return Path(os.environ[ENV_CACHE])
-    base = Path(os.environ["XDG_CACHE_HOME"]) if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-    return base / "igengine"
 
 
 def cache_dir(root: Path | str | None = None) -> Path:
