@@ -261,6 +261,70 @@ def fused_indexed(case: Case, inp: Inputs, library: KernelLibrary | None = None)
     return out
 
 
+def check_step_capture(library: KernelLibrary) -> None:
+    """A fused SDE step of ``library`` captured in a CUDA graph and replayed 3 times equals 4 eager
+    in-place steps (1 warm-up + 3 replays), and writes its duplicated network input (dup_next)."""
+    case = Case(Family.SIT, "sde", True, True, True, n=4, shape=(4, 32, 32))
+    inp = make_inputs(case, device="cuda")
+    n, e = case.n, 4096
+    p = step_params(case.family, sampler_config(case).guidance, inp.step, dup_next=True, seed=case.seed)
+    vf, vi = inp.outputs[0]
+    idx = inp.indices.cuda()
+    x0 = inp.x.reshape(n, e).clone()
+    x = x0.clone()
+    net = torch.empty(2 * n, e, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # one warm-up launch outside the capture, as PyTorch recommends
+        fused_step(p, x, vf, vi, indices=idx, x_out=x, net_out=net, library=library)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # captured, not run
+        fused_step(p, x, vf, vi, indices=idx, x_out=x, net_out=net, library=library)
+    for _ in range(3):
+        graph.replay()
+    ref = x0.clone()
+    ref_net = torch.empty_like(net)  # dup_next is set: the step must be given somewhere to write
+    for _ in range(4):
+        fused_step(p, ref, vf, vi, indices=idx, x_out=ref, net_out=ref_net, library=library)
+    torch.cuda.synchronize()
+    assert not torch.equal(x, x0)
+    assert torch.equal(x, ref)
+    assert torch.equal(net[:n], x) and torch.equal(net[n:], x)
+
+
+def check_indexed_equals_by_value(case: Case, library: KernelLibrary) -> None:
+    """On CUDA, the indexed launches of ``case`` equal the by-value ones bit for bit and advance the counter."""
+    inp = make_inputs(case, device="cuda")
+    want = fused(case, inp, library=library)
+    got = fused_indexed(case, inp, library=library)
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differ, f"{case.id}: {differ} differ from the by-value step (same device code, same scalars)"
+    assert got["counter"].tolist() == [len(inp.outputs)] and got["fault"].tolist() == [0, 0]
+    if case.kind == "heun":
+        assert torch.equal(got["x_after_predict"], inp.x), "the predictor must leave x (= x_out) alone"
+
+
+def check_refused_indexed_launch(library: KernelLibrary) -> None:
+    """An indexed launch whose table contradicts its buffers records the fault on the device (nothing
+    is raised: the device cannot report back), advances the counter and writes nothing."""
+    from igengine.kernels import abi
+
+    case = Case(Family.SIT, "sde", True, False, False, n=2, shape=(3, 2, 2))
+    inp = make_inputs(case, device="cuda")
+    p = step_params(case.family, sampler_config(case).guidance, inp.step, seed=case.seed)
+    p.cfg = 1  # the table says CFG; the buffers are an N-row graph's
+    vf, vi = inp.outputs[0]
+    x = inp.x.reshape(2, 12).clone()
+    x_out = torch.full_like(x, 7.0)
+    counter = torch.zeros(1, dtype=torch.int64, device="cuda")
+    fault = torch.zeros(2, dtype=torch.int64, device="cuda")
+    fused_step_indexed(pack_table([p], "cuda"), counter, x, vf, vi, inp.indices.cuda(), None, x_out, None, None,
+                       fault=fault, library=library)
+    assert fault.tolist() == [int(abi.Fault.ROWS), 0] and counter.tolist() == [1]
+    assert torch.equal(x_out, torch.full_like(x, 7.0))
+
+
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     """max |got - ref| / max(1, |ref|) (inf if shapes differ or got is non-finite where ref is finite)."""
     if got.shape != ref.shape:

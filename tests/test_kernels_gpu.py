@@ -171,33 +171,7 @@ def test_cuda_fused_step_flags_non_finite_rows(cuda_lib):
 
 
 def test_cuda_fused_step_can_be_captured_in_a_cuda_graph(cuda_lib):
-    case = P.Case(Family.SIT, "sde", True, True, True, n=4, shape=(4, 32, 32))
-    inp = P.make_inputs(case, device="cuda")
-    n, e = case.n, 4096
-    p = step_params(case.family, P.sampler_config(case).guidance, inp.step, dup_next=True, seed=case.seed)
-    vf, vi = inp.outputs[0]
-    idx = inp.indices.cuda()
-    x0 = inp.x.reshape(n, e).clone()
-    x = x0.clone()
-    net = torch.empty(2 * n, e, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # one warm-up launch outside the capture, as PyTorch recommends
-        fused_step(p, x, vf, vi, indices=idx, x_out=x, net_out=net, library=cuda_lib)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # captured, not run
-        fused_step(p, x, vf, vi, indices=idx, x_out=x, net_out=net, library=cuda_lib)
-    for _ in range(3):
-        graph.replay()
-    ref = x0.clone()  # 1 warm-up + 3 replays = 4 in-place steps
-    ref_net = torch.empty_like(net)  # dup_next is set: the step must be given somewhere to write
-    for _ in range(4):
-        fused_step(p, ref, vf, vi, indices=idx, x_out=ref, net_out=ref_net, library=cuda_lib)
-    torch.cuda.synchronize()
-    assert not torch.equal(x, x0)
-    assert torch.equal(x, ref)
-    assert torch.equal(net[:n], x) and torch.equal(net[n:], x)
+    P.check_step_capture(cuda_lib)
 
 
 def test_cuda_binding_rejects_mixed_devices(cuda_lib):
@@ -259,30 +233,11 @@ INDEXED_CASES = CASES[::9]
 
 @pytest.mark.parametrize("case", INDEXED_CASES, ids=[c.id for c in INDEXED_CASES])
 def test_cuda_indexed_step_equals_the_by_value_step_bitwise(cuda_lib, case):
-    inp = P.make_inputs(case, device="cuda")
-    want = P.fused(case, inp, library=cuda_lib)
-    got = P.fused_indexed(case, inp, library=cuda_lib)
-    differ = [k for k in want if not torch.equal(got[k], want[k])]
-    assert not differ, f"{case.id}: {differ} differ from the by-value step (same device code, same scalars)"
-    assert got["counter"].tolist() == [len(inp.outputs)] and got["fault"].tolist() == [0, 0]
-    if case.kind == "heun":
-        assert torch.equal(got["x_after_predict"], inp.x), "the predictor must leave x (= x_out) alone"
+    P.check_indexed_equals_by_value(case, cuda_lib)
 
 
 def test_cuda_refused_indexed_launch_records_the_fault_on_the_device(cuda_lib):
-    case = P.Case(Family.SIT, "sde", True, False, False, n=2, shape=(3, 2, 2))
-    inp = P.make_inputs(case, device="cuda")
-    p = step_params(case.family, P.sampler_config(case).guidance, inp.step, seed=case.seed)
-    p.cfg = 1  # the table says CFG; the buffers are an N-row graph's
-    vf, vi = inp.outputs[0]
-    x = inp.x.reshape(2, 12).clone()
-    x_out = torch.full_like(x, 7.0)
-    counter = torch.zeros(1, dtype=torch.int64, device="cuda")
-    fault = torch.zeros(2, dtype=torch.int64, device="cuda")
-    fused_step_indexed(pack_table([p], "cuda"), counter, x, vf, vi, inp.indices.cuda(), None, x_out, None, None,
-                       fault=fault, library=cuda_lib)  # nothing raised: the device cannot report back
-    assert fault.tolist() == [int(abi.Fault.ROWS), 0] and counter.tolist() == [1]
-    assert torch.equal(x_out, torch.full_like(x, 7.0))
+    P.check_refused_indexed_launch(cuda_lib)
 
 
 def test_cuda_captured_loop_reports_a_refused_launch_after_the_run(cuda_discovered):

@@ -684,64 +684,15 @@ def test_gpu_nvrtc_equals_the_cmake_library_bitwise(nvrtc_lib, monkeypatch):
 
 @gpu
 def test_gpu_nvrtc_indexed_step_equals_the_by_value_step_and_records_faults(nvrtc_lib):
-    from igengine.config import Family
-    from igengine.kernels.binding import fused_step_indexed, pack_table
-    from igengine.sampling.launches import step_params
-
     P = _parity_module()
     for case in P.step_cases()[::9]:
-        inp = P.make_inputs(case, device="cuda")
-        want = P.fused(case, inp, library=nvrtc_lib)
-        got = P.fused_indexed(case, inp, library=nvrtc_lib)
-        differ = [k for k in want if not torch.equal(got[k], want[k])]
-        assert not differ, f"{case.id}: {differ}"
-        assert got["counter"].tolist() == [len(inp.outputs)] and got["fault"].tolist() == [0, 0]
-    case = P.Case(Family.SIT, "sde", True, False, False, n=2, shape=(3, 2, 2))
-    inp = P.make_inputs(case, device="cuda")
-    p = step_params(case.family, P.sampler_config(case).guidance, inp.step, seed=case.seed)
-    p.cfg = 1  # the table says CFG; the buffers have N rows
-    vf, vi = inp.outputs[0]
-    x = inp.x.reshape(2, 12).clone()
-    x_out = torch.full_like(x, 7.0)
-    counter = torch.zeros(1, dtype=torch.int64, device="cuda")
-    fault = torch.zeros(2, dtype=torch.int64, device="cuda")
-    fused_step_indexed(pack_table([p], "cuda"), counter, x, vf, vi, inp.indices.cuda(), None, x_out, None, None,
-                       fault=fault, library=nvrtc_lib)
-    assert fault.tolist() == [int(abi.Fault.ROWS), 0] and counter.tolist() == [1]
-    assert torch.equal(x_out, torch.full_like(x, 7.0))
+        P.check_indexed_equals_by_value(case, nvrtc_lib)
+    P.check_refused_indexed_launch(nvrtc_lib)
 
 
 @gpu
 def test_gpu_nvrtc_launch_is_captured_in_a_cuda_graph(nvrtc_lib):
-    from igengine.config import Family
-    from igengine.kernels.binding import fused_step
-    from igengine.sampling.launches import step_params
-
-    P = _parity_module()
-    case = P.Case(Family.SIT, "sde", True, True, True, n=4, shape=(4, 32, 32))
-    inp = P.make_inputs(case, device="cuda")
-    n, e = case.n, 4096
-    p = step_params(case.family, P.sampler_config(case).guidance, inp.step, dup_next=True, seed=case.seed)
-    vf, vi = inp.outputs[0]
-    idx = inp.indices.cuda()
-    x0 = inp.x.reshape(n, e).clone()
-    x = x0.clone()
-    net = torch.empty(2 * n, e, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fused_step(p, x, vf, vi, indices=idx, x_out=x, net_out=net, library=nvrtc_lib)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fused_step(p, x, vf, vi, indices=idx, x_out=x, net_out=net, library=nvrtc_lib)
-    for _ in range(3):
-        graph.replay()
-    ref, ref_net = x0.clone(), torch.empty_like(net)
-    for _ in range(4):
-        fused_step(p, ref, vf, vi, indices=idx, x_out=ref, net_out=ref_net, library=nvrtc_lib)
-    torch.cuda.synchronize()
-    assert not torch.equal(x, x0) and torch.equal(x, ref)
+    _parity_module().check_step_capture(nvrtc_lib)
 
 
 @gpu
