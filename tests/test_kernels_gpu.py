@@ -26,9 +26,8 @@ import torch
 
 from igengine.config import Family, Precision, Solver
 from igengine.errors import NonFiniteError
-from igengine.kernels import abi, library
-from igengine.kernels.binding import (KernelInputError, fused_step, fused_step_indexed, gaussian, pack_table,
-                                      philox_words)
+from igengine.kernels import library
+from igengine.kernels.binding import KernelInputError, fused_step, gaussian, philox_words
 from igengine.sampling.launches import step_params
 from igengine.noise import gaussian as ref_gaussian
 from igengine.noise import philox_words as ref_philox_words
