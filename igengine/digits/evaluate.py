@@ -159,11 +159,14 @@ def score(clf: Classifier, pixels: np.ndarray, labels: np.ndarray, real_feats: n
     return {"accuracy": round(acc, 4), "fd": round(frechet_distance(clf.features(x), real_feats), fd_digits)}
 
 
-def _summary(per_seed: list[dict], n_seeds: int) -> dict:
+def _summary(per_seed: list[dict], fd_digits: int = 3) -> dict:
+    """Mean and standard deviation over seeds (None with one seed) of the accuracy and the FD."""
     acc = np.array([r["accuracy"] for r in per_seed])
     fd = np.array([r["fd"] for r in per_seed])
-    return {"accuracy": round(float(acc.mean()), 4), "accuracy_std": round(float(acc.std(ddof=1)), 4) if n_seeds > 1 else None,
-            "fd": round(float(fd.mean()), 3), "fd_std": round(float(fd.std(ddof=1)), 3) if n_seeds > 1 else None}
+    several = len(per_seed) > 1
+    return {"accuracy": round(float(acc.mean()), 4), "accuracy_std": round(float(acc.std(ddof=1)), 4) if several else None,
+            "fd": round(float(fd.mean()), fd_digits),
+            "fd_std": round(float(fd.std(ddof=1)), fd_digits) if several else None}
 
 
 def evaluate(n: int, seeds: list[int], out_dir: Path, ckpt: Path | None = None, configs: list[RunConfig] | None = None,
@@ -213,13 +216,9 @@ def evaluate(n: int, seeds: list[int], out_dir: Path, ckpt: Path | None = None, 
             row = {"setting": f"IG {ig}, CFG {cfg}", "ig_scale": ig, "cfg_scale": cfg}
             if config is not None:
                 row.update(config=config.name, precision=config.precision.value, backend=config.backend.value)
-            row.update(_summary(per_seed, len(seeds)))
-            if config is not None:  # more digits for the paired comparison
-                fd = np.array([r["fd"] for r in per_seed])
-                row["fd"] = round(float(fd.mean()), 5)
-                row["fd_std"] = round(float(fd.std(ddof=1)), 5) if len(seeds) > 1 else None
-                if config.backend == BackendName.COMPILED:
-                    row["recompiles"] = sum(r["recompiles"] for r in per_seed)
+            row.update(_summary(per_seed, fd_digits=3 if config is None else 5))  # more digits for the paired comparison
+            if config is not None and config.backend == BackendName.COMPILED:
+                row["recompiles"] = sum(r["recompiles"] for r in per_seed)
             row.update(per_seed=per_seed, wall_s=round(time.perf_counter() - t0, 1))
             rows.append(row)
             print(json.dumps(row), flush=True)
