@@ -33,7 +33,7 @@ import torch
 import igengine
 from igengine.config import BackendName
 from igengine.config import Family, ModelConfig, Precision, SamplerConfig, SamplerSettings, Solver
-from igengine.errors import ConfigError, Interrupted, JobError, OutputError
+from igengine.errors import ConfigError, Interrupted, JobError
 from igengine.export.cache import SetupLog
 from igengine.jobs.backend import build_backend, sampler_for
 from igengine.jobs.bulk import BulkSampler, Progress, SampleMaker
@@ -280,19 +280,16 @@ def resolve_decoder(job: SampleJob, cfg: ModelConfig) -> LatentDecoder | None:
     return load_vae(Path(job.vae), kind, cfg.in_channels, job.latent_stats, job.latent_multiplier)
 
 
-def resolve_chunk_size(asked: int | None, out: Path, run_key: dict, overwrite: bool) -> tuple[int, str | None]:
+def resolve_chunk_size(asked: int | None, out: Path, run_key: dict, existing: dict | None) -> tuple[int, str | None]:
     """The chunk size of a run and, when it was not asked for, a note saying where it came from.
 
-    Asked for: that. Otherwise the chunk size of the run already in ``out`` when it is this run with
-    another or the same ``n`` (its run key equal but for the chunk size), so that a rerun without the
-    flag resumes or extends it whatever the default was then; else ``DEFAULT_CHUNK_SIZE``.
+    Asked for: that. Otherwise the chunk size of the run already in ``out`` (``existing``, its
+    manifest) when it is this run with another or the same ``n`` (its run key equal but for the
+    chunk size), so that a rerun without the flag resumes or extends it whatever the default was
+    then; else ``DEFAULT_CHUNK_SIZE``.
     """
     if asked is not None:
         return asked, None
-    try:
-        existing = None if overwrite else read_manifest(out)
-    except OutputError:  # refused with its own message by prepare_output_folder
-        existing = None
     old_key = existing.get("run_key") if existing else None
     if isinstance(old_key, dict) and isinstance(old_key.get("chunk_size"), int) and old_key["chunk_size"] >= 1:
         if {k: v for k, v in old_key.items() if k != "chunk_size"} == json.loads(json.dumps(run_key)):
@@ -428,12 +425,14 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
         "vae": decoder.identity if decoder is not None else None,
     }
     out = Path(job.out)
-    chunk_size, chunk_note = resolve_chunk_size(job.chunk_size, out, run_key, job.overwrite)
+    # The run already in `out` (None with `overwrite`): a foreign or unreadable manifest is refused
+    # here with the message prepare_output_folder would give.
+    previous = read_manifest(out) if not job.overwrite else None
+    chunk_size, chunk_note = resolve_chunk_size(job.chunk_size, out, run_key, previous)
     job = dataclasses.replace(job, chunk_size=chunk_size)
     run_key["chunk_size"] = chunk_size
     if chunk_note:
         chosen.append(chunk_note)
-    previous = read_manifest(out) if not job.overwrite else None  # accepted by prepare_output_folder
     prepare_output_folder(out, run_key, job.overwrite)
     if previous is not None and isinstance(previous.get("n"), int) and previous["n"] > job.n:
         chosen.append(f"{out} holds a run of {previous['n']} samples; `n` {job.n} packs its first {job.n} "
