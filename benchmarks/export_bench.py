@@ -54,7 +54,8 @@ def median_time(fn, reps: int) -> float:
 
 def one_model(name: str, reps: int, threads: int) -> dict:
     """Everything for one model, in this process (called in a child by ``main``)."""
-    from igengine.backends import TorchBackend, create_backend
+    from igengine.backends import TorchBackend
+    from igengine.jobs.backend import build_backend
     from igengine.models.checkpoint import LoadedCheckpoint
     from igengine.config import Precision
     from igengine.export import ExportConfig
@@ -82,7 +83,7 @@ def one_model(name: str, reps: int, threads: int) -> dict:
         sidecar = json.loads((result.folder / SIDECAR).read_text())
 
         t0 = time.perf_counter()
-        ort_backend = create_backend("onnxruntime", loaded, Precision.FP32, "cpu", onnx_path=result.folder)
+        ort_backend = build_backend("onnxruntime", loaded, Precision.FP32, "cpu", onnx=result.folder)
         ort_load_s = time.perf_counter() - t0
         torch_backend = TorchBackend(model, precision=Precision.FP32)
 
