@@ -48,6 +48,13 @@ cost per evaluation; throughput N / T_full; ratio = T_full(official) / T_full(ig
 (paired: interleaved measurements) and reported as median and min-max. The estimate covers the solver
 loop only: no VAE decoding, no image writing, no per-run setup.
 
+Roofline (``roofline``): after the timed repeats, with the workers gone, the parent measures the matmul
+peak of each implementation's dtype (``igengine.bench.peak.matmul_peak``; fp32 with TF32 for the official
+code on CUDA). With the analytic FLOPs of the full run at each implementation's rows per evaluation
+(``igengine.bench.flops``), it reports each implementation's MFU and the ceiling ratio: official full-run
+time / (igengine's full-run FLOPs / peak), the most any implementation doing igengine's FLOPs in that
+dtype could reach on this machine.
+
 Also recorded: the process CPU time (all threads) of the same windows and the ratio computed from it, a
 second view that is less sensitive to other work on a shared machine than wall time (it still counts
 spin-waiting threads); the ratio of the best repeats; the load average before each repeat; each worker's
@@ -679,6 +686,7 @@ def bench_family(args, family: str, device: str, logs: Path) -> dict:
                                  "rel_l2": float((a - b).norm() / b.norm().clamp_min(1e-30))}
             row["vs_official_1_step"] = checks
         report["implementations"][w.name] = row
+    report["roofline"] = roofline(report, family, model, device, batch, n_in, n_out, evals_per_step)
     off_full = per_repeat_full.get("official")
     if off_full:
         for name, full in per_repeat_full.items():
@@ -689,6 +697,72 @@ def bench_family(args, family: str, device: str, logs: Path) -> dict:
                 row["ratio_vs_official_process_cpu_time"] = stats(
                     [o / f for o, f in zip(per_repeat_cpu["official"], per_repeat_cpu[name])], 1.0, 3)
     return report
+
+
+def peak_dtype(impl: str, device_kind: str) -> tuple[str, bool]:
+    """(dtype, TF32) of the matmuls an implementation runs: the official code fp32 with TF32 allowed
+    (TF32 only exists on CUDA), igengine's configurations their precision's network dtype (fp32 IEEE)."""
+    if impl == "official":
+        return "float32", device_kind == "cuda"
+    config = impl.split(":", 1)[1]
+    for low in ("bf16", "fp16"):
+        if config.endswith(low):
+            return {"bf16": "bfloat16", "fp16": "float16"}[low], False
+    return "float32", False
+
+
+def evaluation_rows(impl: str, family: str, batch: int) -> dict[str, int]:
+    """Network rows per evaluation inside / outside the CFG interval: the official LightningDiT runs
+    its 2N-row ``forward_with_cfg`` everywhere; the official SiT code and igengine run N rows outside."""
+    outside = 2 * batch if (impl == "official" and family == "lightningdit") else batch
+    return {"in": 2 * batch, "out": outside}
+
+
+def roofline(report: dict, family: str, model: str, device: str, batch: int, n_in: int, n_out: int,
+             evals_per_step: int) -> dict:
+    """The matmul roofline of the full run, per implementation, from peaks measured in this run.
+
+    FLOPs: ``igengine.bench.flops.forward_flops`` (2 x multiply-adds of every matmul of the network) over
+    the full plan's evaluations at each implementation's rows. Peak: ``matmul_peak`` of the
+    implementation's matmul dtype (the best repeat; on the CPU the faster of MKL and oneDNN), measured
+    here after the timed repeats, with the workers gone. Per implementation: its achieved matmul FLOP/s
+    and MFU over its measured full-run time, and the roofline time (FLOPs / peak: everything but the
+    matmuls free, the matmuls at the peak rate). ``ceiling_ratio_vs_official`` = the official full-run
+    time / that roofline time: no implementation of the same FLOPs at that dtype can beat this ratio on
+    this machine, so a target above it is out of reach by arithmetic, not by engineering.
+    """
+    from igengine.bench.flops import forward_flops
+    from igengine.bench.peak import matmul_peak
+    from igengine.models import preset
+
+    cfg = preset(model)
+    kind = torch.device(device).type
+    impls = report["implementations"]
+    peaks: dict = {}
+    for name in impls:
+        key = peak_dtype(name, kind)
+        if key not in peaks:
+            peaks[key] = matmul_peak(getattr(torch, key[0]), device, allow_tf32=key[1])
+    out: dict = {"flops": "igengine.bench.flops.forward_flops (2 x multiply-adds; matmuls and attention products)",
+                 "peaks": {f"{d}{'+tf32' if t else ''}": {k: v for k, v in p.items() if k != "device_name"}
+                           for (d, t), p in peaks.items()},
+                 "implementations": {}}
+    official_s = impls.get("official", {}).get("full_run_s", {}).get("median")
+    for name, row in impls.items():
+        rows = evaluation_rows(name, family, batch)
+        flop = (n_in * forward_flops(cfg, rows["in"]) + n_out * forward_flops(cfg, rows["out"]))
+        key = peak_dtype(name, kind)
+        peak = peaks[key]["max_flops"]
+        entry = {"rows_per_evaluation": rows, "full_run_flop": flop,
+                 "peak": f"{key[0]}{'+tf32' if key[1] else ''}", "roofline_full_run_s": round(flop / peak, 3)}
+        full_s = row.get("full_run_s", {}).get("median")
+        if full_s:
+            entry["achieved_flop_per_s"] = round(flop / full_s)
+            entry["mfu"] = round(flop / full_s / peak, 4)
+        if name != "official" and official_s:
+            entry["ceiling_ratio_vs_official"] = round(official_s / (flop / peak), 3)
+        out["implementations"][name] = entry
+    return out
 
 
 def print_summary(results: dict) -> None:
@@ -705,6 +779,9 @@ def print_summary(results: dict) -> None:
             rtxt = (f"{ratio['median']:.2f} [{ratio['min']:.2f}-{ratio['max']:.2f}] cpu {rc['median']:.2f}"
                     if ratio else "")
             ms = row["ms_per_step"]
+            roof = rep.get("roofline", {}).get("implementations", {}).get(name, {})
+            rtxt += (f"  MFU {roof['mfu']:.0%}" if "mfu" in roof else "") + (
+                f", ceiling {roof['ceiling_ratio_vs_official']:.2f}x" if "ceiling_ratio_vs_official" in roof else "")
             print(f"  {name:24s} {ms['in']['median']:12.1f} {ms['out']['median']:12.1f} "
                   f"{row['full_run_s']['median']:11.1f} {row['samples_per_s']:10.4f}  {rtxt}")
 

@@ -20,6 +20,21 @@ def test_cpu_fp32_peak_is_positive_finite_and_counts_two_n_cubed():
     assert r["max_flops"] >= r["median_flops"]
 
 
+def test_cpu_fp32_peak_is_the_faster_of_mm_and_onednn():
+    from igengine.backends.cpu_linear import onednn_available
+
+    r = matmul_peak(torch.float32, "cpu", size=128, repeats=3)
+    timed = r["kernels_timed"]
+    expected = {"torch.mm", "onednn linear"} if onednn_available() else {"torch.mm"}
+    assert set(timed) == expected
+    assert r["kernel"] == max(timed, key=timed.get)
+    assert r["median_flops"] == pytest.approx(timed[r["kernel"]])
+    mm_only = matmul_peak(torch.float32, "cpu", size=128, repeats=1, kernels="mm")
+    assert set(mm_only["kernels_timed"]) == {"torch.mm"} and mm_only["kernel"] == "torch.mm"
+    # bf16 is timed on torch.mm only: the oneDNN route serves igengine's fp32 linears alone.
+    assert matmul_peak(torch.bfloat16, "cpu", size=32, repeats=1)["kernel"] == "torch.mm"
+
+
 def test_cpu_peak_restores_the_tf32_flag():
     before = torch.backends.cuda.matmul.allow_tf32
     matmul_peak(torch.float32, "cpu", size=64, repeats=1, allow_tf32=True)
@@ -32,6 +47,7 @@ def test_cpu_peak_restores_the_tf32_flag():
     (dict(repeats=0), "repeats"),
     (dict(dtype=torch.bfloat16, allow_tf32=True), "allow_tf32"),
     (dict(device="mps"), "device"),
+    (dict(kernels="mkl"), "kernels"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, match):
     args = dict(dtype=torch.float32, device="cpu", size=8, repeats=1) | kwargs
