@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def child(name: str, device: str, precision: str, rows: list[int], depth: int | None, mode: str | None) -> dict:
+def child(name: str, device: str, precision: str, rows: list[int], depth: int | None, mode: str | None,
+          regions: bool = True) -> dict:
     t_import = time.perf_counter()
     import torch
 
@@ -54,7 +55,8 @@ def child(name: str, device: str, precision: str, rows: list[int], depth: int | 
                 p.copy_(torch.randn_like(p) * 0.02 + (1.0 if pname.endswith("norm.weight") else 0.0))
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    backend = CompiledBackend(model, row_counts=tuple(rows), precision=precision, device=device, mode=mode)
+    backend = CompiledBackend(model, row_counts=tuple(rows), precision=precision, device=device, mode=mode,
+                              regions=regions)
     construct_s = time.perf_counter() - t0
     backend.warmup()
     after = {}
@@ -96,22 +98,29 @@ def main() -> None:
     ap.add_argument("--mode", default=None, help="torch.compile mode (see igengine.backends.compiled.MODES)")
     ap.add_argument("--cache", type=Path, default=None,
                     help="cache folder, kept (default: a new temporary one, deleted at the end)")
+    ap.add_argument("--regions", choices=["on", "off", "both"], default="on",
+                    help="block regions of the compiled backend (igengine.models.layers.compile_region); "
+                         "both: each model with and without, each in its own cache")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: one model in this process
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.device, args.precision, args.rows, args.depth, args.mode)))
+        print(json.dumps(child(args.child, args.device, args.precision, args.rows, args.depth, args.mode,
+                               args.regions != "off")))
         return
 
     from benchmarks.provenance import provenance
 
     results = []
-    for name in args.models:
+    variants = ["on", "off"] if args.regions == "both" else [args.regions]
+    if args.cache is not None and len(variants) > 1:
+        sys.exit("--cache holds one variant's artifacts: use it with --regions on or off")
+    for name, regions in ((n, r) for n in args.models for r in variants):
         cache = args.cache or Path(tempfile.mkdtemp(prefix="igengine-compile-bench-"))
-        entry = {"model": name, "cache": str(cache)}
+        entry = {"model": name, "regions": regions, "cache": str(cache)}
         for phase in ("cold", "warm"):
             cmd = [sys.executable, __file__, "--child", name, "--device", args.device, "--precision", args.precision,
-                   "--rows", *map(str, args.rows)]
+                   "--rows", *map(str, args.rows), "--regions", regions]
             if args.depth is not None:
                 cmd += ["--depth", str(args.depth)]
             if args.mode:
@@ -122,7 +131,7 @@ def main() -> None:
             if proc.returncode != 0:
                 sys.exit(f"{name} {phase} failed:\n{proc.stderr[-4000:]}")
             entry[phase] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "child_wall_s": round(wall, 2)}
-            print(phase, json.dumps({k: v for k, v in entry[phase].items() if k != "backend"}), flush=True)
+            print(phase, f"regions {regions}", json.dumps({k: v for k, v in entry[phase].items() if k != "backend"}), flush=True)
         results.append(entry)
         if args.cache is None:  # a temporary cache of this run only
             shutil.rmtree(cache, ignore_errors=True)
@@ -133,7 +142,7 @@ def main() -> None:
         "what": ("compiled backend start-up in a fresh process: cold = empty Inductor cache, warm = the cache the "
                  "cold run filled; seconds; process_to_ready_s counts from interpreter start to the end of warmup()"),
         "settings": {"device": args.device, "precision": args.precision, "rows": args.rows, "depth": args.depth,
-                     "mode": args.mode or "default"},
+                     "mode": args.mode or "default", "regions": args.regions},
         "results": results,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from igengine.backends import BackendError, TorchBackend
 from igengine.backends.compiled import CompiledBackend, call_plan, inductor_cache_env, tf32_flags
 from igengine.config import Precision
 from igengine.models import IGDiT, preset
+from igengine.models.layers import regions_available
 from tests.conftest import randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,8 +314,33 @@ def test_describe_is_json_and_records_the_compile(sit_fp32, cache_root):
     assert set(d["first_call_seconds"]) == {"2", "4"} and len(d["compile_seconds"]) == 2
     assert d["cache_dir"].startswith(str(cache_root))
     # CPU default: every fp32 linear of the graph runs through oneDNN. Per block qkv, proj, fc1, fc2 and
-    # the adaLN linear; two time-MLP linears; per head its adaLN and output linear.
-    assert d["cpu_linear"] == "onednn" and d["onednn_linears_per_graph"] == [5 * 2 + 2 + 2 * 2] * 2
+    # the adaLN linear; two time-MLP linears; per head its adaLN and output linear. The block is a
+    # nested compile region (igengine.models.layers.compile_region): traced once into one subgraph
+    # that both blocks call, so its 5 linear nodes are counted once.
+    blocks_traced = 1 if regions_available() else 2
+    assert d["block_regions"] is regions_available()
+    assert d["cpu_linear"] == "onednn" and d["onednn_linears_per_graph"] == [5 * blocks_traced + 2 + 2 * 2] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not regions_available(), reason="this torch has no torch.compiler.nested_compile_region")
+def test_block_regions_off_inlines_every_block_with_the_same_result(sit_fp32):
+    regional, _, _ = sit_fp32
+    model = random_model("sit")
+    inline = CompiledBackend(copy.deepcopy(model), row_counts=(2,), precision=Precision.FP32, regions=False)
+    inline.warmup()
+    x, t, y = inputs("sit", 2)
+    got = inline(x, t, y)
+    # Each of the 2 blocks traced inline: 5 linear nodes each, plus the 2 + 2 * 2 outside the blocks.
+    assert inline.describe()["block_regions"] is False and inline.describe()["onednn_linears_per_graph"] == [16]
+    want = TorchBackend(copy.deepcopy(model), precision=Precision.FP32)(x, t, y)
+    for g, r, w in zip(got, regional(x, t, y), want):
+        assert max_err(g, w) <= FP32_REL * w.abs().max().item()
+        assert max_err(r, w) <= FP32_REL * w.abs().max().item()
+    # Calls alternating between the two settings: neither backend recompiles (each traced its own graph).
+    inline(x, t, y)
+    regional(x, t, y)
+    assert inline.recompiles == 0 and regional.recompiles == 0
 
 
 @pytest.mark.gpu
