@@ -5,6 +5,9 @@
 #   bash benchmarks/device_check.sh            # from anywhere; runs from the repository root
 #
 # Needs: python with torch (CUDA build), pytest, cmake, nvcc (CUDACXX, PATH or /usr/local/cuda/bin).
+# The official-speed section also needs the official files (benchmarks/official_speed.py lists them,
+# ~60 kB) under ./official/Internal-Guidance (or OFFICIAL_REPO): copy them there, untracked and not
+# ignored, so that the device tool carries them with the tree; never commit them.
 # No network access and no pip installs. Every section is independent (a failing or hanging section
 # is recorded and the next one runs) and the whole script stops itself before 9 minutes (the bench and
 # official-speed sections take at most 7 of them).

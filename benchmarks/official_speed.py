@@ -48,9 +48,10 @@ cost per evaluation; throughput N / T_full; ratio = T_full(official) / T_full(ig
 (paired: interleaved measurements) and reported as median and min-max. The estimate covers the solver
 loop only: no VAE decoding, no image writing, no per-run setup.
 
-Roofline (``roofline``): after the timed repeats, with the workers gone, the parent measures the matmul
-peak of each implementation's dtype (``igengine.bench.peak.matmul_peak``; fp32 with TF32 for the official
-code on CUDA). With the analytic FLOPs of the full run at each implementation's rows per evaluation
+Roofline (``roofline``): before every repeat, while the workers wait, the parent measures the matmul
+peak of each implementation's dtype (``measure_peaks``: a square product and the network's largest
+linear, through the fastest kernel torch has, and on the CPU ONNX Runtime's MatMul too; fp32 with TF32
+for the official code on CUDA); the highest of all serves. With the analytic FLOPs of the full run at each implementation's rows per evaluation
 (``igengine.bench.flops``), it reports each implementation's MFU and the ceiling ratio: official full-run
 time / (igengine's full-run FLOPs / peak), the most any implementation doing igengine's FLOPs in that
 dtype could reach on this machine.
@@ -620,11 +621,13 @@ def bench_family(args, family: str, device: str, logs: Path) -> dict:
     official = next((w for w in alive if w.name == "official"), None)
     times: dict = {w.name: {k: {"K": [], "0": [], "cpu_K": [], "cpu_0": []} for k in windows} for w in alive}
     loads = []
+    peaks_per_repeat: list[dict] = []
     if official is None:
         report["error"] = "the official worker did not start: " + next(w.error for w in workers if w.name == "official")
     else:
         for r in range(args.repeats):
             loads.append([round(x, 2) for x in os.getloadavg()])
+            peaks_per_repeat.append(measure_peaks(impls, model, device, batch))
             for k, start in windows.items():
                 # Interleaved: every configuration on this window, in an order rotated each repeat.
                 order = alive[r % len(alive):] + alive[: r % len(alive)]
@@ -686,7 +689,7 @@ def bench_family(args, family: str, device: str, logs: Path) -> dict:
                                  "rel_l2": float((a - b).norm() / b.norm().clamp_min(1e-30))}
             row["vs_official_1_step"] = checks
         report["implementations"][w.name] = row
-    report["roofline"] = roofline(report, family, model, device, batch, n_in, n_out, evals_per_step)
+    report["roofline"] = roofline(report, family, model, device, batch, n_in, n_out, peaks_per_repeat)
     off_full = per_repeat_full.get("official")
     if off_full:
         for name, full in per_repeat_full.items():
@@ -718,49 +721,120 @@ def evaluation_rows(impl: str, family: str, batch: int) -> dict[str, int]:
     return {"in": 2 * batch, "out": outside}
 
 
+def network_gemm(model: str, batch: int) -> tuple[int, int, int]:
+    """(m, k, n) of the network's largest linear layer at a CFG evaluation (2N rows): the MLP's first."""
+    from igengine.models import preset
+
+    cfg = preset(model)
+    tokens = (cfg.input_size // cfg.patch_size) ** 2
+    hidden = int(cfg.hidden_size * cfg.mlp_ratio)
+    width = 2 * int(2 / 3 * hidden) if cfg.use_swiglu else hidden  # SwiGLU: both gates in one product
+    return 2 * batch * tokens, cfg.hidden_size, width
+
+
+def ort_matmul_flops(shape: tuple[int, int, int], repeats: int = 5) -> float | None:
+    """Best FLOP/s of ONNX Runtime's CPU MatMul (MLAS) on ``shape``, at torch's thread count; None
+    without onnxruntime/onnx. ONNX Runtime's own GEMM is a third fp32 kernel on the CPU, the one the
+    ``onnxruntime`` configuration runs, and can be faster than both of torch's."""
+    try:
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "peak",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [m, n])],
+        [numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "b")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = min(proto.ir_version, 9)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    session.run(None, {"a": a})
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, {"a": a})
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best
+
+
+def measure_peaks(impls: list[str], model: str, device: str, batch: int) -> dict:
+    """Matmul peaks of the dtypes the implementations run, measured now (the parent, workers idle).
+
+    Per dtype key ("float32", "float32+tf32", "bfloat16", ...): the best FLOP/s over the square
+    ``matmul_peak`` and the network's own largest linear (``network_gemm``), each through the fastest
+    of torch's kernels, and on the CPU for fp32 also ONNX Runtime's MatMul: the fastest GEMM this
+    machine gave, which a roofline must not undercut."""
+    from igengine.bench.peak import matmul_peak
+
+    kind = torch.device(device).type
+    shape = network_gemm(model, batch)
+    out: dict = {}
+    for key in sorted({peak_dtype(name, kind) for name in impls}):
+        dtype, tf32 = getattr(torch, key[0]), key[1]
+        label = f"{key[0]}{'+tf32' if tf32 else ''}"
+        square = matmul_peak(dtype, device, allow_tf32=tf32)
+        net = matmul_peak(dtype, device, allow_tf32=tf32, shape=shape)
+        kernels = {f"square {square['size']} {square['kernel']}": square["max_flops"],
+                   f"{'x'.join(map(str, shape))} {net['kernel']}": net["max_flops"]}
+        if kind == "cpu" and dtype == torch.float32:
+            ort_flops = ort_matmul_flops(shape)
+            if ort_flops is not None:
+                kernels[f"{'x'.join(map(str, shape))} onnxruntime MatMul"] = ort_flops
+        best = max(kernels, key=kernels.get)
+        out[label] = {"flop_per_s": kernels[best], "kernel": best, "kernels": {k: round(v) for k, v in kernels.items()}}
+    return out
+
+
 def roofline(report: dict, family: str, model: str, device: str, batch: int, n_in: int, n_out: int,
-             evals_per_step: int) -> dict:
+             peaks_per_repeat: list[dict]) -> dict:
     """The matmul roofline of the full run, per implementation, from peaks measured in this run.
 
     FLOPs: ``igengine.bench.flops.forward_flops`` (2 x multiply-adds of every matmul of the network) over
-    the full plan's evaluations at each implementation's rows. Peak: ``matmul_peak`` of the
-    implementation's matmul dtype (the best repeat; on the CPU the faster of MKL and oneDNN), measured
-    here after the timed repeats, with the workers gone. Per implementation: its achieved matmul FLOP/s
-    and MFU over its measured full-run time, and the roofline time (FLOPs / peak: everything but the
-    matmuls free, the matmuls at the peak rate). ``ceiling_ratio_vs_official`` = the official full-run
-    time / that roofline time: no implementation of the same FLOPs at that dtype can beat this ratio on
-    this machine, so a target above it is out of reach by arithmetic, not by engineering.
+    the full plan's evaluations at each implementation's rows. Peak: ``measure_peaks`` before every
+    repeat; the roofline uses, per dtype, the highest of all (the fastest GEMM the machine gave in this
+    run). Per implementation: its achieved matmul FLOP/s and MFU over its median full-run time, and the
+    roofline time (FLOPs / peak: everything but the matmuls free, the matmuls at the peak rate).
+    ``ceiling_ratio_vs_official`` = the official median full-run time / igengine's roofline time: no
+    implementation of igengine's FLOPs in that dtype could beat this ratio on this machine, so a target
+    above it is out of reach by arithmetic, not by engineering.
     """
     from igengine.bench.flops import forward_flops
-    from igengine.bench.peak import matmul_peak
     from igengine.models import preset
 
     cfg = preset(model)
     kind = torch.device(device).type
     impls = report["implementations"]
     peaks: dict = {}
-    for name in impls:
-        key = peak_dtype(name, kind)
-        if key not in peaks:
-            peaks[key] = matmul_peak(getattr(torch, key[0]), device, allow_tf32=key[1])
+    for measured in peaks_per_repeat:
+        for label, entry in measured.items():
+            if label not in peaks or entry["flop_per_s"] > peaks[label]["flop_per_s"]:
+                peaks[label] = entry
     out: dict = {"flops": "igengine.bench.flops.forward_flops (2 x multiply-adds; matmuls and attention products)",
-                 "peaks": {f"{d}{'+tf32' if t else ''}": {k: v for k, v in p.items() if k != "device_name"}
-                           for (d, t), p in peaks.items()},
-                 "implementations": {}}
+                 "peak": "per dtype, the highest of measure_peaks over the repeats",
+                 "peaks": peaks, "peaks_per_repeat": peaks_per_repeat, "implementations": {}}
     official_s = impls.get("official", {}).get("full_run_s", {}).get("median")
     for name, row in impls.items():
         rows = evaluation_rows(name, family, batch)
-        flop = (n_in * forward_flops(cfg, rows["in"]) + n_out * forward_flops(cfg, rows["out"]))
+        flop = n_in * forward_flops(cfg, rows["in"]) + n_out * forward_flops(cfg, rows["out"])
         key = peak_dtype(name, kind)
-        peak = peaks[key]["max_flops"]
-        entry = {"rows_per_evaluation": rows, "full_run_flop": flop,
-                 "peak": f"{key[0]}{'+tf32' if key[1] else ''}", "roofline_full_run_s": round(flop / peak, 3)}
-        full_s = row.get("full_run_s", {}).get("median")
-        if full_s:
-            entry["achieved_flop_per_s"] = round(flop / full_s)
-            entry["mfu"] = round(flop / full_s / peak, 4)
-        if name != "official" and official_s:
-            entry["ceiling_ratio_vs_official"] = round(official_s / (flop / peak), 3)
+        label = f"{key[0]}{'+tf32' if key[1] else ''}"
+        entry = {"rows_per_evaluation": rows, "full_run_flop": flop, "peak": label}
+        if label in peaks:
+            peak = peaks[label]["flop_per_s"]
+            entry["roofline_full_run_s"] = round(flop / peak, 3)
+            full_s = row.get("full_run_s", {}).get("median")
+            if full_s:
+                entry["achieved_flop_per_s"] = round(flop / full_s)
+                entry["mfu"] = round(flop / full_s / peak, 4)
+            if name != "official" and official_s:
+                entry["ceiling_ratio_vs_official"] = round(official_s / (flop / peak), 3)
         out["implementations"][name] = entry
     return out
 

@@ -35,6 +35,12 @@ def test_cpu_fp32_peak_is_the_faster_of_mm_and_onednn():
     assert matmul_peak(torch.bfloat16, "cpu", size=32, repeats=1)["kernel"] == "torch.mm"
 
 
+def test_cpu_peak_of_a_rectangular_product_counts_two_m_k_n():
+    r = matmul_peak(torch.float32, "cpu", shape=(96, 64, 160), repeats=2)
+    assert r["shape"] == [96, 64, 160] and r["size"] is None and r["flop"] == 2 * 96 * 64 * 160
+    assert r["median_flops"] == pytest.approx(r["flop"] / r["median_s"])
+
+
 def test_cpu_peak_restores_the_tf32_flag():
     before = torch.backends.cuda.matmul.allow_tf32
     matmul_peak(torch.float32, "cpu", size=64, repeats=1, allow_tf32=True)
@@ -48,6 +54,9 @@ def test_cpu_peak_restores_the_tf32_flag():
     (dict(dtype=torch.bfloat16, allow_tf32=True), "allow_tf32"),
     (dict(device="mps"), "device"),
     (dict(kernels="mkl"), "kernels"),
+    (dict(size=None, shape=(8, 8)), "shape"),
+    (dict(size=None, shape=(8, 0, 8)), "shape"),
+    (dict(shape=(8, 8, 8)), "size or shape"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, match):
     args = dict(dtype=torch.float32, device="cpu", size=8, repeats=1) | kwargs

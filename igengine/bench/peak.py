@@ -1,7 +1,8 @@
 """Measured matmul peak: the achieved FLOP/s of one square matmul, the denominator of an MFU figure.
 
 ``matmul_peak`` times ``C = A @ B^T`` for square n x n operands (2 n^3 FLOPs per product, the same
-2 x multiply-add convention as ``igengine.bench.flops``). ``B^T`` is the layout of ``nn.Linear`` (its
+2 x multiply-add convention as ``igengine.bench.flops``), or for A (m, k) and B (n, k) with ``shape``
+(2 m k n FLOPs): e.g. a network's own largest linear layer. ``B^T`` is the layout of ``nn.Linear`` (its
 weight is stored out x in), so the peak is measured on the path the network's matmuls take: on a CPU
 without bf16 matmul units, torch's bf16 ``A @ B`` takes a slow generic path (about 1 GFLOP/s here)
 while ``A @ B^T`` goes to oneDNN (about 12 GFLOP/s), and a peak below what the network achieves would
@@ -61,13 +62,15 @@ def matmul_peak(
     allow_tf32: bool = False,
     warmup: int | None = None,
     kernels: str = "fastest",
+    shape: tuple[int, int, int] | None = None,
 ) -> dict:
     """Achieved FLOP/s of an n x n @ n x n matmul in ``dtype`` on ``device`` (see the module docstring).
 
     dtype: torch.bfloat16, torch.float16 or torch.float32. device: "cpu", "cuda", "cuda:1", ...
     size: n (default 8192 on CUDA; on CPU 1024 for fp32, 256 for bf16/fp16). repeats: timed products (default 50 CUDA, 5 CPU).
     allow_tf32: fp32 only, let cuBLAS use TF32 tensor cores. kernels: "fastest" (CPU fp32: the faster
-    of torch.mm and oneDNN's linear) or "mm" (torch.mm only).
+    of torch.mm and oneDNN's linear) or "mm" (torch.mm only). shape: (m, k, n) instead of the
+    square ``size`` (not both).
     Returns a JSON-able dict: dtype, device, device_name, size, flop (= 2 n^3 per product), repeats,
     warmup, tf32, timer, median_s, min_s, median_flops, max_flops (FLOP/s), threads (CPU), torch.
     """
@@ -82,7 +85,12 @@ def matmul_peak(
         raise ValueError(f"kernels must be 'fastest' or 'mm', got {kernels!r}")
     if allow_tf32 and dtype != torch.float32:
         raise ValueError(f"allow_tf32 only applies to dtype torch.float32, got {dtype}")
-    n = size
+    if shape is not None:
+        if size is not None:
+            raise ValueError("give size or shape, not both")
+        if len(shape) != 3 or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in shape):
+            raise ValueError(f"shape must be three ints >= 1 (m, k, n), got {shape!r}")
+    n = size if shape is None else shape[0]
     if n is None:
         low = device.type == "cpu" and dtype != torch.float32
         n = DEFAULT_SIZE_CPU_LOW_PRECISION if low else DEFAULT_SIZE[device.type]
@@ -94,10 +102,11 @@ def matmul_peak(
 
     g = torch.Generator(device="cpu").manual_seed(0)
     # Unit-variance entries: sums of n products stay ~sqrt(n), far from fp16's range limit.
-    a = torch.randn(n, n, generator=g).to(device, dtype)
-    b = torch.randn(n, n, generator=g).to(device, dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    flop = 2 * n**3
+    m, k, n_out = shape if shape is not None else (n, n, n)
+    a = torch.randn(m, k, generator=g).to(device, dtype)
+    b = torch.randn(n_out, k, generator=g).to(device, dtype)
+    c = torch.empty(m, n_out, device=device, dtype=dtype)
+    flop = 2 * m * k * n_out
 
     with matmul_tf32(allow_tf32 and device.type == "cuda"):
         if device.type == "cuda":
@@ -122,7 +131,8 @@ def matmul_peak(
         "dtype": str(dtype).replace("torch.", ""),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "size": n,
+        "size": n if shape is None else None,
+        "shape": [m, k, n_out],
         "flop": flop,
         "repeats": repeats,
         "warmup": warmup,
