@@ -129,20 +129,26 @@ print('kernel path:', d['path'])"
   run_section pytest-gpu 130 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$PREFIX.pytest.xml" tests
 
   # igengine bench on XL-sized random-weight models at the paper settings: K-step windows per class of
-  # step, reference vs eager bf16 vs compiled bf16 (plus compiled bf16 alone at batch 256).
+  # step, reference vs eager bf16 vs compiled bf16 (--configs: not the reference/compiled row a
+  # --precision x --backend cross product adds; the compiled backend compiles one graph per row count,
+  # 6 for batches 1,16,64), then compiled bf16 alone at batch 256. SiT first, then the official
+  # speed, then LightningDiT: the most wanted numbers come before the script's time runs out.
   # --plot only where matplotlib is installed (the lent GPU image may lack it; bench refuses --plot then)
   local PLOT=()
   $PY -c "import matplotlib" > /dev/null 2>&1 && PLOT=(--plot "$WORK/bench_sit.png")
-  run_section bench-sit 150 $PY -m igengine bench --model SiT-XL/2 --device cuda --precision reference,bf16 \
-    --backend torch,compiled --batch-size 1,16,64 --steps 2 --repeats 2 --json "$WORK/bench_sit.json" ${PLOT[@]+"${PLOT[@]}"}
-  run_section bench-ldit 130 $PY -m igengine bench --model LightningDiT-XL/1 --device cuda --precision reference,bf16 \
-    --backend torch,compiled --batch-size 1,16,64 --steps 2 --repeats 2 --json "$WORK/bench_ldit.json"
-  run_section bench-256 60 $PY -m igengine bench --model SiT-XL/2 --device cuda --precision bf16 --backend compiled \
-    --batch-size 256 --steps 2 --repeats 2 --no-anchor --json "$WORK/bench_sit_256.json"
+  run_section bench-sit 170 $PY -m igengine bench --model SiT-XL/2 --device cuda \
+    --configs reference/torch,bf16/torch,bf16/compiled --batch-size 1,16,64 --steps 2 --repeats 2 \
+    --json "$WORK/bench_sit.json" ${PLOT[@]+"${PLOT[@]}"}
 
   # Against the official scripts (needs their files beside the tree: OFFICIAL_REPO, default ./official/Internal-Guidance).
   run_section official-speed 100 bash -c "test -d \"\${OFFICIAL_REPO:-official/Internal-Guidance}\" || { echo 'no official repo here'; exit 3; }; \
     \$PY benchmarks/official_speed.py --official-repo \"\${OFFICIAL_REPO:-official/Internal-Guidance}\" --quick --json '$WORK/official_speed.json'"
+
+  run_section bench-ldit 130 $PY -m igengine bench --model LightningDiT-XL/1 --device cuda \
+    --configs reference/torch,bf16/torch,bf16/compiled --batch-size 1,16,64 --steps 2 --repeats 2 \
+    --json "$WORK/bench_ldit.json"
+  run_section bench-256 60 $PY -m igengine bench --model SiT-XL/2 --device cuda --configs bf16/compiled \
+    --batch-size 256 --steps 2 --repeats 2 --no-anchor --json "$WORK/bench_sit_256.json"
 
   # The fused step alone against the reference glue (last: earlier device checks recorded it already).
   run_section benchmark 110 $PY benchmarks/kernel_bench.py --device cuda --budget 0.5 --out "$WORK/bench.json"

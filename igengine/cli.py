@@ -345,6 +345,7 @@ Examples:
   igengine bench --model SiT-B/2 --precision reference,fp32 --batch-size 1,4 --steps 2 --repeats 2
   igengine bench --ckpt igengine/assets/sit_digits.safetensors --batch-size 16,64 --json bench.json
   igengine bench --model SiT-XL/2 --device cuda --precision reference,bf16 --backend torch,compiled --batch-size 1,16,64,256 --json sit.json --plot sit.png
+  igengine bench --model LightningDiT-XL/1 --device cuda --configs reference/torch,bf16/torch,bf16/compiled --batch-size 1,64
 Rows run interleaved after warm-up; throughput is that of the full run (paper settings unless changed).
 """
 
@@ -356,6 +357,17 @@ def _choices(text: str, enum_cls: type[enum.Enum], flag: str) -> tuple:
     if bad or not values:
         raise typer.BadParameter(f"{bad[0] if bad else text!r} is not one of {', '.join(known)}", param_hint=flag)
     return tuple(known[v] for v in values)
+
+
+def _pairs(text: str) -> tuple[tuple[Precision, BackendName], ...]:
+    """``--configs``: "PRECISION/BACKEND,..." -> ((Precision, BackendName), ...)."""
+    out = []
+    for item in [v.strip() for v in text.split(",") if v.strip()] or [text]:
+        precision, sep, backend = item.partition("/")
+        if not sep:
+            raise typer.BadParameter(f"{item!r} is not PRECISION/BACKEND, e.g. bf16/compiled", param_hint="--configs")
+        out.append((_choices(precision, Precision, "--configs")[0], _choices(backend, BackendName, "--configs")[0]))
+    return tuple(out)
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -372,8 +384,9 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 def bench(
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint to time (its own sampler defaults apply)."),
     model: Optional[str] = typer.Option(None, "--model", help="A model preset with random weights, e.g. SiT-XL/2."),
-    precision: str = typer.Option("reference,fp32,bf16", "--precision", help="Comma-separated precisions."),
-    backend: str = typer.Option("torch", "--backend", help="Comma-separated backends."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Comma-separated precisions [default: reference,fp32,bf16]."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Comma-separated backends [default: torch]."),
+    configs: Optional[str] = typer.Option(None, "--configs", help="Comma-separated PRECISION/BACKEND pairs, instead of every --precision with every --backend."),
     batch_size: str = typer.Option("1,16", "--batch-size", help="Comma-separated batch sizes."),
     steps: int = typer.Option(4, "--steps", help="K: steps per timed window (per class of step)."),
     repeats: int = typer.Option(3, "--repeats", help="Timed repeats per row (interleaved)."),
@@ -388,9 +401,12 @@ def bench(
     from igengine.bench.job import BenchError, BenchJob, run_bench
     from igengine.bench.report import summary_line, table, write_json, write_plot
 
-    job = BenchJob(ckpt=ckpt, model=model, precisions=_choices(precision, Precision, "--precision"),
-                   backends=_choices(backend, BackendName, "--backend"), batch_sizes=_ints(batch_size, "--batch-size"),
-                   steps=steps, repeats=repeats, warmup=warmup, device=device, anchor=not no_anchor, seed=seed)
+    if configs is not None and (precision is not None or backend is not None):
+        raise typer.BadParameter("give --configs, or --precision and --backend, not both", param_hint="--configs")
+    job = BenchJob(ckpt=ckpt, model=model, precisions=_choices(precision or "reference,fp32,bf16", Precision, "--precision"),
+                   backends=_choices(backend or "torch", BackendName, "--backend"), batch_sizes=_ints(batch_size, "--batch-size"),
+                   steps=steps, repeats=repeats, warmup=warmup, device=device, anchor=not no_anchor, seed=seed,
+                   pairs=None if configs is None else _pairs(configs))
     if plot is not None:
         import importlib.util
 

@@ -80,6 +80,9 @@ def test_bench_report_has_the_documented_rows_and_the_anchor_agrees_with_itself(
     (["--model", "Nope/2"], "unknown model 'Nope/2'"),
     ([], "give exactly one of --ckpt"),
     (["--model", "SiT-S/2", "--steps", "0"], "--steps must be >= 1"),
+    (["--model", "SiT-S/2", "--configs", "bf16"], "'bf16' is not PRECISION/BACKEND"),
+    (["--model", "SiT-S/2", "--configs", "bf16/jax"], "'jax' is not one of"),
+    (["--model", "SiT-S/2", "--configs", "bf16/torch", "--precision", "fp32"], "not both"),
 ])
 def test_bad_bench_input_is_one_line_and_exit_2(args, expect, capsys):
     code = main(["bench", *args, "--device", "cpu"])
@@ -87,3 +90,22 @@ def test_bad_bench_input_is_one_line_and_exit_2(args, expect, capsys):
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("igengine: error:"), err
     assert expect in lines[0], lines[0]
+
+
+def test_configs_pairs_replace_the_cross_product_and_keep_the_anchor():
+    from igengine.bench.job import BenchJob, _configs
+    from igengine.config import BackendName, Precision
+
+    pairs = ((Precision.BF16, BackendName.TORCH), (Precision.BF16, BackendName.COMPILED))
+    job = BenchJob(model="SiT-S/2", batch_sizes=(1, 4), pairs=pairs)
+    got = [(c.precision, c.backend, c.batch_size, c.anchor) for c in _configs(job)]
+    assert got == [(Precision.REFERENCE, BackendName.TORCH, n, True) for n in (1,)] + [
+        (Precision.BF16, BackendName.TORCH, 1, False), (Precision.BF16, BackendName.COMPILED, 1, False),
+        (Precision.REFERENCE, BackendName.TORCH, 4, True),
+        (Precision.BF16, BackendName.TORCH, 4, False), (Precision.BF16, BackendName.COMPILED, 4, False)]
+    # Without pairs: every precision with every backend (here 2 x 2, reference/torch among them).
+    cross = BenchJob(model="SiT-S/2", batch_sizes=(2,), precisions=(Precision.REFERENCE, Precision.BF16),
+                     backends=(BackendName.TORCH, BackendName.COMPILED))
+    assert [(c.precision, c.backend) for c in _configs(cross)] == [
+        (Precision.REFERENCE, BackendName.TORCH), (Precision.REFERENCE, BackendName.COMPILED),
+        (Precision.BF16, BackendName.TORCH), (Precision.BF16, BackendName.COMPILED)]

@@ -69,6 +69,14 @@ class BenchJob:
     settings: SamplerSettings = field(default_factory=SamplerSettings)
     encoder_depth: int | None = None
     num_heads: int | None = None
+    # Explicit (precision, backend) pairs instead of the precisions x backends cross product.
+    pairs: tuple[tuple[Precision, BackendName], ...] | None = None
+
+    def configurations(self) -> list[tuple[Precision, BackendName]]:
+        """The (precision, backend) pairs to time: ``pairs``, else every precision with every backend."""
+        if self.pairs is not None:
+            return list(dict.fromkeys(self.pairs))
+        return [(p, b) for p in self.precisions for b in self.backends]
 
     def validate(self) -> None:
         if (self.ckpt is None) == (self.model is None):
@@ -81,7 +89,7 @@ class BenchJob:
         bad = [b for b in self.batch_sizes if b < 1]
         if bad or not self.batch_sizes:
             raise JobError(f"`batch_size` values must be >= 1, got {list(self.batch_sizes)}")
-        if not self.precisions or not self.backends:
+        if not self.configurations():
             raise JobError("give at least one `precision` and one `backend`")
 
 
@@ -213,16 +221,15 @@ class Config:
 def _configs(job: BenchJob) -> list[Config]:
     out = []
     seen = set()
+    pairs = job.configurations()
     for n in job.batch_sizes:
-        if job.anchor and (Precision.REFERENCE, BackendName.TORCH) not in {(p, b) for p in job.precisions
-                                                                          for b in job.backends}:
+        if job.anchor and (Precision.REFERENCE, BackendName.TORCH) not in pairs:
             out.append(Config(Precision.REFERENCE, BackendName.TORCH, n, anchor=True))
-        for p in job.precisions:
-            for b in job.backends:
-                key = (p, b, n)
-                if key not in seen:
-                    seen.add(key)
-                    out.append(Config(p, b, n, anchor=(p == Precision.REFERENCE and b == BackendName.TORCH)))
+        for p, b in pairs:
+            key = (p, b, n)
+            if key not in seen:
+                seen.add(key)
+                out.append(Config(p, b, n, anchor=(p == Precision.REFERENCE and b == BackendName.TORCH)))
     return out
 
 
