@@ -313,33 +313,32 @@ def test_describe_is_json_and_records_the_compile(sit_fp32, cache_root):
     assert d["torch"] == torch.__version__ and d["compile_mode"] == "default"
     assert set(d["first_call_seconds"]) == {"2", "4"} and len(d["compile_seconds"]) == 2
     assert d["cache_dir"].startswith(str(cache_root))
-    # CPU default: every fp32 linear of the graph runs through oneDNN. Per block qkv, proj, fc1, fc2 and
-    # the adaLN linear; two time-MLP linears; per head its adaLN and output linear. The block is a
-    # nested compile region (igengine.models.layers.compile_region): traced once into one subgraph
-    # that both blocks call, so its 5 linear nodes are counted once.
-    blocks_traced = 1 if regions_available() else 2
-    assert d["block_regions"] is regions_available()
-    assert d["cpu_linear"] == "onednn" and d["onednn_linears_per_graph"] == [5 * blocks_traced + 2 + 2 * 2] * 2
+    # CPU default: every fp32 linear of the graph runs through oneDNN, and the blocks are inlined (no
+    # regions): per block qkv, proj, fc1, fc2 and the adaLN linear; two time-MLP linears; per head its
+    # adaLN and output linear.
+    assert d["block_regions"] is False
+    assert d["cpu_linear"] == "onednn" and d["onednn_linears_per_graph"] == [5 * 2 + 2 + 2 * 2] * 2
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not regions_available(), reason="this torch has no torch.compiler.nested_compile_region")
-def test_block_regions_off_inlines_every_block_with_the_same_result(sit_fp32):
-    regional, _, _ = sit_fp32
+def test_block_regions_trace_the_block_once_with_the_same_result(sit_fp32):
+    inline, _, _ = sit_fp32
     model = random_model("sit")
-    inline = CompiledBackend(copy.deepcopy(model), row_counts=(2,), precision=Precision.FP32, regions=False)
-    inline.warmup()
+    regional = CompiledBackend(copy.deepcopy(model), row_counts=(2,), precision=Precision.FP32, regions=True)
+    regional.warmup()
     x, t, y = inputs("sit", 2)
-    got = inline(x, t, y)
-    # Each of the 2 blocks traced inline: 5 linear nodes each, plus the 2 + 2 * 2 outside the blocks.
-    assert inline.describe()["block_regions"] is False and inline.describe()["onednn_linears_per_graph"] == [16]
+    got = regional(x, t, y)
+    # The block is a nested compile region (igengine.models.layers.compile_region): traced once into
+    # one subgraph that both blocks call, so its 5 linear nodes are routed once, plus the 2 + 2 * 2.
+    assert regional.describe()["block_regions"] is True and regional.describe()["onednn_linears_per_graph"] == [11]
     want = TorchBackend(copy.deepcopy(model), precision=Precision.FP32)(x, t, y)
-    for g, r, w in zip(got, regional(x, t, y), want):
+    for g, r, w in zip(got, inline(x, t, y), want):
         assert max_err(g, w) <= FP32_REL * w.abs().max().item()
         assert max_err(r, w) <= FP32_REL * w.abs().max().item()
     # Calls alternating between the two settings: neither backend recompiles (each traced its own graph).
-    inline(x, t, y)
     regional(x, t, y)
+    inline(x, t, y)
     assert inline.recompiles == 0 and regional.recompiles == 0
 
 

@@ -39,14 +39,19 @@ oneDNN's fp32 GEMM ran the DiT's shapes 1.0-1.4x faster than MKL's. SiT-B/2 widt
 2 threads: 79 ms vs 100 ms at batch 1, 0.58 s vs 0.64 s at batch 8 (benchmarks/compiled_speed_bench.py).
 ``cpu_linear="aten"`` keeps Inductor's own path.
 
-Block regions (``regions=True``, the default where torch has them): the transformer block is a
-nested compile region (``igengine.models.layers.compile_region``): Dynamo traces it once and Inductor
-compiles it once per input shape, and every block of the network calls that code. The cold compile
-no longer grows with depth (2 CPU threads: SiT-XL/2's 28 blocks compile in the time of the B models'
-12, and the B models' compile about halves); run time unchanged within noise. The FX graph cache holds
-the region with the graph (warm starts tested). ``regions=False`` inlines every block (the graph
-then spans block boundaries, which lets Inductor fuse a block's last residual add into the next
-block's norm: measured no faster on the CPU).
+Block regions (``regions``): the transformer block as a nested compile region
+(``igengine.models.layers.compile_region``): Dynamo traces it once and Inductor compiles it once per
+input shape, and every block of the network calls that code. The trade, measured on 2 CPU threads
+(benchmarks/results/compile_start_cpu_20261202-072101.json, fp32, graphs of 2 and 4 rows):
+  * cold compile: SiT-XL/2 28.7 s with regions vs 88.1 s inline; LightningDiT-B/1 33.3 s vs 68.2 s
+    (the region's cost does not grow with depth); warm starts (FX graph cache hits) are the same;
+  * steady state: regions 1-5% slower (interleaved: SiT-XL/2 at 2 rows 0.95x; B models 0.98-0.99x).
+    Inline, the graph spans block boundaries and Inductor fuses across them, and the region's call
+    boundary costs its own buffers.
+Default (``regions=None``): on the CPU inline, since a bulk run's hours outweigh a compile that is
+paid once per machine and torch version (the artifacts are cached); on CUDA regions, where a
+whole-network compile of an XL model takes minutes per row count, and where the steady-state cost
+is one extra elementwise pass per block in a step dominated by bf16 GEMMs (not yet measured on a GPU).
 
 Freezing (``freezing=True``, off by default): Inductor then treats the weights as constants, folds
 them and, on CPU, pre-packs every linear for MKL. Measured on our 2-core CPU (SiT-B/2 width,
@@ -364,8 +369,8 @@ class CompiledBackend:
         (default ``inductor_cache_dir(device)``, under $IGENGINE_CACHE); use_cache: False disables
         Inductor's FX graph and AOTAutograd caches (for cold-start measurements). regions: trace
         the transformer block as a nested compile region, compiled once and reused by every block
-        (default True where torch has ``torch.compiler.nested_compile_region``; see
-        ``igengine.models.layers.compile_region``); False compiles every block inline.
+        (True; only where torch has ``torch.compiler.nested_compile_region``), or every block inline
+        (False); None (default): regions on CUDA, inline on the CPU (see the module docstring).
     """
 
     name = "compiled"
@@ -383,7 +388,7 @@ class CompiledBackend:
         cache_dir: str | Path | None = None,
         use_cache: bool = True,
         cpu_linear: str | None = None,
-        regions: bool = True,
+        regions: bool | None = None,
     ):
         self.precision = Precision(precision)
         self.device = torch.device(device)
@@ -415,6 +420,8 @@ class CompiledBackend:
         self.allow_tf32 = bool(allow_tf32)
         self.freezing = bool(freezing)
         self.use_cache = bool(use_cache)
+        if regions is None:
+            regions = self.device.type == "cuda"
         self.regions = bool(regions) and regions_available()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else inductor_cache_dir(self.device)
         self.model = apply_precision(model.eval().requires_grad_(False), self.precision).to(self.device)

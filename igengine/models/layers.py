@@ -43,13 +43,12 @@ def compile_region(fn):
 
     ``torch.compile`` then traces and compiles the region once and stamps the compiled code out at
     every call with the same input conditions (shapes, dtypes, strides): the transformer block,
-    repeated 12 to 28 times per network, is compiled once instead of once per block. Measured on
-    2 CPU threads (benchmarks/compile_start_bench.py, separate processes): Inductor's cold compile of
-    the 12-block B models about halves (32-38 s -> 16-17 s), and SiT-XL/2's 28 blocks take as long as
-    the B models' 12; the run time is unchanged within noise (0.98-0.99x, interleaved). Eager calls are
-    unchanged (the marker is a no-op there), and so are exports: under ``torch.export`` (the ONNX
-    exporter) the plain function runs, so an exported graph stays flat, its nodes named by module as
-    before. ``COMPILE_REGIONS = False`` (the compiled backend's ``regions=False``) traces it inline.
+    repeated 12 to 28 times per network, is compiled once instead of once per block: a third of
+    SiT-XL/2's cold compile on 2 CPU threads, for a 1-5% slower steady state (the trade and the
+    default per device: ``igengine.backends.compiled``). Eager calls are unchanged (the marker is a
+    no-op there), and so are exports: under ``torch.export`` (the ONNX exporter) the plain function
+    runs, so an exported graph stays flat, its nodes named by module as before.
+    ``COMPILE_REGIONS = False`` (the compiled backend's ``regions=False``) traces it inline.
     """
     if not regions_available():
         return fn
