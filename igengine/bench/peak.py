@@ -1,4 +1,4 @@
-"""Measured matmul peak: the achieved FLOP/s of one square matmul, the denominator of an MFU figure.
+"""Measured matmul peak: the achieved FLOP/s of one matmul (square, or of a given shape), the denominator of an MFU figure.
 
 ``matmul_peak`` times ``C = A @ B^T`` for square n x n operands (2 n^3 FLOPs per product, the same
 2 x multiply-add convention as ``igengine.bench.flops``), or for A (m, k) and B (n, k) with ``shape``
@@ -64,15 +64,16 @@ def matmul_peak(
     kernels: str = "fastest",
     shape: tuple[int, int, int] | None = None,
 ) -> dict:
-    """Achieved FLOP/s of an n x n @ n x n matmul in ``dtype`` on ``device`` (see the module docstring).
+    """Achieved FLOP/s of an n x n @ n x n (or ``shape``) matmul in ``dtype`` on ``device`` (see the module docstring).
 
     dtype: torch.bfloat16, torch.float16 or torch.float32. device: "cpu", "cuda", "cuda:1", ...
     size: n (default 8192 on CUDA; on CPU 1024 for fp32, 256 for bf16/fp16). repeats: timed products (default 50 CUDA, 5 CPU).
     allow_tf32: fp32 only, let cuBLAS use TF32 tensor cores. kernels: "fastest" (CPU fp32: the faster
     of torch.mm and oneDNN's linear) or "mm" (torch.mm only). shape: (m, k, n) instead of the
     square ``size`` (not both).
-    Returns a JSON-able dict: dtype, device, device_name, size, flop (= 2 n^3 per product), repeats,
-    warmup, tf32, timer, median_s, min_s, median_flops, max_flops (FLOP/s), threads (CPU), torch.
+    Returns a JSON-able dict: dtype, device, device_name, size (None with ``shape``), shape [m, k, n],
+    flop (= 2 m k n per product), repeats, warmup, tf32, timer, kernel, kernels_timed, median_s, min_s,
+    median_flops, max_flops (FLOP/s), threads (CPU), torch.
     """
     device = torch.device(device)
     if dtype not in DTYPES:
