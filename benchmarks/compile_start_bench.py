@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def child(name: str, device: str, precision: str, rows: list[int], depth: int | None, mode: str | None,
-          regions: bool = True) -> dict:
+          regions: bool | None = None) -> dict:
     t_import = time.perf_counter()
     import torch
 
@@ -98,15 +98,16 @@ def main() -> None:
     ap.add_argument("--mode", default=None, help="torch.compile mode (see igengine.backends.compiled.MODES)")
     ap.add_argument("--cache", type=Path, default=None,
                     help="cache folder, kept (default: a new temporary one, deleted at the end)")
-    ap.add_argument("--regions", choices=["on", "off", "both"], default="on",
-                    help="block regions of the compiled backend (igengine.models.layers.compile_region); "
-                         "both: each model with and without, each in its own cache")
+    ap.add_argument("--regions", choices=["default", "on", "off", "both"], default="default",
+                    help="block regions of the compiled backend (igengine.models.layers.compile_region): "
+                         "default: the backend's choice for the device; both: each model with and without, "
+                         "each in its own cache")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: one model in this process
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.device, args.precision, args.rows, args.depth, args.mode,
-                               args.regions != "off")))
+        regions = {"default": None, "on": True, "off": False}[args.regions]
+        print(json.dumps(child(args.child, args.device, args.precision, args.rows, args.depth, args.mode, regions)))
         return
 
     from benchmarks.provenance import provenance

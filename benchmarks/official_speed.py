@@ -723,13 +723,11 @@ def evaluation_rows(impl: str, family: str, batch: int) -> dict[str, int]:
 
 def network_gemm(model: str, batch: int) -> tuple[int, int, int]:
     """(m, k, n) of the network's largest linear layer at a CFG evaluation (2N rows): the MLP's first."""
+    from igengine.bench.flops import mlp_input_width, tokens_per_row
     from igengine.models import preset
 
     cfg = preset(model)
-    tokens = (cfg.input_size // cfg.patch_size) ** 2
-    hidden = int(cfg.hidden_size * cfg.mlp_ratio)
-    width = 2 * int(2 / 3 * hidden) if cfg.use_swiglu else hidden  # SwiGLU: both gates in one product
-    return 2 * batch * tokens, cfg.hidden_size, width
+    return 2 * batch * tokens_per_row(cfg), cfg.hidden_size, mlp_input_width(cfg)
 
 
 def ort_matmul_flops(shape: tuple[int, int, int], repeats: int = 5) -> float | None:
@@ -764,6 +762,11 @@ def ort_matmul_flops(shape: tuple[int, int, int], repeats: int = 5) -> float | N
     return 2 * m * k * n / best
 
 
+def peak_label(key: tuple[str, bool]) -> str:
+    """A ``peak_dtype`` key as the peaks' JSON key: "float32", "float32+tf32", "bfloat16", ..."""
+    return f"{key[0]}{'+tf32' if key[1] else ''}"
+
+
 def measure_peaks(impls: list[str], model: str, device: str, batch: int) -> dict:
     """Matmul peaks of the dtypes the implementations run, measured now (the parent, workers idle).
 
@@ -778,7 +781,7 @@ def measure_peaks(impls: list[str], model: str, device: str, batch: int) -> dict
     out: dict = {}
     for key in sorted({peak_dtype(name, kind) for name in impls}):
         dtype, tf32 = getattr(torch, key[0]), key[1]
-        label = f"{key[0]}{'+tf32' if tf32 else ''}"
+        label = peak_label(key)
         square = matmul_peak(dtype, device, allow_tf32=tf32)
         net = matmul_peak(dtype, device, allow_tf32=tf32, shape=shape)
         kernels = {f"square {square['size']} {square['kernel']}": square["max_flops"],
@@ -823,8 +826,7 @@ def roofline(report: dict, family: str, model: str, device: str, batch: int, n_i
     for name, row in impls.items():
         rows = evaluation_rows(name, family, batch)
         flop = n_in * forward_flops(cfg, rows["in"]) + n_out * forward_flops(cfg, rows["out"])
-        key = peak_dtype(name, kind)
-        label = f"{key[0]}{'+tf32' if key[1] else ''}"
+        label = peak_label(peak_dtype(name, kind))
         entry = {"rows_per_evaluation": rows, "full_run_flop": flop, "peak": label}
         if label in peaks:
             peak = peaks[label]["flop_per_s"]

@@ -108,7 +108,6 @@ from igengine.errors import BackendError, BackendUnavailable
 from igengine.config import ModelConfig, Precision
 from igengine.models import IGDiT, apply_precision
 from igengine.models import layers as model_layers
-from igengine.models.layers import regions_available
 from igengine.precision import NETWORK_DTYPE
 
 # "default": Inductor's defaults. "max-autotune-no-cudagraphs": autotuned matmul/conv templates
@@ -422,7 +421,7 @@ class CompiledBackend:
         self.use_cache = bool(use_cache)
         if regions is None:
             regions = self.device.type == "cuda"
-        self.regions = bool(regions) and regions_available()
+        self.regions = bool(regions) and model_layers.regions_available()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else inductor_cache_dir(self.device)
         self.model = apply_precision(model.eval().requires_grad_(False), self.precision).to(self.device)
         self._backend = CountingInductor(inductor_options(self.mode, self.freezing, self.use_cache), self.cache_dir,

@@ -44,6 +44,18 @@ def _mm(m: int, k: int, n: int) -> int:
     return 2 * m * k * n
 
 
+def mlp_input_width(config: ModelConfig) -> int:
+    """Output width of a block's first MLP product: fc1's hidden width, or SwiGLU's two gates together
+    (``igengine.models.layers.DiTBlock``: ``SwiGLU(dim, int(2/3 * mlp_hidden))``)."""
+    mlp_hidden = int(config.hidden_size * config.mlp_ratio)
+    return 2 * int(2 / 3 * mlp_hidden) if config.use_swiglu else mlp_hidden
+
+
+def tokens_per_row(config: ModelConfig) -> int:
+    """Patch tokens per image."""
+    return (config.input_size // config.patch_size) ** 2
+
+
 def forward_flops_breakdown(config: ModelConfig, rows: int = 1) -> dict[str, int]:
     """FLOPs of one forward of ``rows`` rows, by part (keys below); see the module docstring.
 
@@ -56,14 +68,11 @@ def forward_flops_breakdown(config: ModelConfig, rows: int = 1) -> dict[str, int
     c = config
     d = c.hidden_size
     dh = c.head_hidden_size
-    tokens = (c.input_size // c.patch_size) ** 2
+    tokens = tokens_per_row(c)
     patch_out = c.patch_size * c.patch_size * c.out_channels
-    mlp_hidden = int(d * c.mlp_ratio)
-    if c.use_swiglu:
-        h = int(2 / 3 * mlp_hidden)  # igengine.models.layers.DiTBlock: SwiGLU(dim, int(2/3 * mlp_hidden))
-        mlp = _mm(tokens, d, 2 * h) + _mm(tokens, h, d)
-    else:
-        mlp = _mm(tokens, d, mlp_hidden) + _mm(tokens, mlp_hidden, d)
+    width = mlp_input_width(c)
+    # SwiGLU's second product takes one gate's width (half of the first's output).
+    mlp = _mm(tokens, d, width) + _mm(tokens, width // 2 if c.use_swiglu else width, d)
     n_chunks = 4 if c.wo_shift else 6
     per_row = {
         "patch_embed": _mm(tokens, c.in_channels * c.patch_size * c.patch_size, d),
