@@ -54,6 +54,15 @@ class IGDiT(nn.Module):
         head = c.head_hidden_size
         self.final_layer_xr = FinalLayer(head, c.patch_size, c.out_channels, use_rmsnorm=c.use_rmsnorm)
         self.final_layer = FinalLayer(head, c.patch_size, c.out_channels, use_rmsnorm=c.use_rmsnorm)
+        # Token layout. The patch embedding's (N, T, D) is a transposed view of the convolution's
+        # (N, D, T), and adding the position table keeps that layout for LightningDiT's patch 1
+        # (SiT's comes out contiguous); every elementwise op of the blocks then keeps it. The official
+        # code runs so, and ``reference`` keeps it: its normalisations then sum in the official order
+        # (a contiguous LightningDiT differs from the official one in the last bits). The other
+        # precisions make the tokens contiguous (``igengine.models.lowp.apply_precision``): on the
+        # strided layout a bf16 linear takes a batched-matmul path with the weight expanded per sample
+        # (2.1x slower) and a oneDNN fp32 linear is 1.1x slower (LightningDiT-B/1 shapes, 2 CPU threads).
+        self.contiguous_tokens = False
         self.initialize_weights()
 
     @property
@@ -97,6 +106,8 @@ class IGDiT(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        if self.contiguous_tokens:
+            h = h.contiguous()
         c = self.t_embedder(t) + self.y_embedder(y, drop_mask)  # (N, D)
         v_inter = None
         for i, block in enumerate(self.blocks):

@@ -16,8 +16,14 @@ from igengine.precision import NETWORK_DTYPE
 
 
 def apply_precision(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
-    """Cast the attention and MLP weights of every block to the precision's network dtype, in place."""
-    dtype = NETWORK_DTYPE[Precision(precision)]
+    """Cast the attention and MLP weights of every block to the precision's network dtype, in place.
+
+    Every precision but ``reference`` also runs the tokens in contiguous layout (``IGDiT.contiguous_tokens``:
+    the same values, a faster matmul path); ``reference`` keeps the official code's layout.
+    """
+    precision = Precision(precision)
+    dtype = NETWORK_DTYPE[precision]
+    model.contiguous_tokens = precision != Precision.REFERENCE
     for block in model.blocks:
         block.attn.to(dtype)
         block.mlp.to(dtype)
