@@ -171,15 +171,16 @@ def sit_fp32(cache_root):
 def one_count(cache_root):
     """Backends compiled for 3 rows only, built on first use: {(family, precision): (compiled, eager, model)}.
 
-    fp32 takes the CPU default (fp32 linears through oneDNN); bf16 the plain Inductor path
-    (cpu_linear="aten"), so that both paths are covered without more compiles."""
+    bf16 takes the CPU default (every linear through oneDNN, the fc1 -> GELU fused: the production
+    path); fp32 the plain Inductor path (cpu_linear="aten"), whose oneDNN default ``sit_fp32`` covers:
+    both paths are covered without more compiles."""
     built = {}
 
     def get(family: str, precision: Precision):
         if (family, precision) not in built:
             model = random_model(family)
             eager = TorchBackend(copy.deepcopy(model), precision=precision)
-            linear = "aten" if precision == Precision.BF16 else None
+            linear = "aten" if precision == Precision.FP32 else None
             compiled = CompiledBackend(copy.deepcopy(model), row_counts=(3,), precision=precision, cpu_linear=linear)
             compiled.warmup()
             built[family, precision] = compiled, eager, model
@@ -318,6 +319,8 @@ def test_describe_is_json_and_records_the_compile(sit_fp32, cache_root):
     # adaLN and output linear.
     assert d["block_regions"] is False
     assert d["cpu_linear"] == "onednn" and d["onednn_linears_per_graph"] == [5 * 2 + 2 + 2 * 2] * 2
+    # and each block's fc1 -> GELU(tanh) is one oneDNN call (cpu_linear: GELU as the GEMM's post-op)
+    assert d["onednn_gelus_fused_per_graph"] == [2] * 2
 
 
 @pytest.mark.slow
@@ -332,6 +335,7 @@ def test_block_regions_trace_the_block_once_with_the_same_result(sit_fp32):
     # The block is a nested compile region (igengine.models.layers.compile_region): traced once into
     # one subgraph that both blocks call, so its 5 linear nodes are routed once, plus the 2 + 2 * 2.
     assert regional.describe()["block_regions"] is True and regional.describe()["onednn_linears_per_graph"] == [11]
+    assert regional.describe()["onednn_gelus_fused_per_graph"] == [1]
     want = TorchBackend(copy.deepcopy(model), precision=Precision.FP32)(x, t, y)
     for g, r, w in zip(got, inline(x, t, y), want):
         assert max_err(g, w) <= FP32_REL * w.abs().max().item()

@@ -1,4 +1,4 @@
-"""oneDNN linears on the CPU (igengine.backends.cpu_linear): fp32 only, reference keeps nn.Linear."""
+"""oneDNN linears on the CPU (igengine.backends.cpu_linear): fp32 and bf16, GELU fused, reference keeps nn.Linear."""
 
 import copy
 
@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from igengine.backends import TorchBackend
-from igengine.backends.cpu_linear import OneDNNLinear, onednn_available, route_linears
+from igengine.backends.cpu_linear import OneDNNLinear, OneDNNMlp, onednn_available, onednn_linear, route_linears
 from igengine.config import Precision
 from igengine.models import IGDiT
+from igengine.models.layers import Mlp
 from igengine.models.registry import preset
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN linear kernel")
@@ -67,9 +68,38 @@ def test_reference_backend_undoes_routing_on_a_shared_model():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_bf16_linears_stay_aten():
+def test_bf16_backend_routes_every_linear_and_fuses_the_gelu():
     model = _model()
+    n_linear = sum(type(m) is nn.Linear for m in model.modules())
     backend = TorchBackend(model, precision=Precision.BF16)
     routed = [m for m in backend.model.modules() if isinstance(m, OneDNNLinear)]
-    # only the fp32 linears (embeddings, adaLN, heads) are routed; the bf16 block matmuls are not
-    assert routed and all(m.weight.dtype == torch.float32 for m in routed)
+    # the bf16 block matmuls and the fp32 ones (embeddings, adaLN, heads) alike
+    assert len(routed) == backend.onednn_linears == n_linear
+    assert {m.weight.dtype for m in routed} == {torch.float32, torch.bfloat16}
+    assert all(type(b.mlp) is OneDNNMlp for b in backend.model.blocks)
+
+
+def test_reference_undoes_the_fused_mlp():
+    model = _model()
+    TorchBackend(model, precision=Precision.FP32)
+    assert all(type(b.mlp) is OneDNNMlp for b in model.blocks)
+    TorchBackend(model, precision=Precision.REFERENCE)
+    assert all(type(b.mlp) is Mlp for b in model.blocks)
+
+
+@pytest.mark.parametrize("dtype,k_eps", [(torch.float32, 8), (torch.bfloat16, 2)])
+def test_fused_gelu_linear_is_as_accurate_as_the_unfused_pair(dtype, k_eps):
+    """GELU as the GEMM's post-op, against float64 maths: within the unfused pair's own error (plus a
+    few ulps of the output dtype), and never a different function (a wrong activation misses by O(1))."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 384, generator=g).to(dtype)
+    w = (torch.randn(1536, 384, generator=g) * 384 ** -0.5).to(dtype)
+    b = torch.randn(1536, generator=g).to(dtype)
+    exact = torch.nn.functional.gelu(torch.nn.functional.linear(x.double(), w.double(), b.double()), approximate="tanh")
+    fused = onednn_linear(x, w, b, "gelu_tanh").double()
+    unfused = torch.nn.functional.gelu(onednn_linear(x, w, b), approximate="tanh").double()
+    ulp = torch.finfo(dtype).eps * exact.abs().max()
+    assert (fused - exact).abs().max() <= (unfused - exact).abs().max() + k_eps * ulp
+    assert (fused - exact).abs().max() < 0.05 * exact.abs().max()
+    with pytest.raises(ValueError, match="activation"):
+        onednn_linear(x, w, b, "relu")

@@ -32,12 +32,13 @@ Dynamo's per-function recompile limit (default 8, shared by every instance over 
 is raised to ``RECOMPILE_LIMIT`` for the duration of this backend's calls, and where torch has the
 option, hitting it raises instead of silently falling back to eager.
 
-CPU linears (``cpu_linear``): on CPU, every fp32 ``linear`` of the traced graph is routed to oneDNN
-(``route_linears_to_onednn``, a custom op Inductor calls as an opaque kernel) instead of Inductor's
-MKL ``addmm``: GEMMs are ~85% of a compiled CPU forward, and on the AMD EPYC (AVX2) we measured,
-oneDNN's fp32 GEMM ran the DiT's shapes 1.0-1.4x faster than MKL's. SiT-B/2 width, 2 blocks,
-2 threads: 79 ms vs 100 ms at batch 1, 0.58 s vs 0.64 s at batch 8 (benchmarks/compiled_speed_bench.py).
-``cpu_linear="aten"`` keeps Inductor's own path.
+CPU linears (``cpu_linear``): on CPU, every fp32 and bf16 ``linear`` of the traced graph is routed to
+oneDNN (``route_linears_to_onednn``, a custom op Inductor calls as an opaque kernel) instead of
+Inductor's ``addmm``, and a linear feeding a GELU(tanh) (SiT's fc1) becomes one oneDNN call with the
+GELU as its post-op: GEMMs are ~70-85% of a compiled CPU forward, and oneDNN's fp32 GEMM ran the
+DiT's shapes 1.0-1.4x faster than MKL's on an AMD EPYC with AVX2 (SiT-B/2 width, 2 blocks, 2 threads:
+79 ms vs 100 ms at batch 1, 0.58 s vs 0.64 s at batch 8, benchmarks/compiled_speed_bench.py) and 2.3x on
+an AVX-512 one (``igengine.backends.cpu_linear``). ``cpu_linear="aten"`` keeps Inductor's own path.
 
 Block regions (``regions``): the transformer block as a nested compile region
 (``igengine.models.layers.compile_region``): Dynamo traces it once and Inductor compiles it once per
@@ -102,7 +103,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from igengine.backends.cpu_linear import onednn_available
+from igengine.backends.cpu_linear import ROUTED_DTYPES, onednn_available
 from igengine.backends.cpu_linear import onednn_linear as onednn_linear_kernel
 from igengine.errors import BackendError, BackendUnavailable
 from igengine.config import ModelConfig, Precision
@@ -231,10 +232,12 @@ _ONEDNN_LINEAR = None
 
 
 def onednn_linear_op():
-    """``torch.ops.igengine.onednn_linear(x, w, b)``: an fp32 linear layer through oneDNN, registered once.
+    """``torch.ops.igengine.onednn_linear(x, w, b, activation)``: a linear layer through oneDNN, registered once.
 
-    A custom op, so that Inductor calls it as an opaque kernel (Inductor's own oneDNN lowering
-    requires frozen, pre-packed weights). None where this torch has no oneDNN linear kernel.
+    fp32 or bf16; ``activation`` "none" or "gelu_tanh" (fused as the GEMM's post-op, see
+    ``igengine.backends.cpu_linear``). A custom op, so that Inductor calls it as an opaque kernel
+    (Inductor's own oneDNN lowering requires frozen, pre-packed weights). None where this torch has
+    no oneDNN linear kernel.
     """
     global _ONEDNN_LINEAR
     if _ONEDNN_LINEAR is None:
@@ -243,51 +246,77 @@ def onednn_linear_op():
             return None
 
         @torch.library.custom_op("igengine::onednn_linear", mutates_args=())
-        def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return onednn_linear_kernel(x, w, b)
+        def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, activation: str) -> torch.Tensor:
+            return onednn_linear_kernel(x, w, b, activation)
 
         @onednn_linear.register_fake
-        def _(x, w, b):
+        def _(x, w, b, activation):
             return x.new_empty((*x.shape[:-1], w.shape[0]))
 
         _ONEDNN_LINEAR = torch.ops.igengine.onednn_linear.default
     return _ONEDNN_LINEAR or None
 
 
-def route_linears_to_onednn(gm: torch.fx.GraphModule) -> int:
-    """Replace every fp32 CPU ``linear(x, w, b)`` of a Dynamo graph by ``onednn_linear_op()``; returns how many.
+def route_linears_to_onednn(gm: torch.fx.GraphModule) -> tuple[int, int]:
+    """Replace every fp32/bf16 CPU ``linear(x, w, b)`` of a Dynamo graph by ``onednn_linear_op()``, a
+    linear whose only use is a GELU(tanh) by the op with the GELU fused; returns (linears, GELUs fused).
 
     Why: see ``igengine.backends.cpu_linear`` (oneDNN's fp32 GEMM is faster than the MKL ``addmm``
-    Inductor calls otherwise, and GEMMs are ~85% of a compiled forward).
+    Inductor calls otherwise, GEMMs are ~70-85% of a compiled forward, and a fused GELU saves a pass
+    over the MLP's widest activation).
     """
     op = onednn_linear_op()
     if op is None:
-        return 0
+        return 0, 0
     # The graph and its subgraphs: a nested compile region (the transformer block, see
     # ``igengine.models.layers.DiTBlock``) is traced once into a subgraph module of its own.
-    return sum(_route_graph_linears(g, op) for g in gm.modules() if isinstance(g, torch.fx.GraphModule))
+    counts = [_route_graph_linears(g, op) for g in gm.modules() if isinstance(g, torch.fx.GraphModule)]
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
-def _route_graph_linears(gm: torch.fx.GraphModule, op) -> int:
+_LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
+_GELUS = (torch._C._nn.gelu, torch.nn.functional.gelu)
+
+
+def _gelu_tanh_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The GELU(tanh) call that is ``node``'s only use, if it is."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    user = users[0]
+    if user.op != "call_function" or user.target not in _GELUS or user.args[:1] != (node,):
+        return None
+    approximate = user.kwargs.get("approximate", user.args[1] if len(user.args) > 1 else "none")
+    return user if approximate == "tanh" and len(user.args) <= 2 else None
+
+
+def _route_graph_linears(gm: torch.fx.GraphModule, op) -> tuple[int, int]:
     """``route_linears_to_onednn`` on the nodes of one graph (not its subgraphs)."""
-    replaced = 0
+    replaced = fused = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in (torch._C._nn.linear, torch.nn.functional.linear):
+        if node.op != "call_function" or node.target not in _LINEARS:
             continue
         args = list(node.args) + [None] * (3 - len(node.args))
         x, w, b = args[0], args[1], node.kwargs.get("bias", args[2])
         vals = [getattr(a, "meta", {}).get("example_value") for a in (x, w, b)]
-        if any(not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.device.type != "cpu" for v in vals):
+        if any(not isinstance(v, torch.Tensor) or v.device.type != "cpu" for v in vals):
             continue
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_function(op, (x, w, b))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
+        if len({v.dtype for v in vals}) != 1 or vals[1].dtype not in ROUTED_DTYPES:
+            continue
+        gelu = _gelu_tanh_user(node)
+        last = gelu if gelu is not None else node
+        with gm.graph.inserting_after(last):
+            new = gm.graph.call_function(op, (x, w, b, "gelu_tanh" if gelu is not None else "none"))
+        new.meta = dict(last.meta)
+        last.replace_all_uses_with(new)
+        if gelu is not None:
+            gm.graph.erase_node(gelu)
+            fused += 1
         gm.graph.erase_node(node)
         replaced += 1
     if replaced:
         gm.recompile()
-    return replaced
+    return replaced, fused
 
 
 @contextlib.contextmanager
@@ -322,6 +351,7 @@ class CountingInductor:
         self.options = dict(options)
         self.onednn_linear = onednn_linear
         self.onednn_linears: list[int] = []
+        self.onednn_gelus: list[int] = []
         self.latent_shape = tuple(latent_shape)
         self.cache_dir = Path(cache_dir)
         self.use_cache = use_cache
@@ -337,7 +367,9 @@ class CountingInductor:
                                  if isinstance(a, torch.Tensor) and tuple(a.shape[1:]) == self.latent_shape}))
         t0 = time.perf_counter()
         if self.onednn_linear:
-            self.onednn_linears.append(route_linears_to_onednn(gm))
+            linears, gelus = route_linears_to_onednn(gm)
+            self.onednn_linears.append(linears)
+            self.onednn_gelus.append(gelus)
         try:
             with inductor_cache_env(self.cache_dir), autograd_cache(self.use_cache):
                 return compile_fx(gm, example_inputs, config_patches=dict(self.options))
@@ -363,8 +395,8 @@ class CompiledBackend:
         packed CPU GEMM weights); default False, see the module docstring. allow_tf32: fp32 matmuls and convolutions may use TF32
         on CUDA (not with ``reference`` precision). max_batch: most rows the sampler should feed in
         one call (None: any, larger calls are split here). cpu_linear: "onednn" (default on CPU
-        without freezing, where oneDNN is available) routes fp32 linear layers through oneDNN
-        (``route_linears_to_onednn``), "aten" leaves them to Inductor (MKL addmm). cache_dir: Inductor's cache folder
+        without freezing, where oneDNN is available) routes fp32 and bf16 linear layers through oneDNN,
+        GELU(tanh) fused (``route_linears_to_onednn``), "aten" leaves them to Inductor (MKL addmm). cache_dir: Inductor's cache folder
         (default ``inductor_cache_dir(device)``, under $IGENGINE_CACHE); use_cache: False disables
         Inductor's FX graph and AOTAutograd caches (for cold-start measurements). regions: trace
         the transformer block as a nested compile region, compiled once and reused by every block
@@ -577,6 +609,7 @@ class CompiledBackend:
             "block_regions": self.regions,
             "cpu_linear": self.cpu_linear,
             "onednn_linears_per_graph": list(self._backend.onednn_linears),
+            "onednn_gelus_fused_per_graph": list(self._backend.onednn_gelus),
             "tf32": self.allow_tf32 and self.device.type == "cuda",
             "cache_dir": str(self.cache_dir) if self.use_cache else None,
             "row_counts": list(self.row_counts),

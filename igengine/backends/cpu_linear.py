@@ -1,16 +1,27 @@
-"""fp32 linear layers on the CPU through oneDNN instead of MKL's ``addmm``.
+"""Linear layers on the CPU through oneDNN instead of MKL's ``addmm``, with GELU fused where it follows.
 
-Why: on the CPUs we measured (AMD EPYC, AVX2, 1 and 2 threads), oneDNN's fp32 GEMM is 1.0-1.4x
-faster than the MKL ``addmm`` / ``mm`` + ``add_`` that ``nn.Linear`` calls, for the DiT's shapes
-(M = tokens x rows, K and N in 768..4096); the linears are ~85% of an eager forward. Measured on
-LightningDiT-B/1 and SiT-B/2 eager fp32, batch 2 and 4, one thread (thread CPU time, interleaved):
-1.22x per forward. Same maths in fp32 (no reduced precision unless
+Why: oneDNN's fp32 GEMM is faster than the MKL ``addmm`` / ``mm`` + ``add_`` that ``nn.Linear`` calls,
+for the DiT's shapes (M = tokens x rows, K and N in 768..4096); the linears are ~70-85% of an eager
+forward. Measured, 2 threads: 1.0-1.4x on an AMD EPYC with AVX2 (LightningDiT-B/1 and SiT-B/2 eager
+fp32, batch 2 and 4, thread CPU time, interleaved: 1.22x per forward), 2.3x on an AMD EPYC (Zen,
+AVX-512) of 2026-12-02 (400 vs 170 GFLOP/s). Same maths in fp32 (no reduced precision unless
 ``torch.backends.mkldnn.matmul.fp32_precision`` is changed from its default), but a different
 summation order: results differ from MKL's by rounding (about 1e-7 relative), so the ``reference``
 precision, whose job is to reproduce the official code bit for bit, keeps ``nn.Linear``.
 
-The eager backend swaps the class of each fp32 ``nn.Linear`` on the CPU for ``OneDNNLinear`` (same
-parameters, same state dict); the compiled backend routes Dynamo's linear nodes to a custom op
+bf16 linears take the same kernel (aten's bf16 ``addmm`` on the CPU reaches oneDNN too where the CPU
+has bf16 units, and a slow generic GEMM where it has not, which oneDNN's emulation beats), so the
+GELU fusion below serves both dtypes.
+
+GELU fusion: the fc1 -> GELU(tanh) of SiT's MLP runs as one oneDNN call with GELU as the GEMM's
+post-op (``onednn_linear(..., activation="gelu_tanh")``), instead of a GEMM writing the (tokens, 4D)
+product and a separate GELU pass reading it back: 1.1-1.3x on that pair (fp32 and bf16, M = 1024,
+K = 768, N = 3072). The post-op applies GELU to the fp32 accumulator, before any bf16 rounding;
+its error against float64 equals that of the unfused pair (3.5e-6 fp32, 1.6e-2 bf16 max abs there).
+
+The eager backend swaps the class of each fp32/bf16 ``nn.Linear`` on the CPU for ``OneDNNLinear`` and of
+each GELU(tanh) ``Mlp`` for ``OneDNNMlp`` (same parameters, same state dict); the compiled backend
+routes Dynamo's linear nodes (and a linear -> GELU(tanh) pair) to a custom op
 (``igengine.backends.compiled.onednn_linear_op``) that calls the same kernel.
 """
 
@@ -19,39 +30,72 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from igengine.models.layers import Mlp
+
+# The weight dtypes routed through oneDNN (fp16 is not: CPUs without AVX512-FP16 lack its kernels).
+ROUTED_DTYPES = (torch.float32, torch.bfloat16)
+ACTIVATIONS = ("none", "gelu_tanh")
+
 
 def onednn_available() -> bool:
-    """Whether this torch has oneDNN's fp32 linear kernel (``torch.ops.mkldnn._linear_pointwise``)."""
+    """Whether this torch has oneDNN's linear kernel (``torch.ops.mkldnn._linear_pointwise``)."""
     return bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` computed by oneDNN (CPU tensors)."""
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  activation: str = "none") -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed by oneDNN (CPU tensors), then ``activation``:
+    "none", or "gelu_tanh" (``F.gelu(..., approximate="tanh")``, fused as the GEMM's post-op)."""
+    if activation == "gelu_tanh":
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
+    if activation != "none":
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+def _routable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == weight.dtype and weight.dtype in ROUTED_DTYPES
+
+
 class OneDNNLinear(nn.Linear):
-    """An ``nn.Linear`` whose forward runs through oneDNN while its tensors are fp32 on the CPU."""
+    """An ``nn.Linear`` whose forward runs through oneDNN while its tensors are fp32 or bf16 on the CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32:
+        if _routable(x, self.weight):
             return onednn_linear(x, self.weight, self.bias)
         return super().forward(x)
 
 
+class OneDNNMlp(Mlp):
+    """An ``Mlp`` whose fc1 -> GELU(tanh) is one oneDNN call (GELU as the GEMM's post-op)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.fc1) is OneDNNLinear and _routable(x, self.fc1.weight):
+            return self.fc2(onednn_linear(x, self.fc1.weight, self.fc1.bias, "gelu_tanh"))
+        return super().forward(x)
+
+
+def _fusable_mlp(module: nn.Module) -> bool:
+    act = getattr(module, "act", None)
+    return isinstance(act, nn.GELU) and act.approximate == "tanh"
+
+
 def route_linears(model: nn.Module, onednn: bool = True) -> int:
-    """Make every fp32 CPU ``nn.Linear`` of ``model`` a ``OneDNNLinear`` (``onednn``), or every
-    ``OneDNNLinear`` a plain ``nn.Linear`` again (not ``onednn``), in place; returns how many
-    linears run through oneDNN afterwards (0 where this torch lacks oneDNN's linear)."""
+    """Make every fp32/bf16 CPU ``nn.Linear`` of ``model`` a ``OneDNNLinear`` and every GELU(tanh) ``Mlp`` a
+    ``OneDNNMlp`` (``onednn``), or undo both (not ``onednn``), in place; returns how many linears run
+    through oneDNN afterwards (0 where this torch lacks oneDNN's linear)."""
     available = onednn and onednn_available()
     count = 0
     for module in model.modules():
-        if type(module) not in (nn.Linear, OneDNNLinear):  # never a subclass of our own or of others
+        if type(module) in (Mlp, OneDNNMlp):  # never a subclass of our own or of others
+            module.__class__ = OneDNNMlp if (available and _fusable_mlp(module)) else Mlp
+        if type(module) not in (nn.Linear, OneDNNLinear):
             continue
-        fits = module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
+        fits = module.weight.dtype in ROUTED_DTYPES and module.weight.device.type == "cpu"
         module.__class__ = OneDNNLinear if (available and fits) else nn.Linear
         count += module.__class__ is OneDNNLinear
     return count
 
 
-__all__ = ["OneDNNLinear", "onednn_available", "onednn_linear", "route_linears"]
+__all__ = ["ACTIVATIONS", "OneDNNLinear", "OneDNNMlp", "ROUTED_DTYPES", "onednn_available", "onednn_linear",
+           "route_linears"]
