@@ -31,8 +31,18 @@ def test_cpu_fp32_peak_is_the_faster_of_mm_and_onednn():
     assert r["median_flops"] == pytest.approx(timed[r["kernel"]])
     mm_only = matmul_peak(torch.float32, "cpu", size=128, repeats=1, kernels="mm")
     assert set(mm_only["kernels_timed"]) == {"torch.mm"} and mm_only["kernel"] == "torch.mm"
-    # bf16 is timed on torch.mm only: the oneDNN route serves igengine's fp32 linears alone.
-    assert matmul_peak(torch.bfloat16, "cpu", size=32, repeats=1)["kernel"] == "torch.mm"
+    # bf16 too: on CPUs with bf16 units the eager bf16 linears reach oneDNN through aten.
+    assert set(matmul_peak(torch.bfloat16, "cpu", size=32, repeats=1)["kernels_timed"]) == expected
+
+
+def test_cpu_low_precision_default_size_follows_the_native_units():
+    from igengine.bench.peak import cpu_native_low_precision
+
+    for dtype in (torch.bfloat16, torch.float16):
+        r = matmul_peak(dtype, "cpu", repeats=1, warmup=0)
+        # Native units: the fp32 size (the product is as fast); without them a small one (~10x slower).
+        assert r["size"] == (1024 if cpu_native_low_precision(dtype) else 256), dtype
+    assert cpu_native_low_precision(torch.float32) is False
 
 
 def test_cpu_peak_of_a_rectangular_product_counts_two_m_k_n():

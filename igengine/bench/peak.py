@@ -11,13 +11,15 @@ give an MFU above 1.
         its kernel), then ``repeats`` products each between two CUDA events, one synchronisation at
         the end. Default n = 8192 (large enough to saturate an H100/H200's tensor cores).
   CPU:  the same with ``time.perf_counter`` around each product. Default n = 1024 for fp32 (tens of
-        ms per product on 2 cores) and 256 for bf16/fp16 (CPUs without native bf16/fp16 matmul
-        units run these about an order of magnitude slower than fp32), so a default call stays under 2 s.
-        For fp32, where this torch has oneDNN's linear kernel, the same product is also timed
-        through it (``kernels="fastest"``, the default), interleaved with ``torch.mm`` (MKL), and the
-        faster kernel's times are the peak: igengine's fp32 linears on the CPU run through oneDNN
-        (``igengine.backends.cpu_linear``), which on the AMD EPYC we measured is ~1.15x MKL's rate, so
-        an MKL-only peak would let an MFU exceed what the machine's fastest GEMM allows.
+        ms per product on 2 cores) and for bf16/fp16 where the CPU has native units for them
+        (``cpu_native_low_precision``: oneDNN's check for AVX512-BF16 / AMX / AVX512-FP16; on the AMD
+        EPYC (Zen, AVX512-BF16) of 2026-12-02 bf16 ran 4x MKL's fp32 and 1.9x oneDNN's fp32), else 256
+        (without such units they run about an order of magnitude slower than fp32), so a default call
+        stays under 2 s. For fp32 and bf16, where this torch has oneDNN's linear kernel, the same product is also timed
+        through it (``kernels="fastest"``, the default), interleaved with ``torch.mm``, and the faster
+        kernel's times are the peak: igengine's fp32 linears on the CPU run through oneDNN
+        (``igengine.backends.cpu_linear``), 1.15x MKL's rate on one AMD EPYC we measured and 2.3x on
+        another, so an MKL-only peak would let an MFU exceed what the machine's fastest GEMM allows.
         ``kernels="mm"`` times ``torch.mm`` alone.
 The result reports the median and the best (max) FLOP/s over the repeats, and which kernel (``kernel``)
 they come from; ``kernels_timed`` gives each timed kernel's median FLOP/s.
@@ -41,6 +43,17 @@ DEFAULT_SIZE = {"cuda": 8192, "cpu": 1024}
 DEFAULT_SIZE_CPU_LOW_PRECISION = 256
 DEFAULT_REPEATS = {"cuda": 50, "cpu": 5}
 DEFAULT_WARMUP = {"cuda": 10, "cpu": 1}
+
+
+def cpu_native_low_precision(dtype: torch.dtype) -> bool:
+    """Whether this CPU has native matmul units for ``dtype`` (bf16 or fp16), as oneDNN reports them."""
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    if check is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @contextlib.contextmanager
@@ -67,8 +80,8 @@ def matmul_peak(
     """Achieved FLOP/s of an n x n @ n x n (or ``shape``) matmul in ``dtype`` on ``device`` (see the module docstring).
 
     dtype: torch.bfloat16, torch.float16 or torch.float32. device: "cpu", "cuda", "cuda:1", ...
-    size: n (default 8192 on CUDA; on CPU 1024 for fp32, 256 for bf16/fp16). repeats: timed products (default 50 CUDA, 5 CPU).
-    allow_tf32: fp32 only, let cuBLAS use TF32 tensor cores. kernels: "fastest" (CPU fp32: the faster
+    size: n (default 8192 on CUDA; on CPU 1024, or 256 for bf16/fp16 without native units). repeats: timed products (default 50 CUDA, 5 CPU).
+    allow_tf32: fp32 only, let cuBLAS use TF32 tensor cores. kernels: "fastest" (CPU fp32/bf16: the faster
     of torch.mm and oneDNN's linear) or "mm" (torch.mm only). shape: (m, k, n) instead of the
     square ``size`` (not both).
     Returns a JSON-able dict: dtype, device, device_name, size (None with ``shape``), shape [m, k, n],
@@ -93,8 +106,8 @@ def matmul_peak(
             raise ValueError(f"shape must be three ints >= 1 (m, k, n), got {shape!r}")
     n = size if shape is None else shape[0]
     if n is None:
-        low = device.type == "cpu" and dtype != torch.float32
-        n = DEFAULT_SIZE_CPU_LOW_PRECISION if low else DEFAULT_SIZE[device.type]
+        slow = device.type == "cpu" and dtype != torch.float32 and not cpu_native_low_precision(dtype)
+        n = DEFAULT_SIZE_CPU_LOW_PRECISION if slow else DEFAULT_SIZE[device.type]
     repeats = DEFAULT_REPEATS[device.type] if repeats is None else repeats
     warmup = DEFAULT_WARMUP[device.type] if warmup is None else warmup
     for name, value, low in (("size", n, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
@@ -115,10 +128,10 @@ def matmul_peak(
             timer = "cuda events"
         else:
             products = {"torch.mm": lambda: torch.mm(a, b.t(), out=c)}
-            if kernels == "fastest" and dtype == torch.float32:
-                from igengine.backends.cpu_linear import onednn_available, onednn_linear
+            if kernels == "fastest":
+                from igengine.backends.cpu_linear import ROUTED_DTYPES, onednn_available, onednn_linear
 
-                if onednn_available():
+                if onednn_available() and dtype in ROUTED_DTYPES:  # the dtypes igengine routes there
                     products["onednn linear"] = lambda: onednn_linear(a, b, None)
             timed = _time_cpu(products, repeats, warmup)
             timer = "time.perf_counter"
