@@ -36,7 +36,7 @@ from igengine.jobs.sample import (DEFAULT_CHECKPOINT, SampleJob, make_backend, r
                                   resolve_sampler_config)
 from igengine.models.checkpoint import load_checkpoint
 from igengine.noise import balanced_labels, check_seed, random_labels
-from igengine.precision import default_precision
+from igengine.precision import default_precision, default_precision_note
 from igengine.sampling import Sampler
 from igengine.vae import LatentDecoder
 from igengine.vae.pixels import to_uint8
@@ -221,7 +221,7 @@ def load(ckpt: str | Path | None = None, *, model: str | None = None, precision:
     notes = list(loaded.notes)
     if job.precision is None:
         job = dataclasses.replace(job, precision=default_precision(dev))
-        notes.insert(0, f"precision {job.precision.value} (the default on {dev.type}; choose with `precision`)")
+        notes.insert(0, default_precision_note(dev))
     # Latents only, unless there is something to decode them with (pixel-space models need nothing).
     job = dataclasses.replace(job, no_decode=not cfg.pixel_space and job.vae is None)
     sampler_cfg = resolve_sampler_config(job, loaded)

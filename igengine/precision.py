@@ -71,10 +71,21 @@ def policy(precision: Precision | str, family: Family | str) -> PrecisionPolicy:
 def default_precision(device: torch.device | str) -> Precision:
     """What `precision` auto means: bf16 on a CUDA GPU (the fast path), reference on the CPU.
 
-    On the CPU the network's matmuls dominate whatever the precision (no bf16 matmul units on most
-    CPUs), so the faithful mode costs little there; on a GPU bf16 runs several times faster than fp32.
+    On the CPU the faithful mode is the default although it is not the fastest: `fp32` (oneDNN
+    linears, fused steps) ran 1.5-1.7x and `bf16` 2.5-3x faster on the AVX-512 BF16 CPU of 2026-12-02
+    (README, `igengine bench`), but a CPU run is for checking and small jobs, where results that
+    match the official code bit for bit, on any CPU, matter more than speed; the note says so
+    (``default_precision_note``). On a GPU bf16 runs several times faster than fp32.
     """
     return Precision.BF16 if torch.device(device).type == "cuda" else Precision.REFERENCE
+
+
+def default_precision_note(device: torch.device | str) -> str:
+    """The line a run prints when it took ``default_precision(device)``: what it chose and why."""
+    device = torch.device(device)
+    why = ("the official numerics; `fp32` and `bf16` run faster on a CPU" if device.type == "cpu"
+           else "the fast path on a GPU")
+    return f"precision {default_precision(device).value} (the default on {device.type}: {why}; choose with `precision`)"
 
 
 def check_network_precision(network_precision: Precision | str | None, run: PrecisionPolicy) -> None:
@@ -102,4 +113,4 @@ def numerics(p: PrecisionPolicy) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32 = cudnn
 
 
-__all__ = ["NETWORK_DTYPE", "PrecisionPolicy", "check_network_precision", "default_precision", "numerics", "policy"]
+__all__ = ["NETWORK_DTYPE", "PrecisionPolicy", "check_network_precision", "default_precision", "default_precision_note", "numerics", "policy"]

@@ -66,7 +66,7 @@ def test_the_checkpoints_own_sampler_defaults_are_used():
     loaded = load_checkpoint(DEFAULT_CHECKPOINT)
     assert s == resolve_sampler(loaded.config.family, "reference", loaded.sampler_settings)  # = `igengine sample`
     assert pipe.precision.value == "reference" and pipe.decodes and pipe.num_classes == 10
-    assert "precision reference (the default on cpu" in pipe.notes[0]
+    assert "precision reference (the default on cpu: the official numerics" in pipe.notes[0]
     assert repr(pipe) == "Pipeline(SiT-digits, sde 50 steps, cfg 1.35, ig 1.4, reference on cpu, decodes)"
 
 

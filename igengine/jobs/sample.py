@@ -43,7 +43,7 @@ from igengine.jobs.threads import ENV as THREADS_ENV
 from igengine.jobs.threads import ThreadChoice, choose_threads, using_threads
 from igengine.models.checkpoint import LoadedCheckpoint, load_checkpoint
 from igengine.noise import balanced_labels, check_seed, random_labels
-from igengine.precision import default_precision
+from igengine.precision import default_precision, default_precision_note
 from igengine.sampling import ModelFacts, Sampler, build_plan, resolve_sampler
 from igengine.sampling.sampler import CAPTURE_CHOICES
 from igengine.store.atomic import atomic_write_json
@@ -407,7 +407,7 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
     chosen = []
     if job.precision is None:
         job = dataclasses.replace(job, precision=default_precision(device))
-        chosen.append(f"precision {job.precision.value} (the default on {device.type}; choose with `precision`)")
+        chosen.append(default_precision_note(device))
     if threads.source == "auto" and device.type == "cpu":
         chosen.append(f"{threads.threads} CPU thread(s) ({threads.why}; choose with `threads` or {THREADS_ENV})")
     sampler_cfg = resolve_sampler_config(job, loaded)
