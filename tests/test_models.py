@@ -105,7 +105,6 @@ def test_low_precision_keeps_norms_and_modulation_fp32(family_name, precision, d
         assert err.max() <= 2 * naive_err.max() and err.mean() <= 2 * naive_err.mean()
 
 
-
 def test_token_layout_is_the_official_one_for_reference_and_contiguous_otherwise(family_name):
     """``reference`` keeps the official code's token layout (its reductions then sum in the official
     order); every other precision runs contiguous tokens: the same maths, equal up to the summation
