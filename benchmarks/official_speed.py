@@ -926,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.repeats < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise SystemExit("official_speed: --steps, --repeats and --batch-size must be >= 1")
     if kind == "cpu":
-        from igengine.bench.peak import cpu_native_low_precision
+        from igengine.backends.cpu_linear import cpu_native_low_precision
 
         # bf16 rows only where the CPU has bf16 units (without them bf16 runs ~10x slower than fp32)
         native = cpu_native_low_precision(torch.bfloat16)

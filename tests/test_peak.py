@@ -36,7 +36,7 @@ def test_cpu_fp32_peak_is_the_faster_of_mm_and_onednn():
 
 
 def test_cpu_low_precision_default_size_follows_the_native_units():
-    from igengine.bench.peak import cpu_native_low_precision
+    from igengine.backends.cpu_linear import cpu_native_low_precision
 
     for dtype in (torch.bfloat16, torch.float16):
         r = matmul_peak(dtype, "cpu", repeats=1, warmup=0)

@@ -42,6 +42,17 @@ def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+def cpu_native_low_precision(dtype: torch.dtype) -> bool:
+    """Whether this CPU has native matmul units for ``dtype`` (bf16 or fp16), as oneDNN reports them."""
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    if check is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   activation: str = "none") -> torch.Tensor:
     """``F.linear(x, weight, bias)`` computed by oneDNN (CPU tensors), then ``activation``:
@@ -97,5 +108,5 @@ def route_linears(model: nn.Module, onednn: bool = True) -> int:
     return count
 
 
-__all__ = ["ACTIVATIONS", "OneDNNLinear", "OneDNNMlp", "ROUTED_DTYPES", "onednn_available", "onednn_linear",
-           "route_linears"]
+__all__ = ["ACTIVATIONS", "OneDNNLinear", "OneDNNMlp", "ROUTED_DTYPES", "cpu_native_low_precision", "onednn_available",
+           "onednn_linear", "route_linears"]

@@ -12,7 +12,7 @@ give an MFU above 1.
         the end. Default n = 8192 (large enough to saturate an H100/H200's tensor cores).
   CPU:  the same with ``time.perf_counter`` around each product. Default n = 1024 for fp32 (tens of
         ms per product on 2 cores) and for bf16/fp16 where the CPU has native units for them
-        (``cpu_native_low_precision``: oneDNN's check for AVX512-BF16 / AMX / AVX512-FP16; on the AMD
+        (``igengine.backends.cpu_linear.cpu_native_low_precision``: oneDNN's check for AVX512-BF16 / AMX / AVX512-FP16; on the AMD
         EPYC (Zen, AVX512-BF16) of 2026-12-02 bf16 ran 4x MKL's fp32 and 1.9x oneDNN's fp32), else 256
         (without such units they run about an order of magnitude slower than fp32), so a default call
         stays under 2 s. For fp32 and bf16, where this torch has oneDNN's linear kernel, the same product is also timed
@@ -43,17 +43,6 @@ DEFAULT_SIZE = {"cuda": 8192, "cpu": 1024}
 DEFAULT_SIZE_CPU_LOW_PRECISION = 256
 DEFAULT_REPEATS = {"cuda": 50, "cpu": 5}
 DEFAULT_WARMUP = {"cuda": 10, "cpu": 1}
-
-
-def cpu_native_low_precision(dtype: torch.dtype) -> bool:
-    """Whether this CPU has native matmul units for ``dtype`` (bf16 or fp16), as oneDNN reports them."""
-    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
-    if check is None or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        return bool(getattr(torch.ops.mkldnn, check)())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 @contextlib.contextmanager
@@ -106,6 +95,7 @@ def matmul_peak(
             raise ValueError(f"shape must be three ints >= 1 (m, k, n), got {shape!r}")
     n = size if shape is None else shape[0]
     if n is None:
+        from igengine.backends.cpu_linear import cpu_native_low_precision
         slow = device.type == "cpu" and dtype != torch.float32 and not cpu_native_low_precision(dtype)
         n = DEFAULT_SIZE_CPU_LOW_PRECISION if slow else DEFAULT_SIZE[device.type]
     repeats = DEFAULT_REPEATS[device.type] if repeats is None else repeats
