@@ -17,7 +17,7 @@ Importing this package loads nothing and never touches CUDA: the libraries are o
            cached under $IGENGINE_CACHE/kernels; ``python -m igengine.kernels.nvrtc`` compiles ahead
   nvrtc_library  that build loaded and launched through the CUDA driver API (used when no CMake library runs)
 
-May import: igengine.config, errors, noise. The sampling loop that uses them is igengine.sampling.fused.
+May import: igengine.config, errors, noise, store.atomic. The sampling loop that uses them is igengine.sampling.fused.
 """
 
 from __future__ import annotations

@@ -33,12 +33,12 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from igengine.config import cache_root
 from igengine.kernels import abi
+from igengine.store.atomic import atomic_write_bytes
 
 # The kernels' entry points (extern "C" in csrc/igk_kernels.cuh), by (dtype code, vectorised).
 STEP_KERNELS = {(0, False): "igk_k_step_f32", (0, True): "igk_k_step_f32_vec",
@@ -222,24 +222,6 @@ def _unpack(blob: bytes) -> bytes | None:
     return image if hashlib.sha256(image).digest() == blob[len(_MAGIC):head] else None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 @dataclass(frozen=True)
 class CachedImage:
     image: bytes
@@ -271,7 +253,8 @@ def cached_image(target: Target, driver: int, root: Path | str | None = None, fo
         on_compile(target, path)
     image = compile_image(target, sources, options)
     try:
-        _write_atomic(path, _pack(image))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, _pack(image))
     except OSError as exc:  # a read-only cache still gives a working image, compiled every time
         print(f"igengine kernels: cannot write the NVRTC cache {path} ({exc}); compiling every run",
               file=sys.stderr)

@@ -70,8 +70,8 @@ def atomic_writer(path: Path, tag: str = "") -> Iterator[BinaryIO]:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(e, OSError) and e.filename is None:  # a failed write(): name the file it was for
-            raise type(e)(e.errno, e.strerror, str(path)) from None
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            raise type(e)(e.errno, e.strerror, str(path)) from None  # a failed write(): name its file
         raise
     _fsync_dir(path.parent)
 
