@@ -240,6 +240,7 @@ def test_ensure_engine_reuses_only_a_matching_engine_and_builds_otherwise(tmp_pa
     import igengine.export.tensorrt as trtmod
     from igengine.config import Precision
     from igengine.export import ExportConfig
+    from igengine.export.cache import SetupLog
     from igengine.export.contract import GraphRecord
 
     record = GraphRecord(1, {}, "0" * 64, ExportConfig(precision=Precision.BF16, max_batch=64), "0.1.0", "test")
@@ -254,13 +255,18 @@ def test_ensure_engine_reuses_only_a_matching_engine_and_builds_otherwise(tmp_pa
     graph = tmp_path / "export" / "model.onnx"
     graph.parent.mkdir()
 
+    lines = []
+    setup = SetupLog(lines.append)
     write_engine(*engine_paths(KEY, tmp_path), KEY, payload=b"cached-h100")
-    path, key = ensure_engine(graph, record, (4, 32, 32), root=tmp_path)
+    path, key = ensure_engine(graph, record, (4, 32, 32), root=tmp_path, setup=setup)
     assert key == KEY and path.read_bytes() == b"cached-h100" and not built
+    assert lines == [] and setup.seconds == {}  # a cached engine is used silently
 
     gpu["identity"] = ("NVIDIA H200", "9.0")
-    path, key = ensure_engine(graph, record, (4, 32, 32), root=tmp_path)
+    path, key = ensure_engine(graph, record, (4, 32, 32), root=tmp_path, setup=setup)
     assert key.gpu == "NVIDIA H200" and built == [key] and path.read_bytes() == b"built"
+    assert len(lines) == 2 and "building a TensorRT 10.13.0.35 engine for NVIDIA H200" in lines[0]
+    assert lines[1].startswith("built the engine in ") and set(setup.seconds) == {"engine_build_s"}
     assert json.loads(engine_paths(key, tmp_path)[1].read_text())["key"] == key.to_dict()
     assert engine_paths(KEY, tmp_path)[0].read_bytes() == b"cached-h100"  # the H100 engine is still there
 

@@ -51,7 +51,8 @@ VERIFIED = "verified"
 @dataclass
 class SetupLog:
     """What preparing a run's artifacts reports: ``log`` gets a line before and after each slow step
-    (an export into the cache), ``seconds`` how long each took (``{"export_s": 36.2}``, summed)."""
+    (an export into the cache, a TensorRT engine build), ``seconds`` how long each took
+    (``{"export_s": 36.2}``, summed per kind)."""
 
     log: Callable[[str], None] = lambda line: None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -60,15 +61,19 @@ class SetupLog:
         self.seconds[key] = self.seconds.get(key, 0.0) + seconds
 
     @contextlib.contextmanager
-    def exporting(self, name: str, precision: str, where: str, why: str = "this takes a while") -> Iterator[None]:
-        """Announce an export of model ``name`` at ``precision`` into ``where``, then say how long it took
-        and add that to ``seconds["export_s"]`` (only when the block completes)."""
-        self.log(f"exporting {name} ({precision}) to {where}: {why}")
+    def step(self, announce: str, key: str, done: str) -> Iterator[None]:
+        """Log ``announce``, run the block, then log "``done`` in S s" and add S to ``seconds[key]``
+        (only when the block completes)."""
+        self.log(announce)
         t0 = perf_counter()
         yield
         seconds = perf_counter() - t0
-        self.took("export_s", seconds)
-        self.log(f"exported in {seconds:.1f} s")
+        self.took(key, seconds)
+        self.log(f"{done} in {seconds:.1f} s")
+
+    def exporting(self, name: str, precision: str, where: str, why: str = "this takes a while"):
+        """``step`` for an export of model ``name`` at ``precision`` into ``where`` (``seconds["export_s"]``)."""
+        return self.step(f"exporting {name} ({precision}) to {where}: {why}", "export_s", "exported")
 
     def timing(self) -> dict[str, float]:
         """``seconds`` rounded to milliseconds, for a manifest's "timing"."""

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from igengine.errors import BackendUnavailable
-from igengine.export.cache import cache_root
+from igengine.export.cache import SetupLog, cache_root
 from igengine.export.contract import GraphRecord, graph_sha256
 from igengine.errors import ExportError
 from igengine.store.atomic import atomic_write_bytes, atomic_write_json
@@ -254,11 +254,13 @@ def build_engine(graph: Path, key: EngineKey, latent_shape: tuple[int, int, int]
 
 def ensure_engine(graph: Path, record: GraphRecord, latent_shape: tuple[int, int, int],
                   device: str | torch.device | None = None, max_batch: int | None = None,
-                  opt_batch: int | None = None, root: Path | None = None) -> tuple[Path, EngineKey]:
+                  opt_batch: int | None = None, root: Path | None = None,
+                  setup: SetupLog | None = None) -> tuple[Path, EngineKey]:
     """An engine for ``graph`` on this TensorRT and GPU: found beside the graph, in the cache, or built.
 
     ``max_batch`` defaults to the graph's recorded maximum. Returns (engine path, its key). An
-    engine is only ever used when its recorded key equals the wanted one in every field.
+    engine is only ever used when its recorded key equals the wanted one in every field. A build
+    (minutes for an XL model) is announced and timed through ``setup`` (``seconds["engine_build_s"]``).
     """
     trt = import_tensorrt()
     dev = require_gpu(device)
@@ -269,9 +271,12 @@ def ensure_engine(graph: Path, record: GraphRecord, latent_shape: tuple[int, int
     found = find_engine(key, [(graph.parent / ENGINE_FILE, graph.parent / ENGINE_SIDECAR), (engine, sidecar)])
     if found is not None:
         return found, key
+    setup = SetupLog() if setup is None else setup
     t0 = time.perf_counter()
-    with torch.cuda.device(dev):
-        blob = build_engine(graph, key, latent_shape, timing_cache_path(key, root))
+    with setup.step(f"building a TensorRT {trt.__version__} engine for {key.gpu} from {graph} into {engine.parent}: "
+                    "this takes minutes, once per graph and GPU", "engine_build_s", "built the engine"):
+        with torch.cuda.device(dev):
+            blob = build_engine(graph, key, latent_shape, timing_cache_path(key, root))
     engine.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(engine, blob)
     atomic_write_json(sidecar, {"key": key.to_dict(), "graph": str(graph), "record": record.to_dict(),

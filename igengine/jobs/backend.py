@@ -49,7 +49,7 @@ def graph_artifacts(name: str | BackendName, loaded: LoadedCheckpoint, precision
     require_gpu(device)
     graph, record = locate_graph(loaded, precision, onnx, cache_root, setup)
     engine, key = ensure_engine(graph, record, loaded.config.latent_shape, device, max_batch=max_batch,
-                                root=cache_root)
+                                root=cache_root, setup=setup)
     return Artifacts(graph, record, engine, key)
 
 

@@ -59,7 +59,8 @@ def run_export(job: ExportJob, log: Callable[[str], None] | None = None) -> dict
     overrides = {"encoder_depth": job.encoder_depth, "num_heads": job.num_heads}
     loaded = load_checkpoint(job.ckpt, model_name=job.model, overrides=overrides)
     prepare_export_folder(Path(job.out), make_record(loaded, config), job.overwrite)  # refusals before the line
-    with SetupLog(log).exporting(loaded.config.name, config.precision.value, str(job.out)):
+    setup = SetupLog(log)
+    with setup.exporting(loaded.config.name, config.precision.value, str(job.out)):
         result = export_onnx(loaded, config, job.out, overwrite=job.overwrite)
     summary: dict[str, Any] = {
         "out": str(result.folder),
@@ -79,7 +80,9 @@ def run_export(job: ExportJob, log: Callable[[str], None] | None = None) -> dict
         from igengine.export.tensorrt import copy_engine_to, ensure_engine
 
         engine, key = ensure_engine(result.graph, read_record(result.graph), loaded.config.latent_shape,
-                                    max_batch=config.max_batch)
+                                    max_batch=config.max_batch, setup=setup)
         summary["engine"] = str(copy_engine_to(result.folder, engine, key))
         summary["engine_key"] = key.to_dict()
+        if "engine_build_s" in setup.seconds:  # absent when an engine was found in the cache
+            summary["engine_build_s"] = round(setup.seconds["engine_build_s"], 3)
     return summary
