@@ -201,9 +201,24 @@ def test_onnxruntime_fp16_error_at_most_twice_the_torch_fp16_error(family, graph
 
 def test_bf16_graph_is_refused_by_the_cpu_provider_with_a_clear_reason(graph, checkpoint):
     # ONNX Runtime's CPU provider has no bf16 MatMul kernel: bf16 parity can only run on the CUDA provider.
-    with pytest.raises(BackendUnavailable, match="cannot run the bf16 graph"):
-        create_backend("onnxruntime", load_checkpoint(checkpoint["lightningdit"]), "bf16", "cpu",
-                       onnx=graph("lightningdit", "bf16"))
+    from igengine.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    path = graph("lightningdit", "bf16")
+    config = load_checkpoint(checkpoint["lightningdit"]).config
+    with pytest.raises(BackendUnavailable, match="cannot run the bf16 graph .*model.onnx"):  # the session's own refusal
+        OnnxRuntimeBackend(path / GRAPH_FILE, read_record(path / GRAPH_FILE), config, "cpu")
+    with pytest.raises(BackendUnavailable, match="cannot run a bf16 graph"):  # the job's, before opening the graph
+        create_backend("onnxruntime", load_checkpoint(checkpoint["lightningdit"]), "bf16", "cpu", onnx=path)
+
+
+def test_cli_bf16_on_the_cpu_provider_is_refused_before_any_export_or_output(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("IGENGINE_CACHE", str(tmp_path / "cache"))
+    code, _, err = cli(capsys, "sample", "--n", 2, "--steps", 2, "--backend", "onnxruntime", "--precision", "bf16",
+                       "--device", "cpu", "--out", tmp_path / "out")
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and "cannot run a bf16 graph" in lines[0], err
+    assert "--precision fp16 or fp32" in lines[0]
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
 def sampler_for(family: str, precision: str) -> SamplerConfig:

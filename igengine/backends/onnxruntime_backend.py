@@ -35,6 +35,18 @@ def import_onnxruntime():
     return onnxruntime
 
 
+def cpu_bf16_refusal(graph: Path | str | None = None) -> str:
+    """Why a bf16 graph cannot run on the CPU provider, and what to do instead."""
+    what = f"the bf16 graph {graph}" if graph is not None else "a bf16 graph"
+    return (f"ONNX Runtime's CPU provider cannot run {what} (no bf16 MatMul kernel): "
+            "use `precision` fp16 or fp32, or the CUDA provider (onnxruntime-gpu on a `device` cuda)")
+
+
+def cpu_provider_only(ort, device: str | torch.device) -> bool:
+    """Whether a session for ``device`` can only get the CPU provider (a CPU device, or a wheel without CUDA)."""
+    return torch.device(device).type != "cuda" or "CUDAExecutionProvider" not in ort.get_available_providers()
+
+
 class OnnxRuntimeBackend:
     """Backend over an ONNX Runtime session of one exported graph.
 
@@ -68,10 +80,7 @@ class OnnxRuntimeBackend:
         except Exception as e:  # ORT raises its own exception types (NotImplemented, Fail, ...)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if self.graph_precision == Precision.BF16 and "NOT_IMPLEMENTED" in first:
-                raise BackendUnavailable(
-                    f"ONNX Runtime's CPU provider cannot run the bf16 graph {self.graph} (no bf16 MatMul kernel): "
-                    "use `precision` fp16 or fp32, or the CUDA provider (onnxruntime-gpu on a `device` cuda)"
-                ) from None
+                raise BackendUnavailable(cpu_bf16_refusal(self.graph)) from None
             raise BackendError(f"ONNX Runtime cannot load {self.graph}: {first}") from None
         self.providers = self.session.get_providers()
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"

@@ -37,7 +37,7 @@ import torch
 from igengine.backends import network
 from igengine.config import BackendName, ModelConfig, Precision, SamplerSettings
 from igengine.errors import BackendUnavailable, JobError, RunError
-from igengine.jobs.backend import build_backend
+from igengine.jobs.backend import build_backend, check_runtime
 from igengine.jobs.sample import resolve_device
 from igengine.models import IGDiT, preset
 from igengine.models.checkpoint import LoadedCheckpoint, load_checkpoint
@@ -252,6 +252,13 @@ def run_bench(job: BenchJob, log: Callable[[str], None] = lambda line: None) -> 
     log(f"workload: {cfg.name} ({loaded.weights} weights), {sampler_cfg.solver.value} {sampler_cfg.steps} steps, "
         f"{len(full.steps)} plan steps in {len(classes)} classes, windows of <= {job.steps} steps; "
         f"{len(configs)} rows on {device}")
+
+    # Every (precision, backend) must be able to run here before anything is exported or built.
+    for c in configs:
+        try:
+            check_runtime(c.backend, c.precision, device)
+        except BackendUnavailable as e:
+            raise JobError(f"{c.precision.value}/{c.backend.value}: {e}") from None
 
     # Build every backend (one per precision x backend; compiled backends know every batch's row counts).
     built: dict[tuple[Precision, BackendName], tuple[object, float]] = {}

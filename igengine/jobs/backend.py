@@ -23,6 +23,26 @@ if TYPE_CHECKING:
     from igengine.export.cache import SetupLog
 
 
+def check_runtime(name: str | BackendName, precision: Precision | str, device: str | torch.device) -> None:
+    """Raise BackendUnavailable at once where backend ``name`` cannot run ``precision`` on ``device``
+    here: its runtime is missing, TensorRT sees no GPU, or ONNX Runtime could only give a bf16 graph
+    to its CPU provider (which has no bf16 MatMul). Nothing is exported or built."""
+    kind = backend_name(name)
+    if kind == BackendName.ONNXRUNTIME:
+        from igengine.backends.onnxruntime_backend import cpu_bf16_refusal, cpu_provider_only, import_onnxruntime
+        from igengine.errors import BackendUnavailable
+        from igengine.export.config import graph_precision
+
+        ort = import_onnxruntime()
+        if graph_precision(precision) == Precision.BF16 and cpu_provider_only(ort, device):
+            raise BackendUnavailable(cpu_bf16_refusal())
+    elif kind == BackendName.TENSORRT:
+        from igengine.export.tensorrt import import_tensorrt, require_gpu
+
+        import_tensorrt()
+        require_gpu(device)
+
+
 def graph_artifacts(name: str | BackendName, loaded: LoadedCheckpoint, precision: Precision | str,
                     device: str | torch.device, onnx: str | Path | None = None,
                     max_batch: int | None = None, cache_root: Path | None = None,
@@ -38,15 +58,11 @@ def graph_artifacts(name: str | BackendName, loaded: LoadedCheckpoint, precision
         return None
     from igengine.export.cache import locate_graph
 
+    check_runtime(kind, precision, device)
     if kind == BackendName.ONNXRUNTIME:
-        from igengine.backends.onnxruntime_backend import import_onnxruntime
-
-        import_onnxruntime()
         return Artifacts(*locate_graph(loaded, precision, onnx, cache_root, setup))
-    from igengine.export.tensorrt import ensure_engine, import_tensorrt, require_gpu
+    from igengine.export.tensorrt import ensure_engine
 
-    import_tensorrt()
-    require_gpu(device)
     graph, record = locate_graph(loaded, precision, onnx, cache_root, setup)
     engine, key = ensure_engine(graph, record, loaded.config.latent_shape, device, max_batch=max_batch,
                                 root=cache_root, setup=setup)
@@ -83,4 +99,4 @@ def sampler_for(backend, sampler: SamplerConfig, kernels: str = "auto", randomne
                    device if device is not None else backend.device, randomness, kernels, capture)
 
 
-__all__ = ["build_backend", "graph_artifacts", "sampler_for"]
+__all__ = ["build_backend", "check_runtime", "graph_artifacts", "sampler_for"]

@@ -35,7 +35,7 @@ from igengine.config import BackendName
 from igengine.config import Family, ModelConfig, Precision, SamplerConfig, SamplerSettings, Solver
 from igengine.errors import ConfigError, Interrupted, JobError
 from igengine.export.cache import SetupLog
-from igengine.jobs.backend import build_backend, sampler_for
+from igengine.jobs.backend import build_backend, check_runtime, sampler_for
 from igengine.jobs.bulk import BulkSampler, Progress, SampleMaker
 from igengine.jobs.launch import RankInfo
 from igengine.jobs.preview import prepare_png_dir, write_run_grid
@@ -402,12 +402,13 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
     ckpt_path = Path(job.ckpt) if job.ckpt is not None else DEFAULT_CHECKPOINT
     overrides = {"encoder_depth": job.encoder_depth, "num_heads": job.num_heads}
     device = resolve_device(job.device, rank.local_rank)  # before reading a checkpoint of gigabytes
-    loaded = load_checkpoint(ckpt_path, model_name=job.model, overrides=overrides)
-    cfg = loaded.config
     chosen = []
     if job.precision is None:
         job = dataclasses.replace(job, precision=default_precision(device))
         chosen.append(default_precision_note(device))
+    check_runtime(job.backend, job.precision, device)  # and before making the output folder or an export
+    loaded = load_checkpoint(ckpt_path, model_name=job.model, overrides=overrides)
+    cfg = loaded.config
     if threads.source == "auto" and device.type == "cpu":
         chosen.append(f"{threads.threads} CPU thread(s) ({threads.why}; choose with `threads` or {THREADS_ENV})")
     sampler_cfg = resolve_sampler_config(job, loaded)
