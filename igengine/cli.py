@@ -412,6 +412,11 @@ def bench(
 
         if importlib.util.find_spec("matplotlib") is None:
             raise typer.BadParameter("needs matplotlib, which is not installed: pip install matplotlib", param_hint="--plot")
+    from igengine.store.atomic import output_file_problem
+
+    for flag, path in (("--json", json_out), ("--plot", plot)):  # before the run, not after its minutes
+        if path is not None and (problem := output_file_problem(path)) is not None:
+            raise typer.BadParameter(f"cannot write {path}: {problem}", param_hint=flag)
     from rich.console import Console
 
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)

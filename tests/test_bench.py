@@ -83,6 +83,8 @@ def test_bench_report_has_the_documented_rows_and_the_anchor_agrees_with_itself(
     (["--model", "SiT-S/2", "--configs", "bf16"], "'bf16' is not PRECISION/BACKEND"),
     (["--model", "SiT-S/2", "--configs", "bf16/jax"], "'jax' is not one of"),
     (["--model", "SiT-S/2", "--configs", "bf16/torch", "--precision", "fp32"], "not both"),
+    (["--model", "SiT-S/2", "--json", "/no-such-folder-igengine/b.json"], "folder /no-such-folder-igengine does not exist"),
+    (["--model", "SiT-S/2", "--json", "/"], "cannot write /: it is a folder"),
 ])
 def test_bad_bench_input_is_one_line_and_exit_2(args, expect, capsys):
     code = main(["bench", *args, "--device", "cpu"])
@@ -90,6 +92,19 @@ def test_bad_bench_input_is_one_line_and_exit_2(args, expect, capsys):
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("igengine: error:"), err
     assert expect in lines[0], lines[0]
+
+
+def test_a_pair_the_runtime_cannot_run_is_refused_before_anything_is_built(tmp_path, monkeypatch, capsys):
+    """ONNX Runtime's CPU provider has no bf16 MatMul: the bf16 row is refused at once, before the
+    reference and fp32 rows are built or any graph is exported into the cache."""
+    pytest.importorskip("onnxruntime", reason="needs ONNX Runtime (the onnx extra)")
+    monkeypatch.setenv("IGENGINE_CACHE", str(tmp_path / "cache"))
+    code = main(["bench", "--model", "SiT-S/2", "--backend", "torch,onnxruntime", "--batch-size", "1",
+                 "--steps", "1", "--device", "cpu"])
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("igengine:")]
+    assert code == 2 and len(err) == 1, err
+    assert "bf16/onnxruntime: ONNX Runtime's CPU provider cannot run a bf16 graph" in err[0], err[0]
+    assert not (tmp_path / "cache").exists()
 
 
 def test_configs_pairs_replace_the_cross_product_and_keep_the_anchor():

@@ -16,7 +16,6 @@ input costs seconds and never leaves a half-written file.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -165,13 +164,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _check_writable(path: Path, flag: str) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise EvaluateError(f"{flag} {path}: folder {folder} does not exist")
-    if path.is_dir():
-        raise EvaluateError(f"{flag} {path} is a folder; give a file name")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise EvaluateError(f"{flag} {path}: folder {folder} is not writable")
+    from igengine.store.atomic import output_file_problem
+
+    if (problem := output_file_problem(path)) is not None:
+        raise EvaluateError(f"{flag} {path}: {problem}")
 
 
 # ----------------------------------------------------------------------------------------------

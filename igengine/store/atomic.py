@@ -76,6 +76,24 @@ def atomic_writer(path: Path, tag: str = "") -> Iterator[BinaryIO]:
     _fsync_dir(path.parent)
 
 
+def output_file_problem(path: Path) -> str | None:
+    """Why ``atomic_writer`` could not write ``path`` (it is a folder, its folder is missing, or a file
+    cannot be created there), or None. Meant for a check before long work whose result goes there."""
+    path = Path(path)
+    folder = path.parent
+    if path.is_dir():
+        return "it is a folder; give a file name"
+    if not folder.is_dir():
+        return f"folder {folder} does not exist"
+    try:  # create and remove a file, as the writer will: os.access misleads root and special file systems
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"folder {folder} is not writable ({e.strerror})"
+    return None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_writer(path) as f:
         f.write(data)
