@@ -1,7 +1,8 @@
 """Compare igengine with the official IG code (CVL-UESTC/Internal-Guidance), same weights, same noise.
 
 Not a test: it needs a checkout of the official repository and its dependencies (timm, einops,
-fairscale, torchdiffeq, scipy; torchvision for timm), which igengine itself does not use. Run:
+fairscale, torchdiffeq, scipy; timm imports torchvision, stubbed where its wheel cannot load), which
+igengine itself does not use. The virtual environment of benchmarks/official_speed.py serves. Run:
 
     TORCHDYNAMO_DISABLE=1 python benchmarks/official_parity.py --official-repo PATH/Internal-Guidance
 
@@ -39,6 +40,54 @@ from igengine.config import GuidanceConfig, Precision, SamplerConfig, Solver  # 
 from igengine.models import IGDiT, preset  # noqa: E402
 from igengine.noise import STREAM_INITIAL, gaussian, sde_stream  # noqa: E402
 from igengine.jobs.backend import sampler_for  # noqa: E402
+
+
+def stub_torchvision_if_broken() -> str:
+    """Make ``import torchvision`` succeed for timm's import-time references; returns what was found.
+
+    timm 0.9.16 imports torchvision at import time, and the PyPI torchvision wheel does not load beside
+    torch 2.13.0+cpu. When ``import torchvision`` fails, an import stub takes its place in this process
+    (nothing of it is called: the official models use timm's PatchEmbed/Attention/Mlp only)."""
+    try:
+        import torchvision  # noqa: F401
+
+        return f"torchvision {torchvision.__version__}"
+    except Exception as e:  # the PyPI wheel fails to load its operators beside a +cpu torch
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    import importlib.abc
+    import importlib.machinery
+    import types
+
+    class Placeholder(type):
+        def __getattr__(cls, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return Placeholder(name, (), {})
+
+    class StubModule(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return Placeholder(name, (), {})
+
+    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname == "torchvision" or fullname.startswith("torchvision."):
+                return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+            return None
+
+        def create_module(self, spec):
+            module = StubModule(spec.name)
+            module.__path__ = []
+            return module
+
+        def exec_module(self, module):
+            module.__version__ = "0.0.0+stub"
+
+    sys.meta_path.insert(0, Finder())
+    return f"stub (import torchvision failed: {reason})"
 
 
 def import_official(repo: Path, family: str):
@@ -269,7 +318,8 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
-    report: dict = {"provenance": provenance(), "official_repo": str(args.official_repo)}
+    report: dict = {"provenance": provenance(), "official_repo": str(args.official_repo),
+                    "torchvision": stub_torchvision_if_broken()}
     t0 = time.time()
     check_sit(args.official_repo, report)
     check_lightningdit(args.official_repo, report)

@@ -217,50 +217,6 @@ FAMILY_FOLDER = {"sit": "SiT", "lightningdit": "LightningDiT"}
 NULL_CLASS = 1000  # the official samplers' literal null label; the models have 1000 classes here
 
 
-def stub_torchvision_if_broken() -> str:
-    """Make ``import torchvision`` succeed for timm's import-time references; returns what was found."""
-    try:
-        import torchvision  # noqa: F401
-
-        return f"torchvision {torchvision.__version__}"
-    except Exception as e:  # the PyPI wheel fails to load its operators beside a +cpu torch
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    import importlib.abc
-    import importlib.machinery
-    import types
-
-    class Placeholder(type):
-        def __getattr__(cls, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return Placeholder(name, (), {})
-
-    class StubModule(types.ModuleType):
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return Placeholder(name, (), {})
-
-    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname == "torchvision" or fullname.startswith("torchvision."):
-                return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-            return None
-
-        def create_module(self, spec):
-            module = StubModule(spec.name)
-            module.__path__ = []
-            return module
-
-        def exec_module(self, module):
-            module.__version__ = "0.0.0+stub"
-
-    sys.meta_path.insert(0, Finder())
-    return f"stub (import torchvision failed: {reason})"
-
-
 class _SitGridWindow:
     """Stands in for ``torch`` inside the official SiT sampler module: ``linspace`` returns a window."""
 
@@ -281,7 +237,7 @@ class _SitGridWindow:
 
 def official_runner(repo: Path, family: str, model_name: str, ours, device: str) -> tuple[Callable, dict]:
     """Like igengine_step_runner, for the official code; ``ours`` supplies the weights (loaded strictly)."""
-    from benchmarks.official_parity import contract_noise, import_official
+    from benchmarks.official_parity import contract_noise, import_official, stub_torchvision_if_broken
     from igengine.noise import STREAM_INITIAL, gaussian
 
     facts: dict = {"torchvision": stub_torchvision_if_broken()}
