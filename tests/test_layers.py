@@ -17,15 +17,17 @@ ROOT = Path(__file__).resolve().parents[1] / "igengine"
 RANKS = {
     # foundation: shared vocabulary, no knowledge of any stage
     "errors": 0, "config": 0, "noise": 0, "precision": 0, "safeload": 0, "__init__": 0,
+    # storage: how bytes reach the disk (atomic writes, manifests), knowing nothing of any stage
+    "store": 1,
     # independent stages
-    "store": 1, "models": 1, "kernels": 1, "vae": 1,
-    "export": 2, "sampling": 2, "metrics": 2,
-    "backends": 3,
+    "models": 2, "kernels": 2, "vae": 2,
+    "export": 3, "sampling": 3, "metrics": 3,
+    "backends": 4,
     # orchestration
-    "jobs": 4,
-    "bench": 5, "digits": 5, "api": 5,
-    "cli": 6,
-    "__main__": 7,
+    "jobs": 5,
+    "bench": 6, "digits": 6, "api": 6,
+    "cli": 7,
+    "__main__": 8,
 }
 # Foundation modules may use each other only in this order (an import must go to the left).
 FOUNDATION_ORDER = ["errors", "config", "noise", "precision", "safeload", "__init__"]
@@ -139,7 +141,9 @@ def test_the_checker_sees_a_violation():
     """The rules can fail: upward, sideways, forbidden and foundation-order imports are each reported."""
     assert violations("sampling", {"igengine.backends.base"})  # forbidden (and upward)
     assert violations("sampling", {"igengine.models.dit"})  # forbidden although of a lower rank
-    assert violations("store", {"igengine.models.dit"})  # sideways: same rank
+    assert violations("kernels", {"igengine.models.dit"})  # sideways: same rank
+    assert violations("store", {"igengine.models.dit"})  # upward: storage knows no stage
+    assert not violations("kernels", {"igengine.store.atomic"})  # a stage may write through the store
     assert violations("models", {"igengine.jobs.sample"})  # upward
     assert violations("config", {"igengine.precision"})  # foundation, against its order
     assert violations("jobs", {"igengine.nowhere.x"}) == ["igengine.nowhere.x (unranked)"]
