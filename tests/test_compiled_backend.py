@@ -244,12 +244,16 @@ def test_partial_and_oversized_batches_are_padded_or_split_and_match_unpadded_ea
 
 @pytest.mark.slow
 def test_no_recompile_across_n_2n_and_partial_batches_after_warmup(sit_fp32):
+    from igengine.backends.cpu_linear import PACKS
+
     compiled, _, _ = sit_fp32
     first = dict(compiled.first_call_seconds)
     assert sorted(first) == [2, 4] and all(s > 0 for s in first.values())
+    packs = PACKS["made"]
     for n in (2, 4, 2, 1, 3, 4, 6, 2):
         compiled(*inputs("sit", n, seed=n))
     assert compiled.recompiles == 0 and compiled.compiles == 2
+    assert PACKS["made"] == packs  # the graphs get the same weight tensors: packed at warm-up, never again
     compiled.check_no_recompiles()
     # Inference and normal input tensors, non-contiguous ones and float64 ones take the same graphs.
     x, t, y = inputs("sit", 4)

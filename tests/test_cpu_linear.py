@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from igengine.backends import TorchBackend
-from igengine.backends.cpu_linear import OneDNNLinear, OneDNNMlp, onednn_available, onednn_linear, route_linears
+from igengine.backends.cpu_linear import (PACKS, OneDNNLinear, OneDNNMlp, onednn_available, onednn_linear, packed_weight,
+                                         route_linears)
 from igengine.config import Precision
 from igengine.models import IGDiT
 from igengine.models.layers import Mlp
@@ -103,3 +104,49 @@ def test_fused_gelu_linear_is_as_accurate_as_the_unfused_pair(dtype, k_eps):
     assert (fused - exact).abs().max() < 0.05 * exact.abs().max()
     with pytest.raises(ValueError, match="activation"):
         onednn_linear(x, w, b, "relu")
+
+
+def _plain(x, w, b, activation):
+    """oneDNN's linear on the plain (unpacked) weight: what onednn_linear computed before packing."""
+    attr, algorithm = ("gelu", "tanh") if activation == "gelu_tanh" else ("none", "")
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, attr, [], algorithm)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["none", "gelu_tanh"])
+def test_a_packed_weight_gives_the_plain_weight_result_bit_for_bit(dtype, activation):
+    """Packing is a layout change only: every row count (the pack's hint or not, 2-D or 3-D) is unchanged."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g).to(dtype)
+    b = torch.randn(96, generator=g).to(dtype)
+    pw = packed_weight(w, 40)
+    if hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        assert pw is not w and pw.layout == torch._mkldnn  # really packed, else this test compares w with w
+    for shape in ((40, 64), (7, 64), (2, 20, 64), (3, 33, 64)):
+        x = torch.randn(*shape, generator=g).to(dtype)
+        want = _plain(x, w, b, activation)
+        assert want.abs().max() > 0 and torch.equal(onednn_linear(x, w, b, activation), want), shape
+
+
+def test_a_weight_is_packed_once_and_again_after_an_in_place_change():
+    g = torch.Generator().manual_seed(1)
+    lin = nn.Linear(64, 48)
+    route_linears(lin)
+    x = torch.randn(5, 64, generator=g)
+    before = PACKS["made"]
+    first = lin(x)
+    assert PACKS["made"] == before + 1 and torch.equal(lin(x), first) and PACKS["made"] == before + 1
+    with torch.no_grad():
+        lin.weight.mul_(-2.0)  # the pack of the old values must not be used
+    got = lin(x)
+    assert PACKS["made"] == before + 2
+    assert torch.equal(got, _plain(x, lin.weight, lin.bias, "none")) and not torch.equal(got, first)
+
+
+def test_an_inference_mode_weight_runs_unpacked():
+    """Inference tensors have no version counter, so a pack could not see an in-place change: none is made."""
+    with torch.inference_mode():
+        w, b, x = torch.randn(48, 64), torch.randn(48), torch.randn(5, 64)
+        before = PACKS["made"]
+        assert packed_weight(w, 5) is w
+        assert torch.equal(onednn_linear(x, w, b), _plain(x, w, b, "none")) and PACKS["made"] == before
