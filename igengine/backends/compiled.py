@@ -105,6 +105,7 @@ import torch
 
 from igengine.backends.cpu_linear import ROUTED_DTYPES, onednn_available
 from igengine.backends.cpu_linear import onednn_linear as onednn_linear_kernel
+from igengine.backends.cpu_malloc import keep_freed_memory
 from igengine.errors import BackendError, BackendUnavailable
 from igengine.config import ModelConfig, Precision
 from igengine.models import IGDiT, apply_precision
@@ -456,6 +457,7 @@ class CompiledBackend:
         self.regions = bool(regions) and model_layers.regions_available()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else inductor_cache_dir(self.device)
         self.model = apply_precision(model.eval().requires_grad_(False), self.precision).to(self.device)
+        self.cpu_malloc = keep_freed_memory() if self.device.type == "cpu" else None
         self._backend = CountingInductor(inductor_options(self.mode, self.freezing, self.use_cache), self.cache_dir,
                                          self.config.latent_shape, self.use_cache,
                                          onednn_linear=self.cpu_linear == "onednn")
@@ -608,6 +610,7 @@ class CompiledBackend:
             "freezing": self.freezing,
             "block_regions": self.regions,
             "cpu_linear": self.cpu_linear,
+            "cpu_malloc": self.cpu_malloc,
             "onednn_linears_per_graph": list(self._backend.onednn_linears),
             "onednn_gelus_fused_per_graph": list(self._backend.onednn_gelus),
             "tf32": self.allow_tf32 and self.device.type == "cuda",
