@@ -411,7 +411,7 @@ def bench(
         import importlib.util
 
         if importlib.util.find_spec("matplotlib") is None:
-            raise typer.BadParameter("needs matplotlib, which is not installed: pip install matplotlib", param_hint="--plot")
+            raise typer.BadParameter("needs matplotlib, which is not installed: pip install matplotlib (the plot extra)", param_hint="--plot")
     from igengine.store.atomic import output_file_problem
 
     for flag, path in (("--json", json_out), ("--plot", plot)):  # before the run, not after its minutes

@@ -72,8 +72,8 @@ def default_precision(device: torch.device | str) -> Precision:
     """What `precision` auto means: bf16 on a CUDA GPU (the fast path), reference on the CPU.
 
     On the CPU the faithful mode is the default although it is not the fastest: against the official
-    code `reference` ran 0.9-1.2x, `fp32` (oneDNN linears, fused steps) 1.9-2.0x and `bf16` 3.0-3.4x
-    (3.2-3.8x compiled) on the AVX-512 BF16 CPU of 2026-12-02 (README, `igengine bench`), but a CPU
+    code `reference` ran 0.9-1.2x, `fp32` (oneDNN linears, fused steps) 1.9-2.6x and `bf16` 3.0-4.1x
+    (3.2-4.3x compiled) on the AVX-512 BF16 CPU of 2026-12-02 (README, `igengine bench`), but a CPU
     run is for checking and small jobs, where results that match the official code bit for bit, on
     any CPU, matter more than speed; the note says so (``default_precision_note``). On a GPU bf16 runs
     several times faster than fp32.
