@@ -49,7 +49,7 @@ def _libc():
 
 
 def keep_freed_memory() -> str:
-    """Set the two thresholds once per process; returns what happened, for a backend's ``describe``:
+    """Set both options once per process; returns what happened, for a backend's ``describe``:
     "applied", "off" (``IGENGINE_KEEP_FREED_MEMORY=0``), "not glibc" or "refused by glibc"."""
     if "result" in _applied:
         return _applied["result"]  # type: ignore[return-value]

@@ -12,11 +12,12 @@ give an MFU above 1.
         the end. Default n = 8192 (large enough to saturate an H100/H200's tensor cores).
   CPU:  the same with ``time.perf_counter`` around each product. Default n = 1024 for fp32 (tens of
         ms per product on 2 cores) and for bf16/fp16 where the CPU has native units for them
-        (``igengine.backends.cpu_linear.cpu_native_low_precision``: oneDNN's check for AVX512-BF16 / AMX / AVX512-FP16; on the AMD
-        EPYC (Zen, AVX512-BF16) of 2026-12-02 bf16 ran 4x MKL's fp32 and 1.9x oneDNN's fp32), else 256
-        (without such units they run about an order of magnitude slower than fp32), so a default call
-        stays under 2 s. For fp32 and bf16, where this torch has oneDNN's linear kernel, the same product is also timed
-        through it (``kernels="fastest"``, the default; on a packed weight, as the linears run), interleaved with ``torch.mm``, and the faster
+        (``igengine.backends.cpu_linear.cpu_native_low_precision``: oneDNN's check for AVX512-BF16 /
+        AMX / AVX512-FP16; on the AMD EPYC (Zen, AVX512-BF16) of 2026-12-02 bf16 ran 4x MKL's fp32 and
+        1.9x oneDNN's fp32), else 256 (without such units they run about an order of magnitude slower
+        than fp32), so a default call stays under 2 s. For fp32 and bf16, where this torch has oneDNN's
+        linear kernel, the same product is also timed through it (``kernels="fastest"``, the default;
+        on a packed weight, as the network's linears run), interleaved with ``torch.mm``, and the faster
         kernel's times are the peak: igengine's fp32 linears on the CPU run through oneDNN
         (``igengine.backends.cpu_linear``), 1.15x MKL's rate on one AMD EPYC we measured and 2.3x on
         another, so an MKL-only peak would let an MFU exceed what the machine's fastest GEMM allows.
