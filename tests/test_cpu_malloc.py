@@ -48,10 +48,10 @@ def test_freed_activations_are_reused_without_page_faults():
     pages_per_cycle = (4 * 12 + 48) * 1024 * 1024 // 4096
     kept = _faults("keep")
     assert max(kept) < pages_per_cycle // 20, kept  # the memory of the first cycle serves the later ones
-    # glibc's default mmaps the 48 MB block (its mmap threshold is at most 32 MiB) and unmaps it at every
-    # free: the cycles fault it in again, which is what the setting is for (and this test can see it).
-    default = _faults("default")
-    assert min(default) >= 48 * 1024 * 1024 // 4096 // 2, default
+    # Without the setting the same cycles faulted 12,000-24,500 pages in at least one of them in every run
+    # we made ([12288, 0, 0], [24577, 21473, 12288], [12288, 12289, 0]), far above the bound: the check
+    # sees the difference. glibc's default depends on the heap's history (a freed top may serve the next
+    # large block), so that side is not asserted.
 
 
 @needs_glibc
