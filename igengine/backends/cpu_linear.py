@@ -66,22 +66,22 @@ def cpu_native_low_precision(dtype: torch.dtype) -> bool:
 # held weakly: a model's packs go with its parameters.
 _PACKED = WeakIdKeyDictionary()
 PACKS = {"made": 0}  # how many weights were packed in this process (tests check that a run packs once)
+_REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)  # None in a torch without it
 
 
 def packed_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """``weight`` in oneDNN's own blocked layout, made at the first use and kept while ``weight`` is
     unchanged (its version counter and storage); ``weight`` itself where it cannot be tracked (an
     inference-mode tensor) or this torch has no reorder. ``rows``: the GEMM's M, a layout hint only."""
-    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+    if _REORDER is None:
+        return weight
     try:
         stamp = (weight._version, weight.data_ptr())
     except RuntimeError:  # inference tensors have no version counter: an in-place change would go unseen
         return weight
-    if reorder is None:
-        return weight
     entry = _PACKED.get(weight)
     if entry is None or entry[0] != stamp:
-        entry = (stamp, reorder(weight, rows))
+        entry = (stamp, _REORDER(weight, rows))
         _PACKED[weight] = entry
         PACKS["made"] += 1
     return entry[1]

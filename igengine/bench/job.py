@@ -254,11 +254,11 @@ def run_bench(job: BenchJob, log: Callable[[str], None] = lambda line: None) -> 
         f"{len(configs)} rows on {device}")
 
     # Every (precision, backend) must be able to run here before anything is exported or built.
-    for c in configs:
+    for precision, backend in dict.fromkeys((c.precision, c.backend) for c in configs):
         try:
-            check_runtime(c.backend, c.precision, device)
+            check_runtime(backend, precision, device)
         except BackendUnavailable as e:
-            raise JobError(f"{c.precision.value}/{c.backend.value}: {e}") from None
+            raise JobError(f"{precision.value}/{backend.value}: {e}") from None
 
     # Build every backend (one per precision x backend; compiled backends know every batch's row counts).
     built: dict[tuple[Precision, BackendName], tuple[object, float]] = {}
