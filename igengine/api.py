@@ -29,6 +29,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from igengine.backends.cpu_linear import routes as cpu_routes
 from igengine.config import BackendName, ModelConfig, Precision, SamplerConfig, Solver
 from igengine.errors import JobError
 from igengine.jobs.backend import sampler_for
@@ -221,7 +222,7 @@ def load(ckpt: str | Path | None = None, *, model: str | None = None, precision:
     notes = list(loaded.notes)
     if job.precision is None:
         job = dataclasses.replace(job, precision=default_precision(dev))
-        notes.insert(0, default_precision_note(dev))
+        notes.insert(0, default_precision_note(dev, cpu_routes() if dev.type == "cpu" else None))
     # Latents only, unless there is something to decode them with (pixel-space models need nothing).
     job = dataclasses.replace(job, no_decode=not cfg.pixel_space and job.vae is None)
     sampler_cfg = resolve_sampler_config(job, loaded)

@@ -81,11 +81,29 @@ def default_precision(device: torch.device | str) -> Precision:
     return Precision.BF16 if torch.device(device).type == "cuda" else Precision.REFERENCE
 
 
-def default_precision_note(device: torch.device | str) -> str:
-    """The line a run prints when it took ``default_precision(device)``: what it chose and why."""
+def default_precision_note(device: torch.device | str, cpu_routes: dict | None = None) -> str:
+    """The line a run prints when it took ``default_precision(device)``: what it chose and why.
+
+    cpu_routes: on the CPU, the GEMM route of each linear dtype here (``igengine.backends.cpu_linear.routes()``),
+    so that the note says what is true of this CPU: whether `fp32` and `bf16` have faster GEMMs than
+    `reference` (oneDNN) or the same ones (MKL's fp32 GEMM, on CPUs without AVX-512)."""
     device = torch.device(device)
-    why = ("the official numerics; `fp32` and `bf16` run faster on a CPU" if device.type == "cpu"
-           else "the fast path on a GPU")
+    if device.type != "cpu":
+        why = "the fast path on a GPU"
+    elif cpu_routes is None:
+        why = "the official numerics"
+    else:
+        faster = [p for p, dtype in (("fp32", "float32"), ("bf16", "bfloat16")) if cpu_routes.get(dtype) == "onednn"]
+        same = [p for p in ("fp32", "bf16") if p not in faster]
+        parts = []
+        if faster:
+            parts.append(f"{' and '.join(f'`{p}`' for p in faster)} run{'s' if len(faster) == 1 else ''} faster "
+                         "GEMMs (oneDNN) on this CPU")
+        if same:
+            parts.append(f"{' and '.join(f'`{p}`' for p in same)} run{'s' if len(same) == 1 else ''} the same fp32 "
+                         f"GEMMs as `reference` here (CPU capability {cpu_routes.get('cpu_capability', '?')}), "
+                         "so little faster")
+        why = "the official numerics; " + "; ".join(parts)
     return f"precision {default_precision(device).value} (the default on {device.type}: {why}; choose with `precision`)"
 
 

@@ -32,6 +32,7 @@ import torch
 
 from igengine.backends import BackendError, TorchBackend
 from igengine.backends.compiled import CompiledBackend, call_plan, inductor_cache_env, tf32_flags
+from igengine.backends.cpu_linear import linear_route, routed
 from igengine.config import Precision
 from igengine.models import IGDiT, preset
 from igengine.models.layers import regions_available
@@ -100,7 +101,7 @@ def test_call_plan_pads_up_to_the_next_compiled_count_and_splits_above_the_large
     (dict(allow_tf32=True, precision="reference"), "allow_tf32"),
     (dict(max_batch=0), "max_batch"),
     (dict(cpu_linear="blas"), "cpu_linear"),
-    (dict(cpu_linear="onednn", freezing=True), "freezing"),
+    (dict(cpu_linear="routed", freezing=True), "freezing"),
 ])
 def test_bad_constructor_arguments_name_the_argument(kwargs, match):
     args = dict(row_counts=(2,), precision="fp32") | kwargs
@@ -171,8 +172,8 @@ def sit_fp32(cache_root):
 def one_count(cache_root):
     """Backends compiled for 3 rows only, built on first use: {(family, precision): (compiled, eager, model)}.
 
-    bf16 takes the CPU default (every linear through oneDNN, the fc1 -> GELU fused: the production
-    path); fp32 the plain Inductor path (cpu_linear="aten"), whose oneDNN default ``sit_fp32`` covers:
+    bf16 takes the CPU default (every linear on its route, the fc1 -> GELU fused: the production
+    path); fp32 the plain Inductor path (cpu_linear="aten"), whose routed default ``sit_fp32`` covers:
     both paths are covered without more compiles."""
     built = {}
 
@@ -318,13 +319,15 @@ def test_describe_is_json_and_records_the_compile(sit_fp32, cache_root):
     assert d["torch"] == torch.__version__ and d["compile_mode"] == "default"
     assert set(d["first_call_seconds"]) == {"2", "4"} and len(d["compile_seconds"]) == 2
     assert d["cache_dir"].startswith(str(cache_root))
-    # CPU default: every fp32 linear of the graph runs through oneDNN, and the blocks are inlined (no
-    # regions): per block qkv, proj, fc1, fc2 and the adaLN linear; two time-MLP linears; per head its
-    # adaLN and output linear.
+    # CPU default: every fp32 linear of the graph takes fp32's route on this CPU (oneDNN on AVX-512,
+    # Inductor's own elsewhere), and the blocks are inlined (no regions): per block qkv, proj, fc1, fc2 and
+    # the adaLN linear; two time-MLP linears; per head its adaLN and output linear.
     assert d["block_regions"] is False
-    assert d["cpu_linear"] == "onednn" and d["onednn_linears_per_graph"] == [5 * 2 + 2 + 2 * 2] * 2
-    # and each block's fc1 -> GELU(tanh) is one oneDNN call (cpu_linear: GELU as the GEMM's post-op)
-    assert d["onednn_gelus_fused_per_graph"] == [2] * 2
+    on = routed(torch.float32)
+    assert d["cpu_linear"] == {"float32": linear_route(torch.float32)}
+    assert d["routed_linears_per_graph"] == [(5 * 2 + 2 + 2 * 2) * on] * 2
+    # and each block's fc1 -> GELU(tanh) is one routed call (cpu_linear: GELU fused)
+    assert d["gelus_fused_per_graph"] == [2 * on] * 2
 
 
 @pytest.mark.slow
@@ -338,8 +341,9 @@ def test_block_regions_trace_the_block_once_with_the_same_result(sit_fp32):
     got = regional(x, t, y)
     # The block is a nested compile region (igengine.models.layers.compile_region): traced once into
     # one subgraph that both blocks call, so its 5 linear nodes are routed once, plus the 2 + 2 * 2.
-    assert regional.describe()["block_regions"] is True and regional.describe()["onednn_linears_per_graph"] == [11]
-    assert regional.describe()["onednn_gelus_fused_per_graph"] == [1]
+    on = routed(torch.float32)
+    assert regional.describe()["block_regions"] is True and regional.describe()["routed_linears_per_graph"] == [11 * on]
+    assert regional.describe()["gelus_fused_per_graph"] == [1 * on]
     want = TorchBackend(copy.deepcopy(model), precision=Precision.FP32)(x, t, y)
     for g, r, w in zip(got, inline(x, t, y), want):
         assert max_err(g, w) <= FP32_REL * w.abs().max().item()

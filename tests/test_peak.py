@@ -20,19 +20,23 @@ def test_cpu_fp32_peak_is_positive_finite_and_counts_two_n_cubed():
     assert r["max_flops"] >= r["median_flops"]
 
 
-def test_cpu_fp32_peak_is_the_faster_of_mm_and_onednn():
-    from igengine.backends.cpu_linear import onednn_available
+def _expected_kernels(dtype) -> set:
+    from igengine.backends.cpu_linear import linear_route, routed
 
+    return {"torch.mm", f"{linear_route(dtype)} linear"} if routed(dtype) else {"torch.mm"}
+
+
+def test_cpu_fp32_peak_is_the_faster_of_mm_and_the_routed_linear():
     r = matmul_peak(torch.float32, "cpu", size=128, repeats=3)
     timed = r["kernels_timed"]
-    expected = {"torch.mm", "onednn linear"} if onednn_available() else {"torch.mm"}
-    assert set(timed) == expected
+    assert set(timed) == _expected_kernels(torch.float32)
     assert r["kernel"] == max(timed, key=timed.get)
     assert r["median_flops"] == pytest.approx(timed[r["kernel"]])
     mm_only = matmul_peak(torch.float32, "cpu", size=128, repeats=1, kernels="mm")
     assert set(mm_only["kernels_timed"]) == {"torch.mm"} and mm_only["kernel"] == "torch.mm"
-    # bf16 too: on CPUs with bf16 units the eager bf16 linears reach oneDNN through aten.
-    assert set(matmul_peak(torch.bfloat16, "cpu", size=32, repeats=1)["kernels_timed"]) == expected
+    # bf16 too: every CPU routes bf16 linears (oneDNN, or the fp32 GEMM where oneDNN has no bf16).
+    bf16 = set(matmul_peak(torch.bfloat16, "cpu", size=32, repeats=1)["kernels_timed"])
+    assert bf16 == _expected_kernels(torch.bfloat16) and len(bf16) == 2
 
 
 def test_cpu_low_precision_default_size_follows_the_native_units():

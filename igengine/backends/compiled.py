@@ -32,13 +32,14 @@ Dynamo's per-function recompile limit (default 8, shared by every instance over 
 is raised to ``RECOMPILE_LIMIT`` for the duration of this backend's calls, and where torch has the
 option, hitting it raises instead of silently falling back to eager.
 
-CPU linears (``cpu_linear``): on CPU, every fp32 and bf16 ``linear`` of the traced graph is routed to
-oneDNN (``route_linears_to_onednn``, a custom op Inductor calls as an opaque kernel) instead of
-Inductor's ``addmm``, and a linear feeding a GELU(tanh) (SiT's fc1) becomes one oneDNN call with the
-GELU as its post-op: GEMMs are ~70-85% of a compiled CPU forward, and oneDNN's fp32 GEMM ran the
-DiT's shapes 1.0-1.4x faster than MKL's on an AMD EPYC with AVX2 (SiT-B/2 width, 2 blocks, 2 threads:
-79 ms vs 100 ms at batch 1, 0.58 s vs 0.64 s at batch 8, benchmarks/compiled_speed_bench.py) and 2.3x on
-an AVX-512 one (``igengine.backends.cpu_linear``). ``cpu_linear="aten"`` keeps Inductor's own path.
+CPU linears (``cpu_linear``): on CPU, every ``linear`` of the traced graph whose dtype has a route on this
+CPU (``igengine.backends.cpu_linear.linear_route``: oneDNN for fp32 on AVX-512 CPUs, oneDNN for bf16 where
+oneDNN has bf16, else the fp32 GEMM for bf16) is replaced by a custom op Inductor calls as an opaque kernel
+(``route_cpu_linears``), and a linear feeding a GELU(tanh) (SiT's fc1) becomes one call with the GELU
+fused: GEMMs are ~70-85% of a compiled CPU forward, oneDNN's fp32 GEMM ran the DiT's shapes 2.3x MKL's on
+an AVX-512 EPYC, and Inductor's bf16 ``addmm`` takes torch's generic loop where oneDNN has no bf16 (4.4x
+slower than the fp32-GEMM route). fp32 linears of AVX2-only CPUs stay Inductor's (MKL), which was faster
+there. ``cpu_linear="aten"`` keeps Inductor's own path for every dtype.
 
 Block regions (``regions``): the transformer block as a nested compile region
 (``igengine.models.layers.compile_region``): Dynamo traces it once and Inductor compiles it once per
@@ -85,7 +86,7 @@ Global state this backend touches, and how it is contained:
   * Inductor options (``mode``'s options, caches on) are per-compile config patches, never set
     globally. ``freezing`` is read by Dynamo while tracing, so Inductor's ``freezing`` flag is
     patched for the duration of each call (and restored after it).
-  * The custom op ``igengine::onednn_linear`` (registered once per process, on first use).
+  * The custom op ``igengine::cpu_linear`` (registered once per process, on first use).
   * Dynamo's code cache on ``IGDiT.forward`` (process-global by design; entries of one instance
     are guarded by its own backend object and are not used by another instance).
   * Inductor's compile worker pool: subprocesses Inductor starts on its first compile and keeps
@@ -103,8 +104,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from igengine.backends.cpu_linear import ROUTED_DTYPES, onednn_available
-from igengine.backends.cpu_linear import onednn_linear as onednn_linear_kernel
+from igengine.backends.cpu_linear import ROUTE_ATEN, cpu_linear, linear_route, routed
 from igengine.backends.cpu_malloc import keep_freed_memory
 from igengine.errors import BackendError, BackendUnavailable
 from igengine.config import ModelConfig, Precision
@@ -229,44 +229,43 @@ def inductor_options(mode: str, freezing: bool, use_cache: bool) -> dict:
     return options
 
 
-_ONEDNN_LINEAR = None
+_CPU_LINEAR = None
 
 
-def onednn_linear_op():
-    """``torch.ops.igengine.onednn_linear(x, w, b, activation)``: a linear layer through oneDNN, registered once.
+def cpu_linear_op():
+    """``torch.ops.igengine.cpu_linear(x, w, b, activation)``: a CPU linear layer on its dtype's route, registered once.
 
-    fp32 or bf16; ``activation`` "none" or "gelu_tanh" (fused as the GEMM's post-op, see
-    ``igengine.backends.cpu_linear``). A custom op, so that Inductor calls it as an opaque kernel
-    (Inductor's own oneDNN lowering requires frozen, pre-packed weights). None where this torch has
-    no oneDNN linear kernel.
+    fp32 or bf16; ``activation`` "none" or "gelu_tanh" (fused, see ``igengine.backends.cpu_linear``). A
+    custom op, so that Inductor calls it as an opaque kernel (Inductor's own oneDNN lowering requires
+    frozen, pre-packed weights). None where this torch has no ``torch.library.custom_op``.
     """
-    global _ONEDNN_LINEAR
-    if _ONEDNN_LINEAR is None:
-        if not (onednn_available() and hasattr(torch, "library") and hasattr(torch.library, "custom_op")):
-            _ONEDNN_LINEAR = False
+    global _CPU_LINEAR
+    if _CPU_LINEAR is None:
+        if not (hasattr(torch, "library") and hasattr(torch.library, "custom_op")):
+            _CPU_LINEAR = False
             return None
 
-        @torch.library.custom_op("igengine::onednn_linear", mutates_args=())
-        def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, activation: str) -> torch.Tensor:
-            return onednn_linear_kernel(x, w, b, activation)
+        @torch.library.custom_op("igengine::cpu_linear", mutates_args=())
+        def cpu_linear_custom(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, activation: str) -> torch.Tensor:
+            return cpu_linear(x, w, b, activation)
 
-        @onednn_linear.register_fake
+        @cpu_linear_custom.register_fake
         def _(x, w, b, activation):
             return x.new_empty((*x.shape[:-1], w.shape[0]))
 
-        _ONEDNN_LINEAR = torch.ops.igengine.onednn_linear.default
-    return _ONEDNN_LINEAR or None
+        _CPU_LINEAR = torch.ops.igengine.cpu_linear.default
+    return _CPU_LINEAR or None
 
 
-def route_linears_to_onednn(gm: torch.fx.GraphModule) -> tuple[int, int]:
-    """Replace every fp32/bf16 CPU ``linear(x, w, b)`` of a Dynamo graph by ``onednn_linear_op()``, a
-    linear whose only use is a GELU(tanh) by the op with the GELU fused; returns (linears, GELUs fused).
+def route_cpu_linears(gm: torch.fx.GraphModule) -> tuple[int, int]:
+    """Replace every CPU ``linear(x, w, b)`` of a Dynamo graph whose dtype has a route here
+    (``cpu_linear.routed``) by ``cpu_linear_op()``, a linear whose only use is a GELU(tanh) by the op with
+    the GELU fused; returns (linears, GELUs fused).
 
-    Why: see ``igengine.backends.cpu_linear`` (oneDNN's fp32 GEMM is faster than the MKL ``addmm``
-    Inductor calls otherwise, GEMMs are ~70-85% of a compiled forward, and a fused GELU saves a pass
-    over the MLP's widest activation).
+    Why: see ``igengine.backends.cpu_linear`` (each dtype's fastest correct GEMM on this CPU, GEMMs are
+    ~70-85% of a compiled forward, and a fused GELU saves a pass over the MLP's widest activation).
     """
-    op = onednn_linear_op()
+    op = cpu_linear_op()
     if op is None:
         return 0, 0
     # The graph and its subgraphs: a nested compile region (the transformer block, see
@@ -292,7 +291,7 @@ def _gelu_tanh_user(node: torch.fx.Node) -> torch.fx.Node | None:
 
 
 def _route_graph_linears(gm: torch.fx.GraphModule, op) -> tuple[int, int]:
-    """``route_linears_to_onednn`` on the nodes of one graph (not its subgraphs)."""
+    """``route_cpu_linears`` on the nodes of one graph (not its subgraphs)."""
     replaced = fused = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _LINEARS:
@@ -302,7 +301,7 @@ def _route_graph_linears(gm: torch.fx.GraphModule, op) -> tuple[int, int]:
         vals = [getattr(a, "meta", {}).get("example_value") for a in (x, w, b)]
         if any(not isinstance(v, torch.Tensor) or v.device.type != "cpu" for v in vals):
             continue
-        if len({v.dtype for v in vals}) != 1 or vals[1].dtype not in ROUTED_DTYPES:
+        if len({v.dtype for v in vals}) != 1 or not routed(vals[1].dtype):
             continue
         gelu = _gelu_tanh_user(node)
         last = gelu if gelu is not None else node
@@ -348,11 +347,11 @@ class CountingInductor:
     compiler_name = "inductor"
 
     def __init__(self, options: dict, cache_dir: Path, latent_shape: tuple[int, ...], use_cache: bool = True,
-                 onednn_linear: bool = False):
+                 route_linears: bool = False):
         self.options = dict(options)
-        self.onednn_linear = onednn_linear
-        self.onednn_linears: list[int] = []
-        self.onednn_gelus: list[int] = []
+        self.route_linears = route_linears
+        self.routed_linears: list[int] = []
+        self.gelus_fused: list[int] = []
         self.latent_shape = tuple(latent_shape)
         self.cache_dir = Path(cache_dir)
         self.use_cache = use_cache
@@ -367,10 +366,10 @@ class CountingInductor:
         self.rows.append(sorted({a.shape[0] for a in example_inputs
                                  if isinstance(a, torch.Tensor) and tuple(a.shape[1:]) == self.latent_shape}))
         t0 = time.perf_counter()
-        if self.onednn_linear:
-            linears, gelus = route_linears_to_onednn(gm)
-            self.onednn_linears.append(linears)
-            self.onednn_gelus.append(gelus)
+        if self.route_linears:
+            linears, gelus = route_cpu_linears(gm)
+            self.routed_linears.append(linears)
+            self.gelus_fused.append(gelus)
         try:
             with inductor_cache_env(self.cache_dir), autograd_cache(self.use_cache):
                 return compile_fx(gm, example_inputs, config_patches=dict(self.options))
@@ -395,9 +394,9 @@ class CompiledBackend:
         need a CUDA device). freezing: Inductor's freezing (weights as constants, constant folding,
         packed CPU GEMM weights); default False, see the module docstring. allow_tf32: fp32 matmuls and convolutions may use TF32
         on CUDA (not with ``reference`` precision). max_batch: most rows the sampler should feed in
-        one call (None: any, larger calls are split here). cpu_linear: "onednn" (default on CPU
-        without freezing, where oneDNN is available) routes fp32 and bf16 linear layers through oneDNN,
-        GELU(tanh) fused (``route_linears_to_onednn``), "aten" leaves them to Inductor (MKL addmm). cache_dir: Inductor's cache folder
+        one call (None: any, larger calls are split here). cpu_linear: "routed" (default on CPU
+        without freezing) gives each linear dtype its route on this CPU (``cpu_linear.linear_route``),
+        GELU(tanh) fused (``route_cpu_linears``), "aten" leaves every linear to Inductor (MKL addmm). cache_dir: Inductor's cache folder
         (default ``inductor_cache_dir(device)``, under $IGENGINE_CACHE); use_cache: False disables
         Inductor's FX graph and AOTAutograd caches (for cold-start measurements). regions: trace
         the transformer block as a nested compile region, compiled once and reused by every block
@@ -441,14 +440,14 @@ class CompiledBackend:
             raise BackendUnavailable(f"device {self.device} asked for, but torch sees no CUDA GPU")
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
             raise BackendError(f"max_batch must be None or an int >= 1, got {max_batch!r}")
-        default_linear = "onednn" if self.device.type == "cpu" and not freezing and onednn_linear_op() else "aten"
+        default_linear = "routed" if self.device.type == "cpu" and not freezing and cpu_linear_op() else "aten"
         self.cpu_linear = cpu_linear or default_linear
-        if self.cpu_linear not in ("onednn", "aten"):
-            raise BackendError(f"cpu_linear must be 'onednn' or 'aten', got {cpu_linear!r}")
-        if self.cpu_linear == "onednn" and (self.device.type != "cpu" or onednn_linear_op() is None):
-            raise BackendError(f"cpu_linear='onednn' needs a CPU device and a torch with oneDNN, got {self.device}")
-        if self.cpu_linear == "onednn" and freezing:
-            raise BackendError("cpu_linear='onednn' and freezing exclude each other (freezing packs linears for MKL)")
+        if self.cpu_linear not in ("routed", "aten"):
+            raise BackendError(f"cpu_linear must be 'routed' or 'aten', got {cpu_linear!r}")
+        if self.cpu_linear == "routed" and (self.device.type != "cpu" or cpu_linear_op() is None):
+            raise BackendError(f"cpu_linear='routed' needs a CPU device and torch.library.custom_op, got {self.device}")
+        if self.cpu_linear == "routed" and freezing:
+            raise BackendError("cpu_linear='routed' and freezing exclude each other (freezing packs linears for MKL)")
         self.allow_tf32 = bool(allow_tf32)
         self.freezing = bool(freezing)
         self.use_cache = bool(use_cache)
@@ -460,7 +459,7 @@ class CompiledBackend:
         self.cpu_malloc = keep_freed_memory() if self.device.type == "cpu" else None
         self._backend = CountingInductor(inductor_options(self.mode, self.freezing, self.use_cache), self.cache_dir,
                                          self.config.latent_shape, self.use_cache,
-                                         onednn_linear=self.cpu_linear == "onednn")
+                                         route_linears=self.cpu_linear == "routed")
         self._compiled = torch.compile(self.model, backend=self._backend, dynamic=False, fullgraph=True)
         self._compiles_at_warmup: int | None = None
         self.first_call_seconds: dict[int, float] = {}
@@ -590,6 +589,12 @@ class CompiledBackend:
             return finals[0].float(), inters[0].float()
         return torch.cat(finals).float(), torch.cat(inters).float()
 
+    def _linear_routes(self) -> dict[str, str]:
+        """The route each linear dtype of the model takes on this CPU (as the eager backend reports it)."""
+        dtypes = {m.weight.dtype for m in self.model.modules() if isinstance(m, torch.nn.Linear)}
+        return {str(d).replace("torch.", ""): linear_route(d) if self.cpu_linear == "routed" else ROUTE_ATEN
+                for d in sorted(dtypes, key=str)}
+
     def describe(self) -> dict:
         """JSON-able facts for the manifest and the benchmarks."""
         try:
@@ -609,10 +614,10 @@ class CompiledBackend:
             "inductor_options": dict(self._backend.options),
             "freezing": self.freezing,
             "block_regions": self.regions,
-            "cpu_linear": self.cpu_linear,
+            "cpu_linear": self._linear_routes() if self.device.type == "cpu" else None,
             "cpu_malloc": self.cpu_malloc,
-            "onednn_linears_per_graph": list(self._backend.onednn_linears),
-            "onednn_gelus_fused_per_graph": list(self._backend.onednn_gelus),
+            "routed_linears_per_graph": list(self._backend.routed_linears),
+            "gelus_fused_per_graph": list(self._backend.gelus_fused),
             "tf32": self.allow_tf32 and self.device.type == "cuda",
             "cache_dir": str(self.cache_dir) if self.use_cache else None,
             "row_counts": list(self.row_counts),

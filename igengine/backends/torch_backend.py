@@ -1,8 +1,8 @@
 """The reference backend: the PyTorch IG DiT of ``igengine.models`` in eager mode.
 
-On the CPU, at every precision but ``reference``, its fp32 and bf16 linear layers run through oneDNN, SiT's
-fc1 -> GELU as one call (``cpu_linear``: 1.2x per fp32 forward on one CPU we measured, 1.6x on another for
-bf16); ``reference`` keeps ``nn.Linear`` (MKL), the official code's kernels. Every CPU backend keeps
+On the CPU, at every precision but ``reference``, its fp32 and bf16 linear layers take the fastest correct
+route this CPU has, SiT's fc1 -> GELU as one call (``cpu_linear``: oneDNN where the CPU has AVX-512, the fp32
+GEMM for bf16 where oneDNN has no bf16); ``reference`` keeps ``nn.Linear`` (MKL), the official code's kernels. Every CPU backend keeps
 freed memory for the next call (``cpu_malloc``: no page faults per forward; results unchanged).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from igengine.backends.cpu_linear import route_linears
+from igengine.backends.cpu_linear import route_linears, routed_count
 from igengine.backends.cpu_malloc import keep_freed_memory
 from igengine.config import ModelConfig, Precision
 from igengine.models import IGDiT, apply_precision
@@ -34,7 +34,8 @@ class TorchBackend:
         self.policy = policy(self.precision, self.config.family)
         self.model = apply_precision(model.eval().requires_grad_(False), self.precision).to(self.device)
         fast_cpu = self.device.type == "cpu" and self.precision != Precision.REFERENCE
-        self.onednn_linears = route_linears(self.model, onednn=fast_cpu)  # undone for reference
+        self.cpu_linear = route_linears(self.model, fast=fast_cpu)  # dtype -> route; all aten for reference
+        self.routed_linears = routed_count(self.model)
         self.cpu_malloc = keep_freed_memory() if self.device.type == "cpu" else None
 
     @torch.inference_mode()
@@ -51,6 +52,6 @@ class TorchBackend:
             "network_dtype": str(self.policy.network_dtype).replace("torch.", ""),
             "torch": torch.__version__,
             "tf32": bool(self.device.type == "cuda" and self.policy.allow_tf32),
-            **({"cpu_linear": "onednn" if self.onednn_linears else "aten", "cpu_malloc": self.cpu_malloc}
+            **({"cpu_linear": self.cpu_linear, "cpu_malloc": self.cpu_malloc}
                if self.device.type == "cpu" else {}),
         }

@@ -5,7 +5,7 @@
 (2 m k n FLOPs): e.g. a network's own largest linear layer. ``B^T`` is the layout of ``nn.Linear`` (its
 weight is stored out x in), so the peak is measured on the path the network's matmuls take: on a CPU
 without bf16 matmul units, torch's bf16 ``A @ B`` takes a slow generic path (about 1 GFLOP/s here)
-while ``A @ B^T`` goes to oneDNN (about 12 GFLOP/s), and a peak below what the network achieves would
+while igengine's bf16 linears take the fp32 GEMM there, and a peak below what the network achieves would
 give an MFU above 1.
   CUDA: operands and output preallocated, ``warmup`` untimed products (clocks ramp up, cuBLAS picks
         its kernel), then ``repeats`` products each between two CUDA events, one synchronisation at
@@ -15,12 +15,13 @@ give an MFU above 1.
         (``igengine.backends.cpu_linear.cpu_native_low_precision``: oneDNN's check for AVX512-BF16 /
         AMX / AVX512-FP16; on the AMD EPYC (Zen, AVX512-BF16) of 2026-12-02 bf16 ran 4x MKL's fp32 and
         1.9x oneDNN's fp32), else 256 (without such units they run about an order of magnitude slower
-        than fp32), so a default call stays under 2 s. For fp32 and bf16, where this torch has oneDNN's
-        linear kernel, the same product is also timed through it (``kernels="fastest"``, the default;
-        on a packed weight, as the network's linears run), interleaved with ``torch.mm``, and the faster
-        kernel's times are the peak: igengine's fp32 linears on the CPU run through oneDNN
-        (``igengine.backends.cpu_linear``), 1.15x MKL's rate on one AMD EPYC we measured and 2.3x on
-        another, so an MKL-only peak would let an MFU exceed what the machine's fastest GEMM allows.
+        than fp32), so a default call stays under 2 s. For fp32 and bf16, where igengine routes that
+        dtype's linears on this CPU (``igengine.backends.cpu_linear.linear_route``: oneDNN, or the fp32
+        GEMM for bf16 without oneDNN bf16), the same product is also timed on that route
+        (``kernels="fastest"``, the default; on a packed weight, as the network's linears run), named
+        "<route> linear", interleaved with ``torch.mm``, and the faster kernel's times are the peak: an
+        MKL-only peak would let an MFU exceed what the machine's fastest GEMM allows (oneDNN's fp32
+        GEMM ran 2.3x MKL's on an AVX-512 EPYC).
         ``kernels="mm"`` times ``torch.mm`` alone.
 The result reports the median and the best (max) FLOP/s over the repeats, and which kernel (``kernel``)
 they come from; ``kernels_timed`` gives each timed kernel's median FLOP/s.
@@ -72,7 +73,7 @@ def matmul_peak(
     dtype: torch.bfloat16, torch.float16 or torch.float32. device: "cpu", "cuda", "cuda:1", ...
     size: n (default 8192 on CUDA; on CPU 1024, or 256 for bf16/fp16 without native units). repeats: timed products (default 50 CUDA, 5 CPU).
     allow_tf32: fp32 only, let cuBLAS use TF32 tensor cores. kernels: "fastest" (CPU fp32/bf16: the faster
-    of torch.mm and oneDNN's linear) or "mm" (torch.mm only). shape: (m, k, n) instead of the
+    of torch.mm and igengine's routed linear) or "mm" (torch.mm only). shape: (m, k, n) instead of the
     square ``size`` (not both).
     Returns a JSON-able dict: dtype, device, device_name, size (None with ``shape``), shape [m, k, n],
     flop (= 2 m k n per product), repeats, warmup, tf32, timer, kernel, kernels_timed, median_s, min_s,
@@ -120,10 +121,10 @@ def matmul_peak(
         else:
             products = {"torch.mm": lambda: torch.mm(a, b.t(), out=c)}
             if kernels == "fastest":
-                from igengine.backends.cpu_linear import ROUTED_DTYPES, onednn_available, onednn_linear
+                from igengine.backends.cpu_linear import cpu_linear, linear_route, routed
 
-                if onednn_available() and dtype in ROUTED_DTYPES:  # the dtypes igengine routes there
-                    products["onednn linear"] = lambda: onednn_linear(a, b, None)
+                if routed(dtype):  # the route igengine's linears of this dtype take on this CPU
+                    products[f"{linear_route(dtype)} linear"] = lambda: cpu_linear(a, b, None)
             timed = _time_cpu(products, repeats, warmup)
             timer = "time.perf_counter"
     kernel = min(timed, key=lambda k: statistics.median(timed[k]))

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import igengine
+from igengine.backends.cpu_linear import routes as cpu_routes
 from igengine.config import BackendName
 from igengine.config import Family, ModelConfig, Precision, SamplerConfig, SamplerSettings, Solver
 from igengine.errors import ConfigError, Interrupted, JobError
@@ -405,7 +406,7 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
     chosen = []
     if job.precision is None:
         job = dataclasses.replace(job, precision=default_precision(device))
-        chosen.append(default_precision_note(device))
+        chosen.append(default_precision_note(device, cpu_routes() if device.type == "cpu" else None))
     check_runtime(job.backend, job.precision, device)  # and before making the output folder or an export
     loaded = load_checkpoint(ckpt_path, model_name=job.model, overrides=overrides)
     cfg = loaded.config
