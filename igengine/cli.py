@@ -122,7 +122,7 @@ def sample(
     batch_size: int = typer.Option(64, "--batch-size", help="Samples per sampler batch (results do not depend on it)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the noise contract, in [0, 2^64)."),
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint (.pt/.pth/.safetensors); default: the embedded digits model."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model name, e.g. SiT-XL/2 or LightningDiT-XL/1 (overrides the checkpoint's)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name, e.g. SiT-XL/2 or LightningDiT-XL/1 (overrides the name the checkpoint records; must agree with its tensors)."),
     encoder_depth: Optional[int] = typer.Option(None, "--encoder-depth", help="Block after which the IG head sits (overrides the checkpoint)."),
     num_heads: Optional[int] = typer.Option(None, "--num-heads", help="Attention heads (overrides the checkpoint/model name)."),
     labels: str = typer.Option("random", "--labels", "--class", help="random | balanced | classes: 207, 0-9, 1,5,9 "

@@ -123,7 +123,7 @@ def evil_checkpoint(tmp_path):
 BAD_INPUTS = [
     (["--ckpt", "{tmp}/nope.pt"], "checkpoint not found"),
     (["--ckpt", "{evil}"], "refusing to load"),
-    (["--ckpt", "{ldit}", "--model", "SiT-B/2"], "does not look like a sit model"),
+    (["--ckpt", "{ldit}", "--model", "SiT-B/2"], "its tensors have LightningDiT's layers, which SiT has not"),
     (["--ckpt", "{ldit}", "--model", "Nope-XL/9"], "unknown model"),
     (["--model", "LightningDiT-B/2"], "--model LightningDiT-B/2 is a LightningDiT model but"),
     (["--model", "SiT-S/2"], "(it records model SiT-digits)"),
@@ -179,6 +179,31 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, evil_chec
     assert code == (1 if expect in ("is not a folder", "cannot create output folder") else 2)
     assert not (tmp_path / "pwned").exists()
     assert not (tmp_path / "o" / "samples.npz").exists()
+
+
+def test_lightningdit_weights_under_a_sit_style_args_namespace_sample_with_a_lightningdit_model(tmp_path, capsys):
+    """Issue 18: LightningDiT tensors saved with an argparse Namespace (as REPA-style trainers do) sample with
+    `--model LightningDiT-...`; `--model SiT-...` on them is one line naming the tensor that refutes it."""
+    import argparse
+
+    model = tiny_model("lightningdit")
+    ckpt = tmp_path / "repa-ldit.pt"
+    args = argparse.Namespace(model="SiT-B/2", encoder_depth=2, num_classes=10, resolution=64)
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": args}, ckpt)
+    out = tmp_path / "o"
+    code, _, err = run_cli(capsys, "--ckpt", ckpt, "--model", "LightningDiT-B/1", "--num-heads", 4, "--n", 1,
+                           "--steps", 2, "--no-decode", "--device", "cpu", "--out", out)
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["model"]["family"] == "lightningdit" and m["model"]["use_swiglu"] and m["model"]["use_rope"]
+    assert m["model"]["encoder_depth"] == 2 and m["model"]["encoder_depth_source"] == "checkpoint args"
+    notes = m["checkpoint"]["resolution_notes"]
+    assert any(n.startswith("family LightningDiT from `model` LightningDiT-B/1 and its tensors") for n in notes), notes
+    latents = np.load(out / "latents.npy")
+    assert m["sampler"]["solver"] == "heun2" and latents.shape == (1, 8, 4, 4) and np.isfinite(latents).all()
+    code, _, err = run_cli(capsys, "--ckpt", ckpt, "--model", "SiT-B/2", "--out", tmp_path / "o2")
+    assert_one_line_error(code, err, "--model SiT-B/2 is a SiT model but")
+    assert "blocks.0.mlp.w12.weight is a SwiGLU MLP" in err and "records model SiT-B/2" in err and code == 2
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", '"a string"', "42", "null", "\xff\xfe", "{not json"])
