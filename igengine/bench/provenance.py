@@ -32,6 +32,36 @@ def _version(dist: str) -> str | None:
         return None
 
 
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "avx_ne_convert", "amx_bf16", "amx_tile")
+# Environment variables that hold ATen, oneDNN or MKL to a smaller instruction set than the CPU has.
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_facts() -> dict:
+    """The CPU a figure ran on: its model name, the vector and matrix flags that decide its GEMMs (Linux's
+    /proc/cpuinfo), ATen's CPU capability, and any instruction-set limit set in the environment."""
+    import torch
+
+    model, flags = platform.processor() or None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in (None, "", "x86_64"):
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = None
+    return {"model": model, "flags": [f for f in CPU_FLAGS if f in flags], "aten_capability": capability,
+            "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if k in os.environ}}
+
+
 def provenance() -> dict:
     import torch
 
@@ -43,6 +73,7 @@ def provenance() -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
+        "cpu": cpu_facts(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
