@@ -32,6 +32,21 @@ def _version(dist: str) -> str | None:
         return None
 
 
+# The CPU features that decide GEMM speed on the project's CPUs (AVX2-only and AVX-512 BF16 VMs differ 2-4x).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_facts() -> dict:
+    """The CPU's model name and which of ``CPU_FLAGS`` it has (Linux /proc/cpuinfo; None elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"cpu": platform.processor() or None, "cpu_flags": None}
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), None)
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    return {"cpu": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags]}
+
+
 def provenance() -> dict:
     import torch
 
@@ -43,6 +58,7 @@ def provenance() -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
+        **cpu_facts(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
