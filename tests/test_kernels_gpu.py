@@ -223,7 +223,7 @@ def test_cuda_fused_loop_bf16_network(cuda_discovered):
     assert fused.path == "cuda-graph"
     got = fused(1, indices, labels)
     plain_err = P.rel_err(plain, truth)
-    assert plain_err > P.E2E_RTOL, "the bf16 network rounds like fp32: the comparison below would test nothing"
+    assert plain_err > 0, "the bf16 network gave fp32's numbers: it did not run in bf16"
     assert P.rel_err(got, truth) <= 2 * plain_err, (P.rel_err(got, truth), plain_err)
 
 
