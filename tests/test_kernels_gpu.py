@@ -211,7 +211,7 @@ def test_cuda_fused_loop_bf16_network(cuda_discovered):
     through the reference loop is at most about twice the error of the plain bf16 loop (kernels off,
     launched one by one). Not within 1e-5 of the plain bf16 loop: a GEMM replayed from a CUDA graph
     may accumulate in another order than the eager one, a bf16 cast of its output then rounds the other
-    way (a 2^-8 relative step), and the steps after carry that on (~1e-3 seen on an H100): rounding,
+    way (a 2^-8 relative step), and the steps after carry that on (~1e-3): rounding,
     which the rule bounds, not a bug."""
     cfg = P.e2e_sampler(Solver.HEUN2, (0.19, 1.0), 0.3, precision=Precision.BF16)
     indices, labels = torch.tensor([0, 1]), torch.tensor([4, 5])

@@ -392,7 +392,7 @@ def _measure(job: BenchJob, device: torch.device, cfg: ModelConfig, classes: lis
     bad = [r for r in final["rows"] if r["recompiles"]]
     if bad:
         final["error"] = "recompilation after warm-up: " + ", ".join(f"{r['precision']}/{r['backend']}/N={r['batch_size']}"
-                                                                     for r in bad)
+                                                                    for r in bad)
     return final
 
 
