@@ -396,7 +396,7 @@ def bench(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     seed: int = typer.Option(0, "--seed", help="Seed of the noise and of the random weights."),
     no_anchor: bool = typer.Option(False, "--no-anchor", help="Do not add the reference/torch anchor row."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to FILE."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to FILE (rewritten after every warm-up and repeat, \"partial\": true until the run ends)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of throughput and MFU vs batch size (matplotlib)."),
 ) -> None:
     """Time configurations side by side (precision x backend x batch size) against the reference."""
@@ -422,7 +422,8 @@ def bench(
     from rich.console import Console
 
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-    report = run_bench(job, log=lambda line: console.print(f"[dim]bench:[/dim] {line}"))
+    report = run_bench(job, log=lambda line: console.print(f"[dim]bench:[/dim] {line}"),
+                       progress=None if json_out is None else lambda partial: write_json(partial, json_out))
     console.print(table(report))
     if json_out is not None:
         write_json(report, json_out)

@@ -52,6 +52,7 @@ def test_bench_report_has_the_documented_rows_and_the_anchor_agrees_with_itself(
                  "--repeats", "2", "--device", "cpu", "--json", str(out)])
     assert code == 0, capsys.readouterr().err
     report = json.loads(out.read_text())
+    assert report["partial"] is False and report["stage"] == "done" and "error" not in report
     assert {"commit", "machine", "device", "torch", "date"} <= set(report["provenance"])
     rows = report["rows"]
     assert {(r["precision"], r["batch_size"]) for r in rows} == {(p, n) for p in ("reference", "fp32", "bf16")
@@ -60,6 +61,7 @@ def test_bench_report_has_the_documented_rows_and_the_anchor_agrees_with_itself(
         assert all(k in r for k in REQUIRED), set(REQUIRED) - set(r)
         assert r["samples_per_s"] > 0 and r["samples_per_s_min"] <= r["samples_per_s"] <= r["samples_per_s_max"]
         assert 0 < r["mfu"] < 1.5 and 0 <= r["outside_network_share"] <= 1 and r["recompiles"] == 0
+        assert r["repeats_done"] == 2 and r["peak_memory_bytes"] > 0
     anchor = [r for r in rows if r["anchor"]]
     assert len(anchor) == 2 and all(r["max_abs_vs_reference"] == 0 for r in anchor)
     fp32 = [r for r in rows if r["precision"] == "fp32"]
@@ -124,3 +126,43 @@ def test_configs_pairs_replace_the_cross_product_and_keep_the_anchor():
     assert [(c.precision, c.backend) for c in _configs(cross)] == [
         (Precision.REFERENCE, BackendName.TORCH), (Precision.REFERENCE, BackendName.COMPILED),
         (Precision.BF16, BackendName.TORCH), (Precision.BF16, BackendName.COMPILED)]
+
+
+def test_bench_json_is_rewritten_row_by_row_and_a_stopped_run_keeps_its_finished_rows(tiny_ckpt, tmp_path):
+    """``--json`` is rewritten (atomically) after every warm-up and repeat, flagged partial; a run stopped
+    in the middle leaves a valid report of what it had finished, with the reason."""
+    from igengine.bench.job import BenchJob, run_bench
+    from igengine.bench.report import write_json
+    from igengine.config import Precision
+
+    out = tmp_path / "b.json"
+    seen = []
+
+    def progress(report):
+        write_json(report, out)
+        seen.append(json.loads(out.read_text()))
+        if len(seen) == 4:  # stop during the third repeat, as a timeout would
+            raise KeyboardInterrupt
+
+    job = BenchJob(ckpt=tiny_ckpt, precisions=(Precision.FP32,), batch_sizes=(2,), steps=1, repeats=3, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(job, progress=progress)
+    assert [r["stage"] for r in seen] == ["warm-up 1/2", "warm-up 2/2", "repeat 1/3", "repeat 2/3", "stopped"]
+    assert all(r["partial"] for r in seen)
+    first, both, rep1, rep2, stopped = seen
+    # After the anchor's warm-up: its row alone, untimed, exact against itself.
+    assert [(r["precision"], r["repeats_done"]) for r in first["rows"]] == [("reference", 0)]
+    assert first["rows"][0]["samples_per_s"] is None and first["rows"][0]["max_abs_vs_reference"] == 0
+    # After both warm-ups: the fp32 row's accuracy is known, its speed not yet.
+    fp32 = both["rows"][1]
+    assert fp32["precision"] == "fp32" and 0 < fp32["max_abs_vs_reference"] < 1e-4 and fp32["samples_per_s"] is None
+    # After each repeat: throughput from the repeats so far; the network's own time and MFU come at the end.
+    for report, k in ((rep1, 1), (rep2, 2)):
+        for r in report["rows"]:
+            assert r["repeats_done"] == k and r["samples_per_s"] > 0
+            assert r["samples_per_s_min"] <= r["samples_per_s"] <= r["samples_per_s_max"]
+            assert r["mfu"] is None and r["outside_network_share"] is None and r["peak_memory_bytes"] is None
+    # What the file holds after the stop: the two finished repeats, and why it stopped.
+    assert json.loads(out.read_text()) == stopped
+    assert stopped["error"].startswith("KeyboardInterrupt")
+    assert [r["samples_per_s"] for r in stopped["rows"]] == [r["samples_per_s"] for r in rep2["rows"]]

@@ -206,11 +206,25 @@ def test_cuda_fused_loop_equals_the_reference_loop(cuda_discovered, name, solver
 
 
 def test_cuda_fused_loop_bf16_network(cuda_discovered):
-    backend = P.tiny_backend("LightningDiT-B/1", Precision.BF16, device="cuda")
+    """The fused loop (captured, the CUDA default) through a bf16 network, by the bf16 rule
+    (docs/CONTRACTS.md "Tolerances", the parity rule): its error against the same network in fp32
+    through the reference loop is at most about twice the error of the plain bf16 loop (kernels off,
+    launched one by one). Not within 1e-5 of the plain bf16 loop: a GEMM replayed from a CUDA graph
+    may accumulate in another order than the eager one, a bf16 cast of its output then rounds the other
+    way (a 2^-8 relative step), and the steps after carry that on (~1e-3): rounding,
+    which the rule bounds, not a bug."""
     cfg = P.e2e_sampler(Solver.HEUN2, (0.19, 1.0), 0.3, precision=Precision.BF16)
     indices, labels = torch.tensor([0, 1]), torch.tensor([4, 5])
-    ref = make_sampler(backend, cfg, kernels="off")(1, indices, labels)
-    assert P.rel_err(make_sampler(backend, cfg)(1, indices, labels), ref) <= P.E2E_RTOL
+    bf16 = P.tiny_backend("LightningDiT-B/1", Precision.BF16, device="cuda")
+    fp32 = P.tiny_backend("LightningDiT-B/1", Precision.FP32, device="cuda")  # the same (seeded) weights
+    truth = make_sampler(fp32, replace(cfg, precision=Precision.FP32), kernels="off")(1, indices, labels)
+    plain = make_sampler(bf16, cfg, kernels="off")(1, indices, labels)
+    fused = make_sampler(bf16, cfg)
+    assert fused.path == "cuda-graph"
+    got = fused(1, indices, labels)
+    plain_err = P.rel_err(plain, truth)
+    assert plain_err > 0, "the bf16 network gave fp32's numbers: it did not run in bf16"
+    assert P.rel_err(got, truth) <= 2 * plain_err, (P.rel_err(got, truth), plain_err)
 
 
 def test_cuda_reference_loop_draws_its_noise_on_the_device(cuda_discovered):

@@ -20,6 +20,12 @@ Method
     of the row's dtype measured in the same run (``igengine.bench.peak``).
   * Accuracy: final latents after the first window against the anchor's at the same batch size
     (max abs and relative L2).
+
+Progress (``progress``, what ``--json`` writes): a report of the rows so far after every row's
+warm-up and after every repeat, with ``"partial": true`` and, per row, ``repeats_done``; fields not
+measured yet are None (throughput before the first repeat; the network's own time, peak memory and
+MFU before the last). A run that is stopped keeps what it had finished; the last report has
+``"partial": false``.
 """
 
 from __future__ import annotations
@@ -233,10 +239,14 @@ def _configs(job: BenchJob) -> list[Config]:
     return out
 
 
-def run_bench(job: BenchJob, log: Callable[[str], None] = lambda line: None) -> dict:
-    """Run the benchmark; returns the report (``rows`` and provenance), see the module docstring."""
+def run_bench(job: BenchJob, log: Callable[[str], None] = lambda line: None,
+              progress: Callable[[dict], None] | None = None) -> dict:
+    """Run the benchmark; returns the report (``rows`` and provenance), see the module docstring.
+
+    ``progress(report)``: called with a partial report (``"partial": true``) after each row's warm-up
+    and after each repeat, and once more with ``"partial": true`` and ``"error"`` if the run raises.
+    """
     from igengine.bench.flops import forward_flops
-    from igengine.bench.peak import matmul_peak
     from igengine.bench.provenance import provenance
 
     job.validate()
@@ -279,6 +289,48 @@ def run_bench(job: BenchJob, log: Callable[[str], None] = lambda line: None) -> 
         for sc in classes:
             c.samplers[sc.rows] = Sampler(c.net, sc.window, facts, c.precision, device)
 
+    prov = provenance()
+    peaks: dict = {}
+
+    def report(done: list[Config], partial: bool, stage: str) -> dict:
+        out = {
+            "provenance": prov,
+            "partial": partial,
+            "stage": stage,
+            "workload": {
+                "model": cfg.name, "weights": loaded.weights, "checkpoint": str(loaded.path),
+                "sampler": sampler_cfg.to_dict(), "plan_steps": len(full.steps), "nfe_per_sample": full.nfe,
+                "network_rows_per_sample": full.network_rows,
+                "classes": [{"rows_per_eval": list(sc.rows), "steps_in_full_run": sc.count,
+                             "window_steps": len(sc.window.steps)} for sc in classes],
+                "throughput_basis": "the full run, from per-class step times measured on windows of at most "
+                                    f"{job.steps} steps and the plan's exact step counts per class",
+                "device": str(device), "repeats": job.repeats, "warmup": job.warmup, "seed": job.seed,
+            },
+            "peaks": {_peak_name(k): v for k, v in peaks.items()},
+            "rows": [_row(c, classes, full, cfg, peaks, configs, forward_flops) for c in done],
+        }
+        return out
+
+    def snapshot(done: list[Config], stage: str) -> None:
+        if progress is not None:
+            progress(report(done, True, stage))
+
+    try:
+        return _measure(job, device, cfg, classes, configs, peaks, report, snapshot, log)
+    except BaseException as exc:  # a stopped or failed run: its last report says why
+        if progress is not None:
+            failed = report([c for c in configs if c.latents is not None], True, "stopped")
+            failed["error"] = f"{type(exc).__name__}: {exc}".strip()
+            progress(failed)
+        raise
+
+
+def _measure(job: BenchJob, device: torch.device, cfg: ModelConfig, classes: list[StepClass], configs: list[Config],
+             peaks: dict, report, snapshot, log) -> dict:
+    """Warm-up, interleaved timing, the network alone and peak memory, the matmul peaks (``run_bench``)."""
+    from igengine.bench.peak import matmul_peak
+
     idx_for = {n: torch.arange(n) for n in job.batch_sizes}
     labels_for = {n: torch.arange(n) % cfg.num_classes for n in job.batch_sizes}
 
@@ -298,6 +350,7 @@ def run_bench(job: BenchJob, log: Callable[[str], None] = lambda line: None) -> 
                 if sc is classes[0]:
                     c.latents = out.detach().float().cpu()
         c.first_run_s = first
+        snapshot([x for x in configs if x.latents is not None], f"warm-up {configs.index(c) + 1}/{len(configs)}")
 
     # Interleaved timing: A B C A B C ...
     for r in range(job.repeats):
@@ -306,6 +359,7 @@ def run_bench(job: BenchJob, log: Callable[[str], None] = lambda line: None) -> 
             for sc in classes:
                 dt, _ = run_window(c, sc)
                 c.times.setdefault(sc.rows, []).append(dt)
+        snapshot(configs, f"repeat {r + 1}/{job.repeats}")
 
     # The network alone, and the peak memory of each row.
     for c in configs:
@@ -328,34 +382,18 @@ def run_bench(job: BenchJob, log: Callable[[str], None] = lambda line: None) -> 
             c.peak_memory = (peak, how)
 
     # Peaks of the matmuls the rows run (dtype, and TF32 for tf32 rows), measured in this run.
-    peaks = {}
     for p in sorted({c.precision for c in configs}, key=lambda p: p.value):
         key = _peak_key(p)
         if key not in peaks:
             log(f"matmul peak {_peak_name(key)} on {device}")
             peaks[key] = matmul_peak(key[0], device, allow_tf32=key[1])
 
-    rows = [_row(c, classes, full, cfg, peaks, configs, forward_flops) for c in configs]
-    bad = [r for r in rows if r["recompiles"]]
-    report = {
-        "provenance": provenance(),
-        "workload": {
-            "model": cfg.name, "weights": loaded.weights, "checkpoint": str(loaded.path),
-            "sampler": sampler_cfg.to_dict(), "plan_steps": len(full.steps), "nfe_per_sample": full.nfe,
-            "network_rows_per_sample": full.network_rows,
-            "classes": [{"rows_per_eval": list(sc.rows), "steps_in_full_run": sc.count,
-                         "window_steps": len(sc.window.steps)} for sc in classes],
-            "throughput_basis": "the full run, from per-class step times measured on windows of at most "
-                                f"{job.steps} steps and the plan's exact step counts per class",
-            "device": str(device), "repeats": job.repeats, "warmup": job.warmup, "seed": job.seed,
-        },
-        "peaks": {_peak_name(k): v for k, v in peaks.items()},
-        "rows": rows,
-    }
+    final = report(configs, False, "done")
+    bad = [r for r in final["rows"] if r["recompiles"]]
     if bad:
-        report["error"] = "recompilation after warm-up: " + ", ".join(f"{r['precision']}/{r['backend']}/N={r['batch_size']}"
-                                                                     for r in bad)
-    return report
+        final["error"] = "recompilation after warm-up: " + ", ".join(f"{r['precision']}/{r['backend']}/N={r['batch_size']}"
+                                                                    for r in bad)
+    return final
 
 
 def _peak_key(precision: Precision) -> tuple[torch.dtype, bool]:
@@ -384,18 +422,22 @@ def _build(name: BackendName, loaded: LoadedCheckpoint, precision: Precision, de
 def _row(c: Config, classes: list[StepClass], full: Plan, cfg: ModelConfig, peaks: dict, configs: list[Config],
          forward_flops) -> dict:
     n = c.batch_size
+    # A row of a partial report (see the module docstring) may lack its timed repeats, its network
+    # time and its dtype's peak: those fields are None until they are measured.
+    repeats_done = min((len(c.times.get(sc.rows, ())) for sc in classes), default=0)
     per_repeat = []  # seconds of the full run per repeat
-    for r in range(len(next(iter(c.times.values())))):
+    for r in range(repeats_done):
         per_repeat.append(sum(sc.count * c.times[sc.rows][r] / len(sc.window.steps) for sc in classes))
-    full_s = statistics.median(per_repeat)
-    rates = sorted(n / s for s in per_repeat)
+    full_s = statistics.median(per_repeat) if per_repeat else None
+    rates = sorted(n / s for s in per_repeat) or [None]
     steps_total = len(full.steps)
     evals_total = full.nfe
-    window_s = sum(statistics.median(c.times[sc.rows]) for sc in classes)
-    net_s = sum(c.net_times[m] for sc in classes for s in sc.window.steps for m in sc.rows)
+    window_s = sum(statistics.median(c.times[sc.rows]) for sc in classes) if per_repeat else None
+    net_s = (sum(c.net_times[m] for sc in classes for s in sc.window.steps for m in sc.rows)
+             if all(m in c.net_times for sc in classes for m in sc.rows) else None)
     flops_full = sum(forward_flops(cfg, rows=(2 if ev.cfg else 1) * n) for s in full.steps for ev in s.evals)
-    peak = peaks[_peak_key(c.precision)]
-    mfu = flops_full / full_s / peak["max_flops"]
+    peak = peaks.get(_peak_key(c.precision))
+    mfu = flops_full / full_s / peak["max_flops"] if full_s and peak else None
     anchor = next((a for a in configs if a.anchor and a.batch_size == n), None)
     max_abs = rel_l2 = None
     if anchor is not None and anchor.latents is not None and c.latents is not None:
@@ -409,21 +451,22 @@ def _row(c: Config, classes: list[StepClass], full: Plan, cfg: ModelConfig, peak
         "backend": c.backend.value,
         "batch_size": n,
         "anchor": c.anchor,
-        "samples_per_s": n / full_s,
+        "repeats_done": repeats_done,
+        "samples_per_s": n / full_s if full_s else None,
         "samples_per_s_min": rates[0],
         "samples_per_s_max": rates[-1],
         "full_run_s_per_batch": full_s,
-        "ms_per_step": 1e3 * full_s / steps_total,
-        "ms_per_nfe": 1e3 * full_s / evals_total,
-        "outside_network_share": max(0.0, 1.0 - net_s / window_s) if window_s > 0 else None,
+        "ms_per_step": 1e3 * full_s / steps_total if full_s else None,
+        "ms_per_nfe": 1e3 * full_s / evals_total if full_s else None,
+        "outside_network_share": max(0.0, 1.0 - net_s / window_s) if net_s is not None and window_s else None,
         "network_ms_per_forward": {f"{m}N": 1e3 * s for m, s in c.net_times.items()},
         "build_s": c.build_s,
         "first_sample_s": c.build_s + c.first_run_s,
-        "peak_memory_bytes": c.peak_memory[0],
-        "peak_memory_how": c.peak_memory[1],
+        "peak_memory_bytes": c.peak_memory[0] if c.peak_memory[1] else None,
+        "peak_memory_how": c.peak_memory[1] or None,
         "flops_per_sample_full_run": flops_full / n,
         "mfu": mfu,
-        "mfu_peak_flops": peak["max_flops"],
+        "mfu_peak_flops": peak["max_flops"] if peak else None,
         "max_abs_vs_reference": max_abs,
         "rel_l2_vs_reference": rel_l2,
         "recompiles": int(getattr(backend, "recompiles", 0) or 0),
