@@ -132,7 +132,8 @@ def test_unbiased_under_the_null_and_can_be_negative():
 def test_shifted_gaussian_matches_the_closed_form_population_mmd():
     """k(x, y) = sum_j C(3, j) d^-j <x^(x)j, y^(x)j>, so MMD^2 = sum_j C(3, j) d^-j |E x^(x)j - E y^(x)j|^2.
     For x ~ N(0, I_d), y ~ N(s, I_d), with r = |s|^2:
-      j = 1: r;  j = 2: |s s^T|^2 = r^2;  j = 3: |s^(x)3 + (s_a d_bc + s_b d_ac + s_c d_ab)|^2 = r^3 + 6 r^2 + 3 (d + 2) r.
+      j = 1: r;  j = 2: |s s^T|^2 = r^2;
+      j = 3: |s^(x)3 + (s_a d_bc + s_b d_ac + s_c d_ab)|^2 = r^3 + 6 r^2 + 3 (d + 2) r.
     """
     d = 4
     s = np.array([0.6, -0.5, 0.4, 0.48])
