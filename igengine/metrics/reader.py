@@ -261,8 +261,8 @@ def _unreadable(path: Path, e: BaseException) -> ImageFormatError:
 
 def _check_mode(path: Path, mode: str) -> None:
     if mode.split(";")[0] in WIDE_MODES:
-        raise ImageFormatError(f"{path}: a {mode} image (more than 8 bits per sample), which Image.convert('RGB') "
-                               "would clip at 255; save it as an 8-bit RGB or grayscale image")
+        raise ImageFormatError(f"{path}: Pillow mode {mode} (more than 8 bits per sample), which "
+                               "Image.convert('RGB') would clip at 255; save it as an 8-bit RGB or grayscale image")
 
 
 def _probe(path: Path) -> tuple[int, int]:
