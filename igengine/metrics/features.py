@@ -1,4 +1,4 @@
-"""Batched feature extraction: images from an ``NpzImages`` through the FID network, on the device.
+"""Batched feature extraction: images from an ``NpzImages`` or ``FolderImages`` through the FID network, on the device.
 
 Per batch: uint8 [b, H, W, 3] (host) -> device -> float32 [b, 3, H, W] -> network -> pool [b, 2048]
 and spatial [b, 2023]. The pool features are kept (float32, on the host: 50,000 x 2048 is 410 MB;
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from igengine.metrics.inception import POOL_DIM, SPATIAL_DIM
-from igengine.metrics.reader import NpzImages
+from igengine.metrics.reader import Images
 from igengine.metrics.stats import Moments
 
 Network = Callable[[torch.Tensor], dict]  # float32 [b, 3, H, W] pixels 0..255 -> {"pool", "spatial"}
@@ -54,7 +54,7 @@ def to_device_pixels(batch: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.to(device).permute(0, 3, 1, 2).float()
 
 
-def extract(images: NpzImages, network: Network, device: torch.device, batch_size: int, *,
+def extract(images: Images, network: Network, device: torch.device, batch_size: int, *,
             spatial: bool = True, limit: int | None = None,
             on_batch: Callable[[int], None] | None = None) -> FeatureSet:
     """Run ``network`` over the images (index order); ``on_batch(images_done_in_this_set)`` after each batch."""
