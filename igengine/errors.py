@@ -111,6 +111,25 @@ class Interrupted(RunError):
         super().__init__(message or f"interrupted by {self.signal_name}")
 
 
+class SamplingError(RunError):
+    """A batch that no loop of the sampler's ladder could compute; the message names each loop tried and its error."""
+
+
+class NetworkReplaced(RunError):
+    """Raised by a network that has just replaced its implementation by an equivalent, slower one (a
+    compiled backend that failed, now the eager backend of the same precision) in the middle of a
+    call: the batch in flight must be computed again, which ``igengine.sampling.Sampler`` does.
+
+    source / target: the implementations (e.g. 'compiled', 'torch'); cause: the failure, one line;
+    starts_there: what starts a run on the target (e.g. "`backend` torch").
+    """
+
+    def __init__(self, source: str, target: str, cause: str, starts_there: str | None = None):
+        self.source, self.target, self.cause, self.starts_there = source, target, cause, starts_there
+        super().__init__(f"the {source} network failed ({cause}) and was replaced by the {target} network: "
+                         "compute the batch again")
+
+
 class NonFiniteError(RunError):
     """NaN or Inf appeared in the sampler state; names the first bad step and the sample indices."""
 
@@ -123,7 +142,7 @@ class NonFiniteError(RunError):
 
 __all__ = [
     "BackendError", "BackendUnavailable", "CheckpointError", "ConfigError", "EvaluateError", "ExportError",
-    "GraphMismatchError", "IgengineError", "InputError", "Interrupted", "JobError", "MetricsError", "NonFiniteError",
-    "OutputError", "PackError",
-    "PrecisionMismatchError", "RunError", "VAEError",
+    "GraphMismatchError", "IgengineError", "InputError", "Interrupted", "JobError", "MetricsError", "NetworkReplaced",
+    "NonFiniteError", "OutputError", "PackError",
+    "PrecisionMismatchError", "RunError", "SamplingError", "VAEError",
 ]

@@ -277,9 +277,49 @@ def test_cuda_captured_loop_equals_the_reference_loop(cuda_discovered, name, sol
     ref = make_sampler(backend, cfg, kernels="off")(5, indices, labels)
     fused = replace(captured, capture="off")(5, indices, labels)
     got = captured(5, indices, labels)
+    assert captured.path == "cuda-graph" and captured.fallbacks == (), "the captured loop fell back: " + "; ".join(
+        f.message for f in captured.fallbacks)
     assert got.device.type == "cuda"
     assert P.rel_err(got, ref) <= P.E2E_RTOL, P.rel_err(got, ref)
     assert P.rel_err(got, fused) <= P.E2E_RTOL, P.rel_err(got, fused)
+
+
+def test_cuda_sampler_captures_once_per_batch_size_and_resets_in_place(cuda_discovered, monkeypatch):
+    """Batches of 2 (new seeds, indices, labels), one of 1, then 2 again: two graphs per batch size,
+    each batch within the tolerance of the reference loop, no fallback."""
+    made = []
+    real_graph = torch.cuda.CUDAGraph
+
+    def counted(*args, **kwargs):
+        made.append(real_graph(*args, **kwargs))
+        return made[-1]
+
+    backend = P.tiny_backend("LightningDiT-B/1", device="cuda")
+    cfg = P.e2e_sampler(Solver.HEUN2, (0.19, 1.0), 0.3)
+    captured = make_sampler(backend, cfg)
+    reference = make_sampler(backend, cfg, kernels="off")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", counted)
+    batches = [(5, [0, 1], [4, 5]), (2**40 + 1, [2**33, 7], [9, 0]), (5, [3], [3]), (6, [0, 1], [4, 5])]
+    for seed, idx, lab in batches:
+        got = captured(seed, torch.tensor(idx), torch.tensor(lab))
+        ref = reference(seed, torch.tensor(idx), torch.tensor(lab))
+        assert P.rel_err(got, ref) <= P.E2E_RTOL, (seed, idx, P.rel_err(got, ref))
+    assert captured.path == "cuda-graph" and captured.fallbacks == ()
+    assert len(made) == 4 and sorted(captured._ladder.loops) == [1, 2], "one graph per row count and batch size"
+
+
+def test_cuda_a_fault_on_the_device_falls_back_to_the_fused_loop(cuda_discovered):
+    backend = P.tiny_backend("SiT-S/2", device="cuda")
+    cfg = P.e2e_sampler(Solver.SDE, (0.0, 0.7), 0.0, steps=3)
+    seen = []
+    captured = replace(make_sampler(backend, cfg), on_fallback=seen.append)
+    indices, labels = torch.tensor([0, 1]), torch.tensor([2, 3])
+    captured(1, indices, labels)
+    captured._ladder.loops[2].table[1].zero_()  # kind SDE without the drift flag: refused on the device
+    got = captured(1, indices, labels)  # the seed is unchanged: the reset keeps the corrupted table
+    assert captured.path == "cuda" and len(seen) == 1 and "refused on the device (KIND" in seen[0].message
+    ref = make_sampler(backend, cfg, kernels="off")(1, indices, labels)
+    assert P.rel_err(got, ref) <= P.E2E_RTOL
 
 
 def test_cuda_captured_loop_replays_one_graph_per_launch_without_host_sync(cuda_discovered, monkeypatch):

@@ -8,7 +8,8 @@
   launches    a plan as fused-kernel launches (the per-step scalars)
   fused       the fused loop (one kernel between network calls)
   captured    the captured loop (network + fused kernel replayed from CUDA graphs, one per row count)
-  sampler     Sampler: binds network, plan, facts, precision and randomness; picks the loop
+  sampler     Sampler: binds network, plan, facts, precision and randomness; picks the loop, and falls
+              back down the ladder captured -> fused -> reference when a fast loop fails
   presets     the paper's settings per family, and how a run's settings are resolved
 
 May import: igengine.config, errors, noise, precision, kernels. Never a backend, a job or a writer.
@@ -18,7 +19,7 @@ from igengine.sampling.loop import ModelFacts, Network
 from igengine.sampling.plan import Evaluation, Plan, Step, StepKind, build_plan
 from igengine.sampling.presets import paper_sampler, resolve_sampler
 from igengine.sampling.randomness import Randomness, default_randomness
-from igengine.sampling.sampler import Sampler, sample
+from igengine.sampling.sampler import Fallback, FallbackWarning, Sampler, sample
 
-__all__ = ["Evaluation", "ModelFacts", "Network", "Plan", "Randomness", "Sampler", "Step", "StepKind", "build_plan",
-           "default_randomness", "paper_sampler", "resolve_sampler", "sample"]
+__all__ = ["Evaluation", "Fallback", "FallbackWarning", "ModelFacts", "Network", "Plan", "Randomness", "Sampler", "Step",
+           "StepKind", "build_plan", "default_randomness", "paper_sampler", "resolve_sampler", "sample"]

@@ -20,6 +20,12 @@ its replay, so they may share it whatever order they replay in) and restores the
 device. The non-finite flags, the fault word and the counter are read once, after the last launch
 (``finish``). On the CPU the same launches run eagerly (the CPU twin reads the table on the host).
 
+Capture once: a graph holds the raw addresses of the buffers it was captured on, so a loop serves
+every later batch of the same N (and plan) by ``reset(seed, indices, labels)``, which copies the new
+batch into those very buffers (the launch table when the seed changes, indices, labels, initial
+state, counter, fault word and flags) and never reallocates one. The Sampler keeps one loop per row
+count (``igengine.sampling.sampler``): a 50,000-sample run captures once per batch size it feeds.
+
 The network must be capturable: no host synchronisation, no allocation that outlives the call, the
 same kernels for the same shapes. The torch backend is (``capturable = True``); the ONNX Runtime and
 TensorRT backends are not captured (their runtimes launch work on streams of their own), and the
@@ -43,13 +49,19 @@ from igengine.sampling.plan import Plan
 PATH_CUDA_GRAPH = "cuda-graph"
 
 
+def graphs_available(device: torch.device) -> bool:
+    """Whether ``device`` can capture and replay CUDA graphs (a CUDA device; the one place that decides)."""
+    return torch.device(device).type == "cuda"
+
+
 class CapturedLoop:
     """One run over N samples: device tables, static buffers and, on CUDA, one graph per row count.
 
     Phases: the constructor (tables, buffers, initial state; may copy to the device and wait),
     ``capture()`` (CUDA only), ``run(on_step)`` (the launches, never waiting for the device) and
-    ``finish()`` (one read of the flags: raises NonFiniteError / KernelError, or returns the latents).
-    ``run_captured`` does all four.
+    ``finish()`` (one read of the flags: raises NonFiniteError / KernelError, or returns a copy of the
+    latents). ``run_captured`` does all four. ``reset(seed, indices, labels)`` makes the loop ready for
+    another batch of the same N in the same buffers: its graphs replay it without a new capture.
     """
 
     def __init__(self, net: Network, plan: Plan, facts: ModelFacts, seed: int, indices: torch.Tensor,
@@ -70,11 +82,11 @@ class CapturedLoop:
             j += len(sl.launches)
             self.step_ends[j] = k
         self.num_steps = len(steps)
-        self.indices = indices
+        self.plan = plan
 
         dev = self.device
-        self.idx = indices.to(dev).contiguous()
-        n = self.n = self.idx.numel()
+        n = self.n = int(indices.numel())
+        self.seed = seed
         self.table = pack_table(params, dev)
         # The network time of every launch, rounded from float64 as loop.time_column rounds it, one
         # column per network row: t_rows[m][counter] is launch counter's time input of m * N rows.
@@ -83,18 +95,51 @@ class CapturedLoop:
         self.counter = torch.zeros(1, dtype=torch.int64, device=dev)
         self.fault = torch.zeros(2, dtype=torch.int64, device=dev)
         self.first_bad = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.x = gaussian(seed, self.idx, STREAM_INITIAL, self.shape, device=dev, library=library).reshape(n, -1)
-        e = self.x.shape[1]
+        self.idx = torch.empty(n, dtype=torch.int64, device=dev)
+        e = 1
+        for d in self.shape:
+            e *= int(d)
         m = max(self.rows)
+        self.x = torch.empty((n, e), dtype=torch.float32, device=dev)
         self.net_in = torch.empty((m * n, e), dtype=torch.float32, device=dev)
-        self.net_in.view(m, n, e).copy_(self.x.expand(m, n, e))  # both halves: the warm-up reads them too
         self.k1 = torch.empty_like(self.x)
         self.t = torch.empty(m * n, dtype=torch.float32, device=dev)
-        y = labels.to(dev)
-        self.labels = {1: y}
+        self.null_class = facts.null_class
+        self.labels = {1: torch.empty(n, dtype=torch.int64, device=dev)}
         if m == 2:
-            self.labels[2] = cfg_labels(y, facts.null_class)
+            self.labels[2] = torch.empty(2 * n, dtype=torch.int64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.reset(seed, indices, labels)
+
+    def reset(self, seed: int, indices: torch.Tensor, labels: torch.Tensor) -> None:
+        """Make the loop ready for samples ``indices`` (N of them, as before) of ``seed`` with ``labels``.
+
+        Everything a batch changes is copied into the buffers the graphs were captured on (never a
+        new tensor: a graph replays raw addresses): the launch table when the seed changes (its
+        noise keys), the indices, the label rows, the initial state (both network-input halves), and
+        the counter, fault word and non-finite flags are cleared. Enqueued on the current stream, so
+        it is ordered after the previous batch's replays and before the next ones.
+        """
+        n = self.n
+        if indices.numel() != n or labels.numel() != n:
+            raise ValueError(f"this captured loop runs batches of {n} samples, got {indices.numel()} indices and "
+                             f"{labels.numel()} labels")
+        if seed != self.seed:
+            self.table.copy_(pack_table([p for sl in plan_launches(self.plan, seed) for p in sl.launches]))
+            self.seed = seed
+        self.host_indices = indices  # for the messages of finish(); the graphs read self.idx
+        self.idx.copy_(indices)
+        y = labels.to(self.device)
+        self.labels[1].copy_(y)
+        if 2 in self.labels:
+            self.labels[2].copy_(cfg_labels(y, self.null_class))
+        self.x.copy_(gaussian(seed, self.idx, STREAM_INITIAL, self.shape, device=self.device,
+                              library=self.library).reshape(n, -1))
+        m, e = max(self.rows), self.x.shape[1]
+        self.net_in.view(m, n, e).copy_(self.x.expand(m, n, e))  # both halves: the warm-up reads them too
+        self.counter.zero_()
+        self.fault.zero_()
+        self.first_bad.fill_(-1)
 
     @property
     def num_launches(self) -> int:
@@ -112,7 +157,7 @@ class CapturedLoop:
 
     def capture(self) -> None:
         """CUDA: warm up and capture one graph per row count the plan uses, then restore the initial state."""
-        if self.device.type != "cuda":
+        if not graphs_available(self.device):
             raise ValueError(f"CUDA graphs need a CUDA device, the run is on {self.device}")
         first = {m: self.rows.index(m) for m in sorted(set(self.rows))}
         x0, net0 = self.x.clone(), self.net_in.clone()
@@ -154,7 +199,9 @@ class CapturedLoop:
             on_step(self.step_ends[j] + 1, self.num_steps)
 
     def finish(self) -> torch.Tensor:
-        """The final states (N, C, H, W) float32, after one read of the fault word, counter and flags."""
+        """The final states (N, C, H, W) float32, after one read of the fault word, counter and flags.
+
+        A copy: the loop's own state buffer is the next batch's after ``reset``."""
         flags = torch.cat([self.fault, self.counter, self.first_bad]).cpu()
         code, launch, count = (int(v) for v in flags[:3])
         if code != Fault.NONE:
@@ -163,8 +210,8 @@ class CapturedLoop:
                               "scalars do not fit the captured buffers); the run has no result")
         if count != self.num_launches:
             raise KernelError(f"the launch counter reads {count} after {self.num_launches} launches")
-        raise_if_nonfinite(flags[3:], self.indices)
-        return self.x.view(self.n, *self.shape)
+        raise_if_nonfinite(flags[3:], self.host_indices)
+        return self.x.view(self.n, *self.shape).clone()
 
 
 def run_captured(net: Network, plan: Plan, facts: ModelFacts, seed: int, indices: torch.Tensor, labels: torch.Tensor,
@@ -175,10 +222,10 @@ def run_captured(net: Network, plan: Plan, facts: ModelFacts, seed: int, indices
     docstring); on the CPU they run eagerly with the same structure.
     """
     loop = CapturedLoop(net, plan, facts, seed, indices, labels, device=device, library=library)
-    if loop.device.type == "cuda":
+    if graphs_available(loop.device):
         loop.capture()
     loop.run(on_step)
     return loop.finish()
 
 
-__all__ = ["PATH_CUDA_GRAPH", "CapturedLoop", "run_captured"]
+__all__ = ["PATH_CUDA_GRAPH", "CapturedLoop", "graphs_available", "run_captured"]
