@@ -187,14 +187,17 @@ def load(ckpt: str | Path | None = None, *, model: str | None = None, precision:
          batch_size: int = 64, solver: Solver | str | None = None, steps: int | None = None,
          cfg_scale: float | None = None, cfg_interval: tuple[float, float] | None = None,
          ig_scale: float | None = None, ig_interval: tuple[float, float] | None = None,
-         timestep_shift: float | None = None) -> Pipeline:
+         timestep_shift: float | None = None, capture: str = "auto") -> Pipeline:
     """Load a checkpoint (default: the embedded digits model) into a ``Pipeline``.
 
     Every argument means what the `igengine sample` flag of the same name means, and None means the
     same default: the checkpoint's own sampler settings (``solver`` ... ``timestep_shift``) over the
     paper's; ``precision`` None: ``reference`` on the CPU, ``bf16`` on CUDA; ``vae`` (and, for VA-VAE,
     ``latent_stats``) for latent models whose images you want. ``batch_size`` bounds the samples per
-    network batch (results do not depend on it beyond floating-point reassociation).
+    network batch (results do not depend on it beyond floating-point reassociation). ``capture``:
+    'auto' replays whole steps from CUDA graphs on a GPU where the backend allows it, 'off' never.
+    A fast loop (or a compiled backend) that fails falls back to a slower one with the same results
+    and a ``igengine.sampling.FallbackWarning`` (``pipe.sampler.fallbacks`` keeps them).
     """
     overrides: dict[str, Any] = {
         "solver": _enum(Solver, solver, "solver"), "steps": steps, "cfg_scale": cfg_scale,
@@ -210,7 +213,7 @@ def load(ckpt: str | Path | None = None, *, model: str | None = None, precision:
                     backend=_enum(BackendName, backend, "backend"), onnx=Path(onnx) if onnx is not None else None,
                     vae=Path(vae) if vae is not None else None, vae_kind=vae_kind,
                     latent_stats=Path(latent_stats) if latent_stats is not None else None,
-                    latent_multiplier=latent_multiplier, **overrides)
+                    latent_multiplier=latent_multiplier, capture=capture, **overrides)
     job.validate()
     if job.vae is None and job.latent_stats is not None:
         raise JobError("`latent_stats` belongs to a VA-VAE: pass the `vae` it goes with, or drop it")
@@ -228,7 +231,7 @@ def load(ckpt: str | Path | None = None, *, model: str | None = None, precision:
     sampler_cfg = resolve_sampler_config(job, loaded)
     decoder = resolve_decoder(job, cfg)
     net = make_backend(job, loaded, dev)
-    sampler = sampler_for(net, sampler_cfg, device=dev)
+    sampler = sampler_for(net, sampler_cfg, device=dev, capture=job.capture)
     if decoder is not None:
         decoder.to(dev)
     return Pipeline(sampler=sampler, config=cfg, sampler_config=sampler_cfg, decoder=decoder, device=dev,

@@ -151,7 +151,7 @@ def sample(
     latent_multiplier: float = typer.Option(1.0, "--latent-multiplier", help="VA-VAE: x * std / multiplier + mean (released config: 1.0)."),
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Samples per chunk file (the unit of output and resume; part of the run's identity); default: that of the run already in OUT, else 256."),
     evaluate_ref: Optional[Path] = typer.Option(None, "--evaluate", help="After packing, run `igengine evaluate` against REF (metrics.json beside samples.npz)."),
-    capture: CaptureChoice = typer.Option(CaptureChoice.auto, "--capture", help="auto: on CUDA, replay whole steps (network + fused step) from CUDA graphs when the backend allows it (torch); off: launch them one by one."),
+    capture: CaptureChoice = typer.Option(CaptureChoice.auto, "--capture", help="auto: on CUDA, replay whole steps (network + fused step) from CUDA graphs when the backend allows it (torch), and launch them one by one if a capture or replay fails; off: launch them one by one."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads; default: OMP_NUM_THREADS, else the usable cores that other work does not keep busy."),
 ) -> None:
     """Draw samples with IG (+CFG), bit-reproducibly, and write samples.npz + manifest.json.
@@ -335,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # a library precondition (e.g. a range check of the noise contract)
         typer.echo(f"igengine: error: {flagify(str(e), _command_flags(argv))}", err=True)
         return 2
+    except RuntimeError as e:  # a failure no fallback could absorb (out of GPU memory, a CUDA error): one line
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        typer.echo(f"igengine: error: {type(e).__name__}: {flagify(first, _command_flags(argv))}", err=True)
+        return 1
     except KeyboardInterrupt:
         typer.echo("igengine: interrupted", err=True)
         return 130

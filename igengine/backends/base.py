@@ -65,6 +65,11 @@ class SplitCalls:
         self.max_batch = backend.max_batch
         self.capturable = getattr(backend, "capturable", False) is True
 
+    @property
+    def name(self) -> str | None:
+        """The backend's name as it stands (a backend that replaced itself says what runs now)."""
+        return getattr(self.backend, "name", None)
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cap = self.max_batch
         if cap is None or x.shape[0] <= cap:

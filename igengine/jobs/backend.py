@@ -3,10 +3,14 @@
 The backend factory (``igengine.backends.create_backend``) only constructs backends; finding or making
 their artifacts is export work, done here, by the jobs that need a backend (sample, bench). Runtimes
 are checked first, so a missing one fails at once, before anything is exported or built.
+
+``EagerFallback``: the compiled backend of a sampling run (not of a benchmark, whose rows must time
+what they name), falling back to the eager torch backend of the same precision when it fails.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,9 +19,11 @@ import torch
 from igengine.backends import Artifacts, BackendName, create_backend, network
 from igengine.backends.factory import backend_name
 from igengine.config import Precision, SamplerConfig
+from igengine.errors import NetworkReplaced
 from igengine.models.checkpoint import LoadedCheckpoint
-from igengine.sampling import ModelFacts, Sampler, build_plan
+from igengine.sampling import Fallback, ModelFacts, Sampler, build_plan
 from igengine.sampling.randomness import Randomness
+from igengine.sampling.sampler import is_runtime_failure, one_line
 
 if TYPE_CHECKING:
     from igengine.export.cache import SetupLog
@@ -88,15 +94,73 @@ def build_backend(name: str | BackendName, loaded: LoadedCheckpoint, precision: 
                           row_counts=row_counts, cache_root=cache_root)
 
 
+class EagerFallback:
+    """A compiled backend that, when it fails, hands over to the eager torch backend of the same precision.
+
+    The compiled backend compiles at its first call (every row count at once) and may recompile
+    later; a failure there, or of a compiled kernel (``sampling.sampler.is_runtime_failure``: not a
+    bad input, not running out of memory), builds ``TorchBackend`` on the same model (already cast
+    to the precision and on the device; the two run the same maths) and raises
+    ``NetworkReplaced``, so that the Sampler computes the batch in flight again, from its start,
+    on the eager backend, which every later call uses. The compiled backend's other attributes
+    (``warmup``, ``recompiles``, ...) are reachable as before.
+    """
+
+    capturable = False  # the Sampler decides its loops once; the compiled backend is not captured
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.eager = None
+        self.cause: str | None = None
+
+    def __getattr__(self, name: str):
+        if name in ("compiled", "eager", "cause"):  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.compiled, name)
+
+    @property
+    def name(self) -> str:
+        return self.compiled.name if self.eager is None else self.eager.name
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.eager is not None:
+            return self.eager(x, t, y)
+        try:
+            return self.compiled(x, t, y)
+        except Exception as e:  # noqa: BLE001 - Dynamo's and Inductor's errors have many types
+            if not is_runtime_failure(e):
+                raise
+            from igengine.backends.torch_backend import TorchBackend
+
+            c = self.compiled
+            self.eager = TorchBackend(c.model, precision=c.precision, device=c.device, max_batch=c.max_batch)
+            self.cause = one_line(e)
+            raise NetworkReplaced(c.name, self.eager.name, self.cause, "`backend` torch") from e
+
+    def describe(self) -> dict:
+        if self.eager is None:
+            return self.compiled.describe()
+        return {**self.eager.describe(), "replaced": {"backend": self.compiled.name, "cause": self.cause,
+                                                      "facts": self.compiled.describe()}}
+
+
+def with_eager_fallback(backend):
+    """``backend`` wrapped in ``EagerFallback`` when it is the compiled backend; any other as it is."""
+    return EagerFallback(backend) if getattr(backend, "name", None) == BackendName.COMPILED.value else backend
+
+
 def sampler_for(backend, sampler: SamplerConfig, kernels: str = "auto", randomness: Randomness | None = None,
-                device: str | torch.device | None = None, capture: str = "auto") -> Sampler:
+                device: str | torch.device | None = None, capture: str = "auto",
+                on_fallback: Callable[[Fallback], None] | None = None) -> Sampler:
     """The Sampler of a run on ``backend``: its network, the plan of ``sampler``, the model's facts, one precision.
 
     ``backend`` is any backend (or a callable with ``config`` and ``device``, e.g. a test double).
+    on_fallback: where the sampler reports a fall back (``Sampler``; None: a FallbackWarning).
     """
     net = network(backend) if hasattr(backend, "precision") else backend
     return Sampler(net, build_plan(backend.config.family, sampler), ModelFacts.of(backend.config), sampler.precision,
-                   device if device is not None else backend.device, randomness, kernels, capture)
+                   device if device is not None else backend.device, randomness, kernels, capture,
+                   on_fallback=on_fallback)
 
 
-__all__ = ["build_backend", "check_runtime", "graph_artifacts", "sampler_for"]
+__all__ = ["EagerFallback", "build_backend", "check_runtime", "graph_artifacts", "sampler_for", "with_eager_fallback"]

@@ -11,11 +11,17 @@ Per rank:
   2. Rank 0 then polls the chunk folder until every chunk of the plan is there (no collective, no
      timeout: a rank waiting on files cannot make another rank's NCCL call expire), packs the
      outputs and writes the final manifest. The other ranks exit when their block is done.
+
+How each chunk was computed (the sampler's loop, noise generator and network, and the fallbacks that
+put the sampler there: ``igengine.sampling.Sampler``'s ladder) is written beside it, in
+``<chunk>.how.json``, before the chunk itself, whichever rank computes it and in whichever session;
+rank 0 gathers them into the manifest's ``computed_by`` (``BulkSampler.computed_by``).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +34,7 @@ from igengine.config import Family
 from igengine.errors import OutputError
 from igengine.jobs.launch import RankInfo
 from igengine.sampling import Sampler
-from igengine.store.atomic import atomic_write_bytes, png_bytes
+from igengine.store.atomic import atomic_write_bytes, atomic_write_json, png_bytes
 from igengine.store.chunks import Chunk, ChunkPlan, ChunkStore, coalesce
 from igengine.store.preview import png_path
 from igengine.vae import LatentDecoder
@@ -67,10 +73,21 @@ class SampleMaker:
                  family: Family, pixels: bool):
         self.sampler, self.seed, self.labels = sampler, seed, labels
         self.decoder, self.family, self.pixels = decoder, family, pixels
+        self.last: dict | None = None  # how the last batch was computed (``how``)
+
+    def how(self) -> dict:
+        """How the sampler computes now: its loop ('step'), noise generator, network and, once it has
+        fallen back, why (every fallback so far, in order)."""
+        s = self.sampler
+        record = {"step": s.path, "noise_generator": s.generator, "network": getattr(s.net, "name", None)}
+        if s.fallbacks:
+            record["why"] = [f.message for f in s.fallbacks]
+        return record
 
     def __call__(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         idx = torch.from_numpy(indices)
         x = self.sampler(self.seed, idx, self.labels[idx])  # (m, C, h, w) float32
+        self.last = self.how()
         pixels = None
         if self.pixels:
             images = self.decoder.decode(x) if self.decoder is not None else x
@@ -78,16 +95,36 @@ class SampleMaker:
         return x.cpu().numpy(), pixels
 
 
-def compute_chunk(chunk: Chunk, make: SampleMaker, batch_size: int, on_batch: Callable[[int], None]):
-    """(latents, pixels) of one chunk, computed in batches that start at the chunk's first index."""
+def compute_chunk(chunk: Chunk, make: SampleMaker, batch_size: int, on_batch: Callable[[int], None],
+                  how: list[dict] | None = None):
+    """(latents, pixels) of one chunk, computed in batches that start at the chunk's first index.
+
+    how: if given, gets one entry per batch, {"indices": [start, stop], **make.last} (see ``merge_how``).
+    """
     lat_parts, pix_parts = [], []
     for s in range(chunk.start, chunk.stop, batch_size):
-        lat, pix = make(np.arange(s, min(chunk.stop, s + batch_size), dtype=np.int64))
+        stop = min(chunk.stop, s + batch_size)
+        lat, pix = make(np.arange(s, stop, dtype=np.int64))
+        if how is not None and getattr(make, "last", None) is not None:
+            how.append({"indices": [s, stop], **make.last})
         lat_parts.append(lat)
         if pix is not None:
             pix_parts.append(pix)
         on_batch(lat.shape[0])
     return np.concatenate(lat_parts), (np.concatenate(pix_parts) if pix_parts else None)
+
+
+def merge_how(entries: list[dict]) -> list[dict]:
+    """Entries {"indices": [start, stop], ...} sorted, with neighbours that say the same merged."""
+    out: list[dict] = []
+    for e in sorted(entries, key=lambda e: e["indices"][0]):
+        rest = {k: v for k, v in e.items() if k != "indices"}
+        if out and out[-1]["indices"][1] == e["indices"][0] and {k: v for k, v in out[-1].items()
+                                                                 if k != "indices"} == rest:
+            out[-1] = {**out[-1], "indices": [out[-1]["indices"][0], e["indices"][1]]}
+        else:
+            out.append({"indices": list(e["indices"]), **rest})
+    return out
 
 
 def write_pngs(png_dir: Path, store: ChunkStore, chunk: Chunk, pixels: np.ndarray) -> None:
@@ -106,6 +143,25 @@ def write_pngs(png_dir: Path, store: ChunkStore, chunk: Chunk, pixels: np.ndarra
 
 def _png_marker(store: ChunkStore, chunk: Chunk) -> Path:
     return store.folder / f"{chunk.name}.png-done"
+
+
+def how_path(store: ChunkStore, chunk: Chunk) -> Path:
+    """``<start>-<last>.how.json``: how a chunk's samples were computed (``merge_how`` entries)."""
+    return store.folder / f"{chunk.name.removesuffix('.npz')}.how.json"
+
+
+def read_how(store: ChunkStore, chunk: Chunk) -> list[dict] | None:
+    """A chunk's ``how`` entries, None where it has none (written by an earlier igengine) or it is unreadable."""
+    try:
+        entries = json.loads(how_path(store, chunk).read_text())["computed_by"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return entries if isinstance(entries, list) else None
+
+
+def _unrecorded(chunk: Chunk) -> list[dict]:
+    return [{"indices": [chunk.start, chunk.stop], "step": None,
+             "note": "computed by an igengine that did not record how"}]
 
 
 def _eta(seconds: float) -> str:
@@ -194,11 +250,14 @@ class BulkSampler:
         for k, (chunk, shorter) in enumerate(todo):
             t_chunk = time.perf_counter()
             rest = Chunk(shorter.stop, chunk.stop) if shorter is not None else chunk
-            latents, pixels = compute_chunk(rest, self.make, self.batch_size, self._on_batch)
+            how: list[dict] = []
+            latents, pixels = compute_chunk(rest, self.make, self.batch_size, self._on_batch, how)
             if shorter is not None:  # the earlier, smaller run's samples, then the new ones
                 kept = self.store.read(shorter)
                 latents = np.concatenate([kept["latents"], latents]) if self.keep_latents else latents
                 pixels = np.concatenate([kept["arr_0"], pixels]) if pixels is not None else None
+                how = (read_how(self.store, shorter) or _unrecorded(shorter)) + how
+            self._write_how(chunk, how)
             self._write(chunk, latents, pixels)
             if shorter is not None:
                 self._remove_stale(shorter, chunk)
@@ -219,6 +278,9 @@ class BulkSampler:
     def _take_prefix(self, chunk: Chunk, longer: Chunk) -> None:
         """Write ``chunk`` from the first samples of ``longer`` (left by a run with a larger ``n``), which stays."""
         part = self.store.read(longer, rows=chunk.size)
+        how = [{**e, "indices": [e["indices"][0], min(e["indices"][1], chunk.stop)]}
+               for e in (read_how(self.store, longer) or _unrecorded(longer)) if e["indices"][0] < chunk.stop]
+        self._write_how(chunk, how)
         self._write(chunk, part.get("latents"), part.get("arr_0"))
         self._own_done += chunk.size
         self.report.reused += chunk.size
@@ -230,7 +292,7 @@ class BulkSampler:
         their samples and more."""
         stale = [c for c in self.store.relatives(chunk) if c.stop < chunk.stop]
         for c in stale:
-            for path in (self.store.path(c), _png_marker(self.store, c)):
+            for path in (self.store.path(c), _png_marker(self.store, c), how_path(self.store, c)):
                 try:
                     path.unlink()
                 except FileNotFoundError:
@@ -248,6 +310,21 @@ class BulkSampler:
         self._guard(chunk, lambda: self.store.write(chunk, labels, pixels, latents if self.keep_latents else None))
         if self.png_dir is not None:
             self._guard(chunk, lambda: write_pngs(self.png_dir, self.store, chunk, pixels))
+
+    def _write_how(self, chunk: Chunk, how: list[dict]) -> None:
+        """The chunk's ``how.json``, written before the chunk: a chunk file never lacks the record of
+        its computation (a stale one, left by a process killed before its chunk, is overwritten)."""
+        if how:
+            self._guard(chunk, lambda: atomic_write_json(how_path(self.store, chunk), {"computed_by": merge_how(how)}))
+
+    def computed_by(self) -> list[dict]:
+        """How every sample of the run was computed: the ``how.json`` of every chunk of the plan, merged
+        into index ranges (``{"indices": [start, stop], "step": ..., "why": [...]}``); chunks without
+        one (an earlier igengine's) say ``"step": null``. For rank 0, once every chunk is there."""
+        entries = []
+        for c in self.plan.chunks:
+            entries += read_how(self.store, c) or _unrecorded(c)
+        return merge_how(entries)
 
     def _guard(self, chunk: Chunk, write: Callable[[], None]) -> None:
         """Run a write; turn OSError (disk full, read-only, ...) into one clear OutputError."""
@@ -301,4 +378,5 @@ class BulkSampler:
                 sleep(self.poll_s)
 
 
-__all__ = ["BulkSampler", "Progress", "RankReport", "SampleMaker", "compute_chunk"]
+__all__ = ["BulkSampler", "Progress", "RankReport", "SampleMaker", "compute_chunk", "how_path", "merge_how",
+           "read_how"]

@@ -36,7 +36,7 @@ from igengine.config import BackendName
 from igengine.config import Family, ModelConfig, Precision, SamplerConfig, SamplerSettings, Solver
 from igengine.errors import ConfigError, Interrupted, JobError
 from igengine.export.cache import SetupLog
-from igengine.jobs.backend import build_backend, check_runtime, sampler_for
+from igengine.jobs.backend import build_backend, check_runtime, sampler_for, with_eager_fallback
 from igengine.jobs.bulk import BulkSampler, Progress, SampleMaker
 from igengine.jobs.launch import RankInfo
 from igengine.jobs.preview import prepare_png_dir, write_run_grid
@@ -302,9 +302,11 @@ def resolve_chunk_size(asked: int | None, out: Path, run_key: dict, existing: di
 
 
 def make_backend(job: SampleJob, loaded: LoadedCheckpoint, device: torch.device, setup: SetupLog | None = None):
+    """The run's backend; a compiled one falls back to the eager torch backend of its precision when it fails
+    (``igengine.jobs.backend.EagerFallback``)."""
     n = min(job.batch_size, job.n)  # a compiled backend specialises to the rows a batch feeds (N, and 2N with CFG)
-    return build_backend(job.backend, loaded, job.precision, device, onnx=job.onnx, row_counts=(n, 2 * n),
-                         setup=setup)
+    return with_eager_fallback(build_backend(job.backend, loaded, job.precision, device, onnx=job.onnx,
+                                             row_counts=(n, 2 * n), setup=setup))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,7 +466,10 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
                 chosen.append(moved)
         backend = make_backend(job, loaded, device, setup := SetupLog(progress.log))  # an export says so
         # Fused guidance + update kernels for fp32/bf16/fp16 when a library is built; else the reference loop.
-        sampler = sampler_for(backend, sampler_cfg, device=device, capture=job.capture)
+        # A fast loop (or a compiled network) that fails falls back, with one line here (Sampler's ladder).
+        scope = f"{rank}: " if rank.world_size > 1 else ""
+        sampler = sampler_for(backend, sampler_cfg, device=device, capture=job.capture,
+                              on_fallback=lambda event: progress.log(f"{scope}warning: {event.message}"))
         if decoder is not None:
             decoder.to(device)
         for line in chosen:  # only once the request is known to be good: a refusal stays one line
@@ -494,6 +499,10 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
                 # The backend's facts as they stand after sampling (the compiled backend's warm-up
                 # time, compiles and recompiles are only known now; at the start they read 0).
                 manifest["backend"] = {**manifest["backend"], **backend.describe()}
+                # Which loop (and network) computed each range of samples, and why (every rank's chunks).
+                manifest["computed_by"] = bulk.computed_by()
+                if sampler.fallbacks:
+                    manifest["fallbacks"] = [f.to_dict() for f in sampler.fallbacks]
                 manifest["notes"] = notes
                 manifest = pack_folder(out, manifest)
                 if job.grid and decode:
