@@ -1,5 +1,5 @@
 """Capture once (issue 18): a Sampler captures one loop per batch size and resets it in place for
-every batch.
+every batch; `igengine bench` times a captured row's replays and read-back only.
 
 The CUDA-graph API is replaced by ``tests.fake_graphs`` (a capture records which launch it held, a
 replay runs that launch again on the same buffers), so the captured path runs on the CPU twin,
@@ -94,3 +94,49 @@ def test_a_sampler_keeps_a_bounded_number_of_captured_loops(twin_discovered, mon
     for n in range(1, MAX_CAPTURED_LOOPS + 3):
         s(0, torch.arange(n), torch.zeros(n, dtype=torch.int64))
     assert list(s._ladder.loops) == list(range(3, MAX_CAPTURED_LOOPS + 3)), "the least recently used go first"
+
+
+def test_bench_times_replays_only_and_captures_in_warm_up(twin_discovered, monkeypatch, tmp_path):
+    """Every timed window of a captured row: no capture, no network call outside the replays, and
+    exactly one replay per network evaluation of the window (today's bench built and captured a new
+    loop inside each window: a warm-up forward and a capture per row count)."""
+    import igengine.bench.job as bench
+    from igengine.models.checkpoint import save_safetensors
+    from tests.conftest import tiny_model
+
+    fake = FakeGraphs(monkeypatch)
+    nets = []
+
+    def counting_network(backend):
+        nets.append(CountingNet(network(backend), fake))
+        return nets[-1]
+
+    windows = []
+    timed = bench._timed
+
+    def watched(fn, device):
+        before = (fake.captures, sum(n.eager_calls for n in nets), fake.replays)
+        dt, out = timed(fn, device)
+        if isinstance(out, torch.Tensor):  # a window (prepare returns a function, a forward a pair)
+            after = (fake.captures, sum(n.eager_calls for n in nets), fake.replays)
+            windows.append(tuple(a - b for a, b in zip(after, before)) + (out.shape[0],))
+        return dt, out
+
+    monkeypatch.setattr(bench, "network", counting_network)
+    monkeypatch.setattr(bench, "_timed", watched)
+    ckpt = tmp_path / "tiny.safetensors"
+    save_safetensors(tiny_model("sit", in_channels=1, input_size=8), ckpt,
+                     sampler_defaults={"solver": "sde", "steps": 6, "cfg_scale": 1.5, "cfg_interval": [0.0, 0.6]})
+    job = bench.BenchJob(ckpt=ckpt, pairs=((Precision.FP32, BackendName.TORCH),), anchor=False, batch_sizes=(2, 3),
+                         steps=2, repeats=2, warmup=1, device="cpu")
+    report = bench.run_bench(job)
+    assert [r["step_path"] for r in report["rows"]] == ["cuda-graph", "cuda-graph"]
+    classes = report["workload"]["classes"]
+    evals = {c["window_steps"] * len(c["rows_per_eval"]) for c in classes}
+    # The captures: in warm-up, one per (batch size, class window) and row count of that window.
+    assert fake.captures == 2 * sum(len(set(c["rows_per_eval"])) for c in classes)
+    # Windows: warm-up and repeats (2 rows x classes each), and each row's peak-memory run.
+    assert len(windows) == (1 + 2) * 2 * len(classes) + 2
+    for captures, eager_calls, replays, rows in windows:
+        assert captures == 0 and eager_calls == 0, "a window captured or ran the network outside a replay"
+        assert replays in evals

@@ -11,7 +11,10 @@ Method
     evaluations are all inside the CFG interval costs 2N rows per evaluation, one outside N). For
     every class a window of up to K consecutive steps of that class is timed (K = ``steps``).
   * After warm-up (compilation, capture, caches), the configurations are run in turn, A B C A B C,
-    ``repeats`` times; each repeat times every window of every configuration.
+    ``repeats`` times; each repeat times every window of every configuration. A window's time is
+    its launches and the final read-back of its latents: a captured row (``cuda-graph``) is captured
+    once, in warm-up, and its buffers are reset for each window before the clock starts
+    (``Sampler.prepare``).
   * Throughput at the FULL run = N / sum over classes (steps of that class in the full plan x
     seconds per step of that class). The report says so (``throughput_basis``).
   * The network's own time: a forward of N and of 2N rows timed alone; ``outside_network_share``
@@ -334,9 +337,15 @@ def _measure(job: BenchJob, device: torch.device, cfg: ModelConfig, classes: lis
     idx_for = {n: torch.arange(n) for n in job.batch_sizes}
     labels_for = {n: torch.arange(n) % cfg.num_classes for n in job.batch_sizes}
 
-    def run_window(c: Config, sc: StepClass) -> tuple[float, torch.Tensor]:
+    def run_window(c: Config, sc: StepClass, with_setup: bool = False) -> tuple[float, torch.Tensor]:
+        """Seconds of one window's launches and final read-back, and its latents. A captured row's
+        setup (its capture, the first time; then the reset of its buffers for the batch) is done
+        before the clock starts, as every uncaptured row's compile is done in its warm-up;
+        ``with_setup`` adds it (a row's time to first sample)."""
         n = c.batch_size
-        return _timed(lambda: c.samplers[sc.rows](job.seed, idx_for[n], labels_for[n]), device)
+        setup_s, launch = _timed(lambda: c.samplers[sc.rows].prepare(job.seed, idx_for[n], labels_for[n]), device)
+        dt, out = _timed(launch, device)
+        return (setup_s + dt if with_setup else dt), out
 
     # Warm-up: the first run of each configuration is its time to first sample (compile, capture, caches).
     for c in configs:
@@ -344,7 +353,7 @@ def _measure(job: BenchJob, device: torch.device, cfg: ModelConfig, classes: lis
         first = 0.0
         for w in range(max(1, job.warmup)):
             for sc in classes:
-                dt, out = run_window(c, sc)
+                dt, out = run_window(c, sc, with_setup=w == 0)
                 if w == 0:
                     first += dt
                 if sc is classes[0]:
