@@ -21,9 +21,10 @@ the first one its arguments allow (``kernels='off'`` starts on ``reference``, ``
 ``cuda-graph``; ``demote`` moves it down from outside, e.g. after a check). When a fast rung fails
 while it runs (a capture, a replay, a kernel launch, the fault word or the launch counter, any
 error of the loop's own that is not the request's or the result's), the batch is computed again on
-the next rung (exactly: a sample is a pure function of (seed, index), the noise contract), the
-sampler stays there for every later batch, and ONE warning names the cause and the argument that
-starts a run on that rung (``on_fallback``, else a ``FallbackWarning``; ``fallbacks`` keeps them).
+the next rung from the same noise (a sample is a pure function of (seed, index), the noise
+contract: the same samples, up to that rung's rounding), the sampler stays there for every later
+batch, and ONE warning names the cause and the argument that starts a run on that rung
+(``on_fallback``, else a ``FallbackWarning``; ``fallbacks`` keeps them).
 What the ladder leaves alone: errors in the request (``igengine.errors.InputError``, ValueError
 preconditions), NaN/Inf in the result (``NonFiniteError``: every rung computes the same function, so
 it would come back, only later), running out of memory (the lower rungs need no less), interrupts.
