@@ -86,7 +86,7 @@ def test_prepare_captures_or_resets_and_its_function_only_replays(twin_discovere
         assert torch.equal(out, fused(seed, torch.arange(3), torch.tensor([1, 2, 3])))
 
 
-def test_a_sampler_keeps_a_bounded_number_of_captured_loops(twin_discovered, monkeypatch):
+def test_a_sampler_keeps_a_bounded_number_of_captured_loops_and_releases_them(twin_discovered, monkeypatch):
     from igengine.sampling.sampler import MAX_CAPTURED_LOOPS
 
     fake = FakeGraphs(monkeypatch)
@@ -94,6 +94,11 @@ def test_a_sampler_keeps_a_bounded_number_of_captured_loops(twin_discovered, mon
     for n in range(1, MAX_CAPTURED_LOOPS + 3):
         s(0, torch.arange(n), torch.zeros(n, dtype=torch.int64))
     assert list(s._ladder.loops) == list(range(3, MAX_CAPTURED_LOOPS + 3)), "the least recently used go first"
+    captures = fake.captures
+    s.release()
+    assert not s._ladder.loops
+    s(0, torch.arange(3), torch.zeros(3, dtype=torch.int64))
+    assert fake.captures > captures and s.path == "cuda-graph"
 
 
 def test_bench_times_replays_only_and_captures_in_warm_up(twin_discovered, monkeypatch, tmp_path):
@@ -133,8 +138,10 @@ def test_bench_times_replays_only_and_captures_in_warm_up(twin_discovered, monke
     assert [r["step_path"] for r in report["rows"]] == ["cuda-graph", "cuda-graph"]
     classes = report["workload"]["classes"]
     evals = {c["window_steps"] * len(c["rows_per_eval"]) for c in classes}
-    # The captures: in warm-up, one per (batch size, class window) and row count of that window.
-    assert fake.captures == 2 * sum(len(set(c["rows_per_eval"])) for c in classes)
+    # The captures: in warm-up, one per (batch size, class window) and row count of that window; then
+    # again for each row's peak-memory run (its first class), whose peak includes its capture.
+    assert fake.captures == 2 * sum(len(set(c["rows_per_eval"])) for c in classes) + 2 * len(
+        set(classes[0]["rows_per_eval"]))
     # Windows: warm-up and repeats (2 rows x classes each), and each row's peak-memory run.
     assert len(windows) == (1 + 2) * 2 * len(classes) + 2
     for captures, eager_calls, replays, rows in windows:

@@ -379,6 +379,8 @@ def _measure(job: BenchJob, device: torch.device, cfg: ModelConfig, classes: lis
             y = torch.arange(m * n, device=device) % cfg.num_classes
             c.net(x, t, y)
             c.net_times[m] = statistics.median(_timed(lambda: c.net(x, t, y), device)[0] for _ in range(3))
+        for s in c.samplers.values():  # a captured row's peak includes its capture (graphs and their pool)
+            s.release()
         gc.collect()
         _reset_peak(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0

@@ -261,6 +261,10 @@ class Sampler:
             return self._reference_randomness
         return kernel_randomness(self._library)
 
+    def release(self) -> None:
+        """Drop the captured loops (their graphs, memory pools and buffers); the next call captures again."""
+        self._ladder.loops.clear()
+
     # -- moving down ----------------------------------------------------------------------------------
     def demote(self, to: str, cause: str, starts_there: str | None = None) -> Fallback | None:
         """Move down the ladder to rung ``to`` for every later batch, between batches (e.g. when a check
