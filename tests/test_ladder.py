@@ -351,6 +351,26 @@ def test_a_run_records_which_loop_computed_each_chunk_and_why(twin_discovered, m
     assert json.loads((tmp_path / "fell" / "manifest.json").read_text())["computed_by"] == manifest["computed_by"]
 
 
+def test_a_run_whose_compiled_backend_cannot_compile_runs_eager_and_says_so(twin_discovered, monkeypatch, tmp_path):
+    from igengine.backends.compiled import CompiledBackend
+    from igengine.config import BackendName
+
+    def no_compiler(self):
+        raise RuntimeError("InductorError: InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(CompiledBackend, "warmup", no_compiler)
+    monkeypatch.setenv("IGENGINE_CACHE", str(tmp_path / "cache"))
+    _, want, _ = _run(tmp_path, "torch", backend=BackendName.TORCH)
+    manifest, got, lines = _run(tmp_path, "compiled", backend=BackendName.COMPILED)
+    np.testing.assert_array_equal(got, want)
+    warned = [ln for ln in lines if ln.startswith("warning:")]
+    assert len(warned) == 1 and "the compiled network failed on samples 0..3" in warned[0], lines
+    assert "InvalidCxxCompiler" in warned[0] and "`backend` torch starts a run there" in warned[0]
+    assert [(r["indices"], r["network"]) for r in manifest["computed_by"]] == [([0, 10], "torch")]
+    assert manifest["backend"]["backend"] == "torch" and manifest["backend"]["replaced"]["backend"] == "compiled"
+    assert manifest["run_key"]["backend"] == "compiled"
+
+
 def test_a_resumed_run_keeps_the_record_of_chunks_computed_before(twin_discovered, monkeypatch, tmp_path):
     run_fused = _failing_fused(monkeypatch, after=1)  # the second batch falls back to the reference loop
     first, want, _ = _run(tmp_path, "r")
