@@ -302,6 +302,7 @@ def test_the_network_rung_keeps_a_faithful_network_and_drops_a_wrong_one(twin_di
     assert not wrong.checks[0].passed and not wrong.network_ok
     assert "the compiled network differs from the" in wrong.warning and "the eager network instead" in wrong.warning
     assert wrong.checks[1].passed, "the step rungs are then checked with the eager network the run will use"
+    assert wrong.capture == "off" and "capture off" in wrong.notes[0], "an unchecked captured rung is not taken"
 
 
 @needs_digits

@@ -24,6 +24,7 @@ Sampler is built as asked and the manifest says the check was skipped.
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,7 @@ from igengine.config import Precision, SamplerConfig
 from igengine.jobs.backend import build_backend, sampler_for
 from igengine.models import apply_precision
 from igengine.precision import numerics, policy
-from igengine.sampling import Sampler
+from igengine.sampling import ModelFacts, Sampler, build_plan
 from igengine.sampling.preflight import Preflight, run_preflight, step_rungs
 
 if TYPE_CHECKING:
@@ -115,12 +116,13 @@ def preflight_sampler(backend, loaded: LoadedCheckpoint | None, sampler_cfg: Sam
                                    "note": "nothing to compare: the run takes the reference loop and the eager network"}
     if compiled and not backend.warm:
         backend.warmup()  # the compile belongs to the backend's set-up, not to the check
+    t0 = time.perf_counter()
     model = _module(backend, loaded)
     plain = EagerNetwork(model, precision) if compiled and model is not None else None
     fp32 = fp32_network(model, precision, device) if model is not None else None
     result: Preflight = run_preflight(
-        network(backend) if hasattr(backend, "precision") else backend, _plan(backend, sampler_cfg),
-        _facts(backend), precision, device, seed=seed, labels=labels, capture=capture, plain_net=plain,
+        network(backend) if hasattr(backend, "precision") else backend, build_plan(backend.config.family, sampler_cfg),
+        ModelFacts.of(backend.config), precision, device, seed=seed, labels=labels, capture=capture, plain_net=plain,
         fp32_net=fp32, network_rung=compiled, run_samples=n)
     del fp32, plain
     if device.type == "cuda":
@@ -128,28 +130,17 @@ def preflight_sampler(backend, loaded: LoadedCheckpoint | None, sampler_cfg: Sam
     if not result.network_ok:
         backend = build_backend(BackendName.TORCH, loaded, precision, device)
     sampler = sampler_for(backend, sampler_cfg, device=device, kernels=result.kernels, capture=result.capture)
+    seconds = time.perf_counter() - t0  # the check, its fp32 copy of the network, and acting on it
     if setup is not None:
-        setup.took("preflight_s", result.seconds)
+        setup.took("preflight_s", seconds)
     warning = result.warning
     if warning is not None:
         warnings.warn(warning, RuntimeWarning, stacklevel=2)
     elif log is not None and result.compared:
         worst = ", ".join(f"{c.rung} {c.max_abs:.2g} <= {c.bound:.2g}" for c in result.checks)
         log(f"preflight: every fast rung agrees with the reference on {device} ({worst}; {len(result.plan)} steps "
-            f"of {result.samples} samples, {result.seconds:.2f} s)")
-    return sampler, backend, {"mode": "auto", **result.to_dict()}
-
-
-def _plan(backend, sampler_cfg: SamplerConfig):
-    from igengine.sampling import build_plan
-
-    return build_plan(backend.config.family, sampler_cfg)
-
-
-def _facts(backend):
-    from igengine.sampling import ModelFacts
-
-    return ModelFacts.of(backend.config)
+            f"of {result.samples} samples, {seconds:.2f} s)")
+    return sampler, backend, {"mode": "auto", **result.to_dict(), "seconds": round(seconds, 3)}
 
 
 __all__ = ["PREFLIGHT_CHOICES", "EagerNetwork", "fp32_network", "preflight_sampler"]

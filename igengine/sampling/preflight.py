@@ -297,9 +297,14 @@ def run_preflight(net: Network, plan: Plan, facts: ModelFacts, precision: Precis
         step_rung, kernels, cap = chosen[0], "auto", ("off" if chosen[0] != rungs[0][0] else capture)
     else:
         step_rung, kernels, cap = run_sampler.path, "auto", capture
+    notes = ()
+    if not network_ok and cap != "off":  # the eager replacement might capture: that rung was not checked
+        cap = "off"
+        notes = ("capture off: the eager network that replaces the compiled one was checked on the fused and "
+                 "reference loops only",)
     return Preflight(tuple(checks), step_rung, kernels, cap, network_ok, tuple(describe_plan(short)), SAMPLES,
                      rows * runs, run_samples * plan.network_rows, e_lp if fp32_net is not None else None,
-                     time.perf_counter() - t0)
+                     time.perf_counter() - t0, notes)
 
 
 __all__ = ["FIRST_STEPS", "KERNEL_RTOL", "NETWORK_RTOL", "SAMPLES", "Preflight", "RungCheck", "describe_plan",
