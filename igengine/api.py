@@ -32,7 +32,7 @@ import torch
 from igengine.backends.cpu_linear import routes as cpu_routes
 from igengine.config import BackendName, ModelConfig, Precision, SamplerConfig, Solver
 from igengine.errors import JobError
-from igengine.jobs.backend import sampler_for
+from igengine.jobs.preflight import preflight_sampler
 from igengine.jobs.sample import (DEFAULT_CHECKPOINT, SampleJob, make_backend, resolve_decoder, resolve_device,
                                   resolve_sampler_config)
 from igengine.models.checkpoint import load_checkpoint
@@ -56,7 +56,8 @@ class Pipeline:
     Attributes: ``config`` (the model's ``ModelConfig``), ``sampler_config`` (the resolved
     ``SamplerConfig``: solver, steps, guidance, precision), ``num_classes``, ``device``,
     ``precision``, ``decodes`` (whether ``images`` can run), ``batch_size``, ``sampler`` (the low-level
-    ``igengine.sampling.Sampler``), ``notes`` (how things were resolved) and ``checkpoint`` (its path).
+    ``igengine.sampling.Sampler``), ``notes`` (how things were resolved), ``checkpoint`` (its path) and
+    ``preflight`` (what ``igengine.load`` compared before trusting the fast rungs: the manifest entry of a run).
     """
 
     def __init__(self, *, sampler: Sampler, config: ModelConfig, sampler_config: SamplerConfig,
@@ -69,6 +70,7 @@ class Pipeline:
         self.batch_size = batch_size
         self.checkpoint = checkpoint
         self.notes = notes
+        self.preflight: dict | None = None
         self._decoder = decoder
 
     # -- what it is -----------------------------------------------------------------------------
@@ -187,7 +189,7 @@ def load(ckpt: str | Path | None = None, *, model: str | None = None, precision:
          batch_size: int = 64, solver: Solver | str | None = None, steps: int | None = None,
          cfg_scale: float | None = None, cfg_interval: tuple[float, float] | None = None,
          ig_scale: float | None = None, ig_interval: tuple[float, float] | None = None,
-         timestep_shift: float | None = None, capture: str = "auto") -> Pipeline:
+         timestep_shift: float | None = None, capture: str = "auto", preflight: str = "auto") -> Pipeline:
     """Load a checkpoint (default: the embedded digits model) into a ``Pipeline``.
 
     Every argument means what the `igengine sample` flag of the same name means, and None means the
@@ -198,6 +200,9 @@ def load(ckpt: str | Path | None = None, *, model: str | None = None, precision:
     'auto' replays whole steps from CUDA graphs on a GPU where the backend allows it, 'off' never.
     A fast loop (or a compiled backend) that fails falls back to a slower one with the same results
     and a ``igengine.sampling.FallbackWarning`` (``pipe.sampler.fallbacks`` keeps them).
+    ``preflight``: 'auto' compares each fast rung (fused kernels, CUDA graphs, compiled network) with the
+    reference on this device first and demotes one that disagrees, with a warning (``Pipeline.preflight``
+    says what was compared); 'off' skips that.
     """
     overrides: dict[str, Any] = {
         "solver": _enum(Solver, solver, "solver"), "steps": steps, "cfg_scale": cfg_scale,
@@ -206,7 +211,7 @@ def load(ckpt: str | Path | None = None, *, model: str | None = None, precision:
     }
     # The request as `igengine sample` would get it, resolved by the same functions below. `out` is
     # never used (nothing is written); n only sizes a compiled backend's row counts.
-    job = SampleJob(out=Path("."), n=max(1, batch_size), batch_size=batch_size,
+    job = SampleJob(out=Path("."), n=max(1, batch_size), batch_size=batch_size, preflight=preflight,
                     ckpt=Path(ckpt) if ckpt is not None else None,
                     model=model, encoder_depth=encoder_depth, num_heads=num_heads,
                     precision=_enum(Precision, precision, "precision"), device=device,
@@ -231,11 +236,13 @@ def load(ckpt: str | Path | None = None, *, model: str | None = None, precision:
     sampler_cfg = resolve_sampler_config(job, loaded)
     decoder = resolve_decoder(job, cfg)
     net = make_backend(job, loaded, dev)
-    sampler = sampler_for(net, sampler_cfg, device=dev, capture=job.capture)
+    sampler, net, checked = preflight_sampler(net, loaded, sampler_cfg, dev, capture=job.capture, mode=job.preflight)
     if decoder is not None:
         decoder.to(dev)
-    return Pipeline(sampler=sampler, config=cfg, sampler_config=sampler_cfg, decoder=decoder, device=dev,
+    pipe = Pipeline(sampler=sampler, config=cfg, sampler_config=sampler_cfg, decoder=decoder, device=dev,
                     batch_size=batch_size, checkpoint=Path(ckpt_path), notes=notes)
+    pipe.preflight = checked
+    return pipe
 
 
 def _enum(kind, value, name: str):

@@ -96,6 +96,11 @@ class CaptureChoice(str, enum.Enum):  # igengine.sampling.sampler.CAPTURE_CHOICE
     off = "off"
 
 
+class PreflightChoice(str, enum.Enum):  # igengine.jobs.preflight.PREFLIGHT_CHOICES (pinned by a test)
+    auto = "auto"
+    off = "off"
+
+
 class ExportFormatChoice(str, enum.Enum):
     onnx = "onnx"
     tensorrt = "tensorrt"
@@ -153,6 +158,7 @@ def sample(
     evaluate_ref: Optional[Path] = typer.Option(None, "--evaluate", help="After packing, run `igengine evaluate` against REF (metrics.json beside samples.npz)."),
     capture: CaptureChoice = typer.Option(CaptureChoice.auto, "--capture", help="auto: on CUDA, replay whole steps (network + fused step) from CUDA graphs when the backend allows it (torch), and launch them one by one if a capture or replay fails; off: launch them one by one."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads; default: OMP_NUM_THREADS, else the usable cores that other work does not keep busy."),
+    preflight: PreflightChoice = typer.Option(PreflightChoice.auto, "--preflight", help="auto: before the first chunk, compare each fast rung (fused kernels, CUDA graphs, compiled network) with the reference on 2 samples and demote one that disagrees (one warning; manifest: preflight); off: trust them unchecked."),
 ) -> None:
     """Draw samples with IG (+CFG), bit-reproducibly, and write samples.npz + manifest.json.
 
@@ -171,7 +177,7 @@ def sample(
         backend=backend, onnx=onnx, png=png, grid=grid, save_latents=save_latents, no_decode=no_decode,
         overwrite=overwrite, vae=vae, vae_kind=vae_kind.value, latent_stats=latent_stats,
         latent_multiplier=latent_multiplier, chunk_size=chunk_size, evaluate=evaluate_ref, threads=threads,
-        capture=capture.value,
+        capture=capture.value, preflight=preflight.value,
     )
     from igengine.jobs.launch import RankInfo
 

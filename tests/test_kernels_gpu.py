@@ -390,3 +390,20 @@ def test_library_for_another_gpu_falls_back_with_one_warning(cuda_lib, tmp_path,
         assert library.describe()["cuda"]["state"] == "unusable"
     finally:
         library._reset_for_tests()
+
+
+def test_gpu_the_cmake_library_passes_its_self_test_with_every_check(cuda_lib, twin):
+    """The self-test the loader's caller runs (igengine.kernels.trusted) on the CMake build: noise,
+    by-value steps with every output dtype and the scalar tail, indexed launches, CUDA-graph replays."""
+    from igengine.kernels import selftest
+
+    notes = selftest.check_against_reference(cuda_lib, 0, twin)
+    assert [n.split(" ")[0] for n in notes] == ["noise:", "by-value", "indexed", "captured"], notes
+
+
+def test_gpu_a_sampler_gets_the_cmake_library_after_its_self_test(cuda_discovered):
+    from igengine.kernels import trusted
+
+    lib = trusted.library_for("cuda:0")
+    assert lib is not None and lib.build == "cmake"
+    assert trusted.self_test_notes(0, "cmake")[-1].startswith("captured launches")

@@ -30,8 +30,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from igengine.kernels import abi, library, nvrtc, nvrtc_library, selftest
-from igengine.kernels.library import KernelError, LibraryStatus
+from igengine.kernels import abi, library, nvrtc, nvrtc_library, selftest, trusted
+from igengine.kernels.abi import KernelError
+from igengine.kernels.library import LibraryStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -335,12 +336,37 @@ def builds(monkeypatch, fake_gpu_without_cmake_library):
 
 def test_an_nvrtc_build_that_fails_its_self_test_is_refused_with_one_warning(builds):
     builds.selftest_error = selftest.SelfTestError("its noise differs from the noise contract in 3 of 420 values")
-    with pytest.warns(RuntimeWarning, match="NVRTC build failed its self-test on cuda:0 .its noise differs") as rec:
-        assert library.cuda_library(0) is None
+    assert library.cuda_library(0) is builds.nvrtc, "the loader only loads: it runs no self-test"
+    with pytest.warns(RuntimeWarning, match="NVRTC build failed its self-test on cuda:0 .its noise differs.*"
+                                            "using the reference PyTorch path") as rec:
+        assert trusted.cuda_library(0) is None
+        assert trusted.cuda_library(0) is None
     assert len(rec) == 1
     status = library.library_status("cuda", 0)
     assert status.state == "unusable" and "nvrtc: self-test: its noise differs" in status.detail
-    assert library.kernel_path("cuda:0") == library.PATH_REFERENCE
+    assert trusted.kernel_path("cuda:0") == library.PATH_REFERENCE and library.cuda_library(0) is None
+
+
+def test_a_cmake_library_that_fails_its_self_test_gives_way_to_the_nvrtc_build(builds):
+    """The CMake library is self-tested too (its probe only proves that its kernels load)."""
+    builds.cmake_rc = 0
+    tested = []
+
+    def self_test(lib, device, cpu_lib=None):
+        tested.append(lib.build)
+        if lib.build == "cmake":
+            raise selftest.SelfTestError("its indexed launches: after 4 launches it left the counter at 1")
+        return ["noise: bit-equal to the contract"]
+
+    selftest.check_against_reference = self_test  # the fixture's monkeypatch restores the original
+    with pytest.warns(RuntimeWarning, match="the CMake build failed its self-test on cuda:0 .its indexed launches.*"
+                                            "trying the NVRTC build") as rec:
+        assert trusted.cuda_library(0) is builds.nvrtc
+    assert len(rec) == 1 and tested == ["cmake", "nvrtc"]
+    assert trusted.cuda_library(0) is builds.nvrtc and tested == ["cmake", "nvrtc"], "tested once per device"
+    assert trusted.self_test_notes(0, "nvrtc") == ["noise: bit-equal to the contract"]
+    assert trusted.self_test_notes(0, "cmake") is None
+    assert trusted.describe()["cuda"]["self_test"] == ["noise: bit-equal to the contract"]
 
 
 class _Skewed:
@@ -359,7 +385,22 @@ class _Skewed:
         if self.what == "step":
             params = type(params).from_buffer_copy(params)
             params.dt *= 2  # a scalar passed wrongly
-        return self.lib.step(params, buffers, **kwargs)
+        if self.what == "bf16" and buffers.v_dtype == abi.DType.BF16:
+            buffers = type(buffers).from_buffer_copy(buffers)
+            buffers.v_dtype = abi.DType.F16  # bf16 outputs read as fp16: a dtype dispatched wrongly
+        self.lib.step(params, buffers, **kwargs)
+        if self.what == "tail" and buffers.e % 4:
+            import ctypes  # the scalar kernel's partial last block written wrongly
+
+            last = ctypes.c_float.from_address(buffers.x_out + 4 * (buffers.n * buffers.e - 1))
+            last.value = last.value + 0.5
+
+    def step_indexed(self, table, buffers, **kwargs):
+        self.lib.step_indexed(table, buffers, **kwargs)
+        if self.what == "counter":
+            import ctypes  # the advance lost: every launch runs the table's first row
+
+            ctypes.c_int64.from_address(table.counter).value = 0
 
 
 def test_the_self_test_passes_a_correct_build_and_catches_wrong_noise_or_steps():
@@ -367,13 +408,31 @@ def test_the_self_test_passes_a_correct_build_and_catches_wrong_noise_or_steps()
     if cpu is None:
         pytest.skip("the CPU twin is not built (python -m igengine.kernels.build)")
     notes = selftest.check_against_reference(cpu, torch.device("cpu"), cpu)
-    assert notes[0] == "noise: bit-equal to the contract" and notes[1].startswith("fused step: within")
+    assert notes[0] == "noise: bit-equal to the contract"
+    assert notes[1].startswith("by-value steps (f32/bf16/f16 outputs, 72 and 75 elements): within 0 ")
+    assert notes[2].startswith("indexed launches (4, counter and fault word): within 0 ")
+    assert len(notes) == 3, "CUDA-graph capture is checked on CUDA devices only"
     assert selftest.check_against_reference(cpu, torch.device("cpu"))[1] == \
-        "fused step: not checked (no CPU twin to compare with)"
+        "fused steps: not checked (no CPU twin to compare with)"
     with pytest.raises(selftest.SelfTestError, match="its noise differs from the noise contract"):
         selftest.check_against_reference(_Skewed(cpu, "noise"), torch.device("cpu"), cpu)
-    with pytest.raises(selftest.SelfTestError, match="its fused SDE step differs from the CPU twin's"):
+    with pytest.raises(selftest.SelfTestError, match=r"its fused SDE step \(float32 outputs, 72 elements: vectorised\) "
+                                                     "differs from the CPU twin's: x by"):
         selftest.check_against_reference(_Skewed(cpu, "step"), torch.device("cpu"), cpu)
+
+
+@pytest.mark.parametrize("what, message", [
+    ("tail", r"its fused SDE step \(float32 outputs, 75 elements: scalar, with a partial last block\) differs .*x by 0.5"),
+    ("bf16", r"its fused SDE step \(bfloat16 outputs, 72 elements: vectorised\) differs from the CPU twin's"),
+    ("counter", r"its indexed launches were refused: .*launch 0 of a table of 4"),
+])
+def test_the_self_test_catches_a_wrong_tail_dtype_or_counter(what, message):
+    """Each check the self-test grew fails on the fault it is there for (the twin, skewed in one way)."""
+    cpu = library.cpu_library()
+    if cpu is None:
+        pytest.skip("the CPU twin is not built (python -m igengine.kernels.build)")
+    with pytest.raises(selftest.SelfTestError, match=message):
+        selftest.check_against_reference(_Skewed(cpu, what), torch.device("cpu"), cpu)
 
 
 def test_a_usable_cmake_library_comes_first(builds):

@@ -36,9 +36,10 @@ from igengine.config import BackendName
 from igengine.config import Family, ModelConfig, Precision, SamplerConfig, SamplerSettings, Solver
 from igengine.errors import ConfigError, Interrupted, JobError
 from igengine.export.cache import SetupLog
-from igengine.jobs.backend import build_backend, check_runtime, sampler_for, with_eager_fallback
+from igengine.jobs.backend import build_backend, check_runtime, with_eager_fallback
 from igengine.jobs.bulk import BulkSampler, Progress, SampleMaker
 from igengine.jobs.launch import RankInfo
+from igengine.jobs.preflight import PREFLIGHT_CHOICES, preflight_sampler
 from igengine.jobs.preview import prepare_png_dir, write_run_grid
 from igengine.jobs.threads import ENV as THREADS_ENV
 from igengine.jobs.threads import ThreadChoice, choose_threads, using_threads
@@ -94,6 +95,7 @@ class SampleJob:
     chunk_size: int | None = None  # samples per chunk file (the unit of output and resume); None: see resolve_chunk_size
     evaluate: Path | None = None  # a reference for `igengine evaluate`, run after packing (metrics.json)
     capture: str = "auto"  # CUDA graphs of whole steps where the backend allows them ('auto'), or never ('off')
+    preflight: str = "auto"  # compare the fast rungs with the reference before the first chunk ('auto'), or not ('off')
     threads: int | None = None  # CPU threads; None: OMP_NUM_THREADS, else the cores not busy (igengine.jobs.threads)
 
     def validate(self) -> None:
@@ -104,6 +106,8 @@ class SampleJob:
                 raise JobError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.capture not in CAPTURE_CHOICES:
             raise JobError(f"unknown `capture` {self.capture!r}; choose {' or '.join(CAPTURE_CHOICES)}")
+        if self.preflight not in PREFLIGHT_CHOICES:
+            raise JobError(f"unknown `preflight` {self.preflight!r}; choose {' or '.join(PREFLIGHT_CHOICES)}")
         if self.vae_kind not in ("auto", *(k.value for k in VAEKind)):
             raise JobError(f"unknown `vae_kind` {self.vae_kind!r}; choose auto, sd or vavae")
         try:
@@ -466,16 +470,20 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
                 chosen.append(moved)
         backend = make_backend(job, loaded, device, setup := SetupLog(progress.log))  # an export says so
         # Fused guidance + update kernels for fp32/bf16/fp16 when a library is built; else the reference loop.
-        # A fast loop (or a compiled network) that fails falls back, with one line here (Sampler's ladder).
+        # Each fast rung is first compared with the reference on this device (igengine.jobs.preflight); a fast
+        # loop (or a compiled network) that fails later falls back, with one line here (Sampler's ladder).
         scope = f"{rank}: " if rank.world_size > 1 else ""
-        sampler = sampler_for(backend, sampler_cfg, device=device, capture=job.capture,
-                              on_fallback=lambda event: progress.log(f"{scope}warning: {event.message}"))
+        sampler, backend, preflight = preflight_sampler(
+            backend, loaded, sampler_cfg, device, capture=job.capture, mode=job.preflight, seed=job.seed,
+            labels=labels[:2], n=job.n, setup=setup, log=progress.log,
+            on_fallback=lambda event: progress.log(f"{scope}warning: {event.message}"))
         if decoder is not None:
             decoder.to(device)
         for line in chosen:  # only once the request is known to be good: a refusal stays one line
             progress.log(line)
         manifest = _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, sampler, backend, run_key, label_info, labels,
                              decoder, layout, rank, png_dir is not None, threads)
+        manifest["preflight"] = preflight
         if rank.is_main:
             atomic_write_json(out / MANIFEST, manifest)
         make = SampleMaker(sampler, job.seed, labels, decoder, cfg.family, pixels=decode)

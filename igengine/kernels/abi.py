@@ -1,7 +1,10 @@
-"""The C ABI of csrc/igk_api.h mirrored in ctypes: enums, the argument structs, function signatures.
+"""The C ABI of csrc/igk_api.h mirrored in ctypes: enums, the argument structs, function signatures,
+and ``KernelError``, the error of a failed library call.
 
 Keep this file and csrc/igk_api.h in lock-step; ``ABI_VERSION`` and the struct sizes are checked
 against the library when it is loaded, so a stale build is refused instead of misread.
+
+The lowest module of igengine.kernels: everything else here imports it, it imports nothing of igengine.
 """
 
 from __future__ import annotations
@@ -10,6 +13,10 @@ import ctypes
 import enum
 
 ABI_VERSION = 2
+
+
+class KernelError(RuntimeError):
+    """A kernel library call failed (the message carries the library's own error text)."""
 
 
 class Kind(enum.IntEnum):

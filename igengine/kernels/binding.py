@@ -100,7 +100,8 @@ def fused_step(params: abi.StepParams, x: torch.Tensor, v_final: torch.Tensor, v
     net_out:   float32 (2N or N, ...) next network input: x_out (x_pred) rows, written twice when
                params.dup_next. Optional.
     first_bad: int64 (N,), set to params.step_index where a row of x_out turns NaN/Inf while < 0. Optional.
-    library:   the library to use; default: the one for x.device (raises KernelUnavailable if none).
+    library:   the library to use; default: the one loaded for x.device (``library.library_for``, not
+               self-tested: the samplers pass ``igengine.kernels.trusted.library_for``'s); KernelUnavailable if none.
     All tensors on x's device, contiguous, non-overlapping (except x_out is x). Returns nothing.
     """
     _need(isinstance(params, abi.StepParams), "params must be an igengine.kernels.abi.StepParams")

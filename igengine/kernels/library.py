@@ -17,6 +17,11 @@ PyTorch sees a GPU; it is then probed once per device (``igk_cuda_probe`` loads 
 NVRTC build compiles or reads its image and loads every kernel). A library that cannot run on that
 GPU (built for another architecture, stale ABI, driver too old) is refused with one warning and the
 next build, or the reference path, is used instead.
+
+This module only loads: it launches nothing. Whether a loaded CUDA build computes the right numbers
+is checked one level up, by ``igengine.kernels.trusted`` (the self-test of ``igengine.kernels.selftest``,
+once per device and build), which calls ``refuse`` for a build that fails; the loader then gives the
+next build, or none. May import (within igengine.kernels): abi, nvrtc, nvrtc_library.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from igengine.kernels import abi
+from igengine.kernels.abi import KernelError  # noqa: F401  (re-exported: raised by KernelLibrary's calls)
 
 ENV_DIR = "IGENGINE_KERNELS_DIR"
 ENV_SWITCH = "IGENGINE_KERNELS"
@@ -43,10 +49,6 @@ DEFAULT_DIR = Path(__file__).resolve().parents[1] / "_lib"
 PATH_CUDA = "cuda"
 PATH_CPU = "cpu-twin"
 PATH_REFERENCE = "reference"
-
-
-class KernelError(RuntimeError):
-    """A kernel library call failed (the message carries the library's own error text)."""
 
 
 @dataclass(frozen=True)
@@ -216,10 +218,11 @@ def load_library(path: Path | str, kind: str) -> KernelLibrary:
     return lib
 
 
-_lock = threading.RLock()  # re-entrant: the NVRTC self-test loads the CPU twin while the CUDA load holds it
+_lock = threading.RLock()  # re-entrant: a look-up of the CUDA library may load the CPU twin's status too
 _cpu: tuple[KernelLibrary | None, LibraryStatus] | None = None
 _cuda_file: tuple[KernelLibrary | None, LibraryStatus] | None = None
 _cuda_devices: dict[int, tuple[KernelLibrary | None, LibraryStatus]] = {}
+_refused: dict[int, dict[str, str]] = {}  # device -> {build: why}: builds refused there after loading (self-test)
 
 
 def cpu_library() -> KernelLibrary | None:
@@ -283,10 +286,14 @@ def _load_cuda(device: int | None) -> tuple[KernelLibrary | None, LibraryStatus]
         if device in _cuda_devices:
             return _cuda_devices[device]
         lib, status = None, None
+        refused = _refused.get(device, {})
         if choice != "nvrtc":
             if _cuda_file is None:
                 _cuda_file = _load_file("cuda", CUDA_STEM)
             lib, status = _cuda_file
+            if lib is not None and "cmake" in refused:
+                status = LibraryStatus("cuda", "unusable", str(lib.path), f"self-test: {refused['cmake']}")
+                lib = None
             if lib is not None:
                 rc = lib.cdll.igk_cuda_probe(int(device))
                 if rc != abi.Status.OK:
@@ -297,7 +304,7 @@ def _load_cuda(device: int | None) -> tuple[KernelLibrary | None, LibraryStatus]
                     status = LibraryStatus("cuda", "unusable", str(lib.path), text)
                     lib = None
         if lib is None and choice != "cmake":
-            nlib, nstatus = _load_nvrtc(int(device))
+            nlib, nstatus = _load_nvrtc(int(device), refused.get("nvrtc"))
             if nlib is not None or status is None:
                 lib, status = nlib, nstatus
             else:
@@ -308,11 +315,16 @@ def _load_cuda(device: int | None) -> tuple[KernelLibrary | None, LibraryStatus]
         return lib, status
 
 
-def _load_nvrtc(device: int):
-    """The NVRTC build on ``device``: (library, status); never raises (cuda-python may be absent)."""
+def _load_nvrtc(device: int, refused: str | None = None):
+    """The NVRTC build on ``device``: (library, status); never raises (cuda-python may be absent).
+
+    refused: why this build was refused on ``device`` after loading (its self-test), if it was.
+    """
     from igengine.kernels import nvrtc, nvrtc_library
 
     lib = nvrtc_library.shared_library()
+    if refused is not None:
+        return None, LibraryStatus("cuda", "unusable", str(lib.path) if lib.path else None, f"self-test: {refused}")
     try:
         lib.load(device)
     except nvrtc.NvrtcUnavailable as exc:
@@ -322,17 +334,22 @@ def _load_nvrtc(device: int):
         warnings.warn(f"igengine kernels: the NVRTC build cannot run on cuda:{device} ({text}); "
                       "using the reference PyTorch path", RuntimeWarning, stacklevel=4)
         return None, LibraryStatus("cuda", "unusable", str(lib.path) if lib.path else None, str(exc))
-    from igengine.kernels.selftest import SelfTestError, check_against_reference
-
-    try:  # launched through the driver from Python: checked against the reference before any run uses it
-        notes = check_against_reference(lib, device, _load_cpu()[0])
-    except (SelfTestError, KernelError, RuntimeError) as exc:
-        warnings.warn(f"igengine kernels: the NVRTC build failed its self-test on cuda:{device} ({exc}); "
-                      "using the reference PyTorch path", RuntimeWarning, stacklevel=4)
-        return None, LibraryStatus("cuda", "unusable", str(lib.path) if lib.path else None, f"self-test: {exc}")
     facts = lib.build_facts(device)
-    return lib, LibraryStatus("cuda", "loaded", facts["path"], f"{facts['info']}; self-test: {', '.join(notes)}",
-                              build="nvrtc")
+    return lib, LibraryStatus("cuda", "loaded", facts["path"], facts["info"], build="nvrtc")
+
+
+def refuse(device: int, build: str, why: str) -> None:
+    """Stop giving the ``build`` ('cmake' or 'nvrtc') of the CUDA kernels for CUDA device ``device``.
+
+    Called by ``igengine.kernels.trusted`` when a loaded build fails its self-test there. The next
+    look-up for that device takes the next build (``IGENGINE_KERNELS_BUILD=auto``) or none (the
+    reference path), and the status says ``self-test: why``. Warns nothing: the caller does.
+    """
+    if build not in ("cmake", "nvrtc"):
+        raise ValueError(f"build must be 'cmake' or 'nvrtc', got {build!r}")
+    with _lock:
+        _refused.setdefault(int(device), {})[build] = why
+        _cuda_devices.pop(int(device), None)
 
 
 def library_status(kind: str, device: int | None = None) -> LibraryStatus:
@@ -392,6 +409,7 @@ def _reset_for_tests() -> None:
         _cpu = None
         _cuda_file = None
         _cuda_devices.clear()
+        _refused.clear()
     from igengine.kernels import nvrtc_library
 
     nvrtc_library._reset_for_tests()

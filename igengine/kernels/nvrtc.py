@@ -22,7 +22,12 @@ Command line (compiles into the cache; needs no GPU when given --arch)::
     python -m igengine.kernels.nvrtc --arch 90    # for sm_90, without a GPU
     python -m igengine.kernels.nvrtc --force      # compile again even if cached
 
+What to compile for is asked of the CUDA driver here too (``driver_version``, ``compute_capability``,
+``device_targets``: the target and the cache key depend on them); ``igengine.kernels.nvrtc_library``
+loads and launches the image through the same driver bindings.
+
 Nothing here runs at import time, and importing this module imports neither cuda-python nor torch.
+May import (within igengine.kernels): abi.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,6 +267,94 @@ def cached_image(target: Target, driver: int, root: Path | str | None = None, fo
     return CachedImage(image, path, target, version, False)
 
 
+# ---- the CUDA driver: which GPU, which driver (cuda-python's driver API) ---------------------------
+
+class DriverError(abi.KernelError):
+    """A CUDA driver call failed (``arch``: the image holds no code this GPU can run)."""
+
+    def __init__(self, message: str, arch: bool = False):
+        super().__init__(message)
+        self.arch = arch
+
+
+def _driver():
+    """cuda.bindings.driver, or NvrtcUnavailable saying what to install."""
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        try:  # cuda-python 12.0 - 12.5
+            from cuda import cuda as driver  # type: ignore[no-redef]
+        except ImportError:
+            raise NvrtcUnavailable("cuda-python is not installed (pip install 'igengine[nvrtc]')") from None
+    return driver
+
+
+_ARCH_ERRORS = ("CUDA_ERROR_NO_BINARY_FOR_GPU", "CUDA_ERROR_INVALID_PTX", "CUDA_ERROR_UNSUPPORTED_PTX_VERSION",
+                "CUDA_ERROR_INVALID_IMAGE", "CUDA_ERROR_JIT_COMPILER_NOT_FOUND", "CUDA_ERROR_INVALID_SOURCE")
+
+
+def _call(drv, result, what: str) -> tuple:
+    err, *rest = result
+    if err != drv.CUresult.CUDA_SUCCESS:
+        name = getattr(err, "name", str(err))
+        _, text = drv.cuGetErrorString(err)
+        text = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
+        raise DriverError(f"{what}: {text} ({name})", arch=name in _ARCH_ERRORS)
+    return tuple(rest)
+
+
+_init_lock = threading.Lock()
+_initialised = False
+
+
+def _init(drv) -> None:
+    global _initialised
+    with _init_lock:
+        if _initialised:
+            return
+        try:
+            (err,) = drv.cuInit(0)
+        except Exception as exc:  # cuda.pathfinder: libcuda.so not found (no NVIDIA driver)
+            raise NvrtcUnavailable(f"the CUDA driver library was not found ({type(exc).__name__}: {exc})") \
+                from None
+        if err != drv.CUresult.CUDA_SUCCESS:
+            raise NvrtcUnavailable(f"cuInit failed ({getattr(err, 'name', err)}): no usable CUDA driver or GPU")
+        _initialised = True
+
+
+def driver_version() -> int:
+    """cuDriverGetVersion, e.g. 13000 for CUDA 13.0 (NvrtcUnavailable without a driver)."""
+    drv = _driver()
+    _init(drv)
+    (v,) = _call(drv, drv.cuDriverGetVersion(), "cuDriverGetVersion")
+    return int(v)
+
+
+def compute_capability(device: int) -> int:
+    """major * 10 + minor of CUDA device ``device`` (the ordinal PyTorch uses)."""
+    drv = _driver()
+    _init(drv)
+    (dev,) = _call(drv, drv.cuDeviceGet(int(device)), f"cuDeviceGet({device})")
+    attr = drv.CUdevice_attribute
+    (major,) = _call(drv, drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cc")
+    (minor,) = _call(drv, drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cc")
+    return int(major) * 10 + int(minor)
+
+
+def device_targets() -> list[tuple[Target, int]]:
+    """(target, driver version) for every visible GPU, without duplicates."""
+    drv = _driver()
+    _init(drv)
+    (count,) = _call(drv, drv.cuDeviceGetCount(), "cuDeviceGetCount")
+    version = driver_version()
+    out = []
+    for d in range(int(count)):
+        t = target_for(compute_capability(d))
+        if (t, version) not in out:
+            out.append((t, version))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m igengine.kernels.nvrtc", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -274,9 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.arch:
             jobs = [(Target(a, "ptx" if args.ptx else "cubin"), 0) for a in args.arch]
         else:
-            from igengine.kernels import nvrtc_library
-
-            jobs = nvrtc_library.device_targets()
+            jobs = device_targets()
             if not jobs:
                 print("error: no CUDA GPU visible; give --arch (e.g. --arch 90) to compile without one",
                       file=sys.stderr)

@@ -13,6 +13,7 @@ run in Python before a launch (``_validate``, ``_validate_indexed``), with the s
 
 Used by ``library.cuda_library`` when no usable CMake library is found (or when
 ``IGENGINE_KERNELS_BUILD=nvrtc``). Importing this module imports neither cuda-python nor torch.
+May import (within igengine.kernels): abi, nvrtc (never the loader that uses it).
 """
 
 from __future__ import annotations
@@ -25,96 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from igengine.kernels import abi, nvrtc
-from igengine.kernels.library import KernelError
+from igengine.kernels.abi import KernelError
+# The driver queries live with the compiler (which target, which cache key); launching uses them too.
+from igengine.kernels.nvrtc import (DriverError, _call, _driver, _init, compute_capability,  # noqa: F401
+                                    device_targets, driver_version)
 
 _MAX_GRID_X = 1 << 30
 _MAX_GRID_Y = 65535
-
-
-class DriverError(KernelError):
-    """A CUDA driver call failed (``arch``: the image holds no code this GPU can run)."""
-
-    def __init__(self, message: str, arch: bool = False):
-        super().__init__(message)
-        self.arch = arch
-
-
-def _driver():
-    """cuda.bindings.driver, or NvrtcUnavailable saying what to install."""
-    try:
-        from cuda.bindings import driver
-    except ImportError:
-        try:  # cuda-python 12.0 - 12.5
-            from cuda import cuda as driver  # type: ignore[no-redef]
-        except ImportError:
-            raise nvrtc.NvrtcUnavailable("cuda-python is not installed (pip install 'igengine[nvrtc]')") from None
-    return driver
-
-
-_ARCH_ERRORS = ("CUDA_ERROR_NO_BINARY_FOR_GPU", "CUDA_ERROR_INVALID_PTX", "CUDA_ERROR_UNSUPPORTED_PTX_VERSION",
-                "CUDA_ERROR_INVALID_IMAGE", "CUDA_ERROR_JIT_COMPILER_NOT_FOUND", "CUDA_ERROR_INVALID_SOURCE")
-
-
-def _call(drv, result, what: str) -> tuple:
-    err, *rest = result
-    if err != drv.CUresult.CUDA_SUCCESS:
-        name = getattr(err, "name", str(err))
-        _, text = drv.cuGetErrorString(err)
-        text = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
-        raise DriverError(f"{what}: {text} ({name})", arch=name in _ARCH_ERRORS)
-    return tuple(rest)
-
-
-_init_lock = threading.Lock()
-_initialised = False
-
-
-def _init(drv) -> None:
-    global _initialised
-    with _init_lock:
-        if _initialised:
-            return
-        try:
-            (err,) = drv.cuInit(0)
-        except Exception as exc:  # cuda.pathfinder: libcuda.so not found (no NVIDIA driver)
-            raise nvrtc.NvrtcUnavailable(f"the CUDA driver library was not found ({type(exc).__name__}: {exc})") \
-                from None
-        if err != drv.CUresult.CUDA_SUCCESS:
-            raise nvrtc.NvrtcUnavailable(f"cuInit failed ({getattr(err, 'name', err)}): no usable CUDA driver or GPU")
-        _initialised = True
-
-
-def driver_version() -> int:
-    """cuDriverGetVersion, e.g. 13000 for CUDA 13.0 (NvrtcUnavailable without a driver)."""
-    drv = _driver()
-    _init(drv)
-    (v,) = _call(drv, drv.cuDriverGetVersion(), "cuDriverGetVersion")
-    return int(v)
-
-
-def compute_capability(device: int) -> int:
-    """major * 10 + minor of CUDA device ``device`` (the ordinal PyTorch uses)."""
-    drv = _driver()
-    _init(drv)
-    (dev,) = _call(drv, drv.cuDeviceGet(int(device)), f"cuDeviceGet({device})")
-    attr = drv.CUdevice_attribute
-    (major,) = _call(drv, drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cc")
-    (minor,) = _call(drv, drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cc")
-    return int(major) * 10 + int(minor)
-
-
-def device_targets() -> list[tuple[nvrtc.Target, int]]:
-    """(target, driver version) for every visible GPU, without duplicates."""
-    drv = _driver()
-    _init(drv)
-    (count,) = _call(drv, drv.cuDeviceGetCount(), "cuDeviceGetCount")
-    version = driver_version()
-    out = []
-    for d in range(int(count)):
-        t = nvrtc.target_for(compute_capability(d))
-        if (t, version) not in out:
-            out.append((t, version))
-    return out
 
 
 @contextmanager

@@ -17,7 +17,7 @@ graph (tests/test_captured.py compiles one with ``fullgraph=True``).
   igengine::gaussian  ``binding.gaussian`` on ``indices``' device: float32 (N, *shape). The seed is
       split into two 32-bit words because an op's integers are int64 and a seed spans [0, 2^64).
 
-Both use the library the normal search finds for the tensors' device (``library.library_for``).
+Both use the library a run may use on the tensors' device (``trusted.library_for``: self-tested on CUDA).
 This module is not imported by ``import igengine`` or by the samplers; importing it needs torch >= 2.4.
 """
 
@@ -27,7 +27,7 @@ import typing
 
 import torch
 
-from igengine.kernels import binding
+from igengine.kernels import binding, trusted
 from igengine.noise import check_seed
 
 if not hasattr(torch.library, "custom_op") or not hasattr(torch.library, "register_fake"):
@@ -44,7 +44,8 @@ def fused_step_indexed(table: _Tensor, counter: _Tensor, x: _Tensor, v_final: _T
                        indices: _OptTensor, k1: _Tensor, net_out: _Tensor, first_bad: _Tensor,
                        fault: _Tensor) -> None:
     """Launch ``table[counter]`` on x in place, then ``counter += 1`` (see binding.fused_step_indexed)."""
-    binding.fused_step_indexed(table, counter, x, v_final, v_inter, indices, k1, x, net_out, first_bad, fault=fault)
+    binding.fused_step_indexed(table, counter, x, v_final, v_inter, indices, k1, x, net_out, first_bad, fault=fault,
+                               library=trusted.library_for(x.device))
 
 
 @fused_step_indexed.register_fake
@@ -54,7 +55,8 @@ def _fused_step_indexed_fake(table, counter, x, v_final, v_inter, indices, k1, n
 
 @torch.library.custom_op("igengine::gaussian", mutates_args=())
 def _gaussian(indices: _Tensor, seed_lo: int, seed_hi: int, stream: int, shape: typing.Sequence[int]) -> _Tensor:
-    return binding.gaussian((seed_hi << 32) | seed_lo, indices, stream, shape, device=indices.device)
+    return binding.gaussian((seed_hi << 32) | seed_lo, indices, stream, shape, device=indices.device,
+                            library=trusted.library_for(indices.device))
 
 
 @_gaussian.register_fake

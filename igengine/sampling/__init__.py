@@ -10,6 +10,7 @@
   captured    the captured loop (network + fused kernel replayed from CUDA graphs, one per row count)
   sampler     Sampler: binds network, plan, facts, precision and randomness; picks the loop, and falls
               back down the ladder captured -> fused -> reference when a fast loop fails
+  preflight   each fast rung compared with the reference on a short plan before a run trusts it
   presets     the paper's settings per family, and how a run's settings are resolved
 
 May import: igengine.config, errors, noise, precision, kernels. Never a backend, a job or a writer.

@@ -22,6 +22,7 @@ import torch
 
 from igengine import noise
 from igengine.kernels import library as kernel_library
+from igengine.kernels import trusted
 
 Randn = Callable[[int, torch.Tensor, int, Sequence[int], torch.device, torch.dtype], torch.Tensor]
 
@@ -58,7 +59,7 @@ def kernel_randomness(lib: kernel_library.KernelLibrary) -> Randomness:
 
 def default_randomness(device: torch.device | str) -> Randomness:
     """The kernel library's generator for ``device`` when it is loaded, else NumPy's (the same numbers)."""
-    lib = kernel_library.library_for(device)
+    lib = trusted.library_for(device)
     return kernel_randomness(lib) if lib is not None else NUMPY
 
 

@@ -52,6 +52,7 @@ import torch
 from igengine.config import Precision
 from igengine.errors import IgengineError, NetworkReplaced, SamplingError
 from igengine.kernels import library as kernel_library
+from igengine.kernels import trusted
 from igengine.noise import check_indices, check_seed
 from igengine.precision import PrecisionPolicy, check_network_precision, policy
 from igengine.sampling.captured import PATH_CUDA_GRAPH, CapturedLoop, graphs_available
@@ -207,7 +208,7 @@ class Sampler:
         check_network_precision(getattr(self.net, "precision", None), self.numerics)
         lib = None
         if self.kernels == "auto" and self.numerics.fused_kernels and self.randomness is None:
-            lib = kernel_library.library_for(self.device)
+            lib = trusted.library_for(self.device)  # a CUDA build self-tested on this device first
         set_(self, "_library", lib)
         rungs = []
         if (self.capture == "auto" and lib is not None and graphs_available(self.device)
