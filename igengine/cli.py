@@ -193,7 +193,7 @@ def sample(
         "n": job.n,
         "wall_s": round(result.wall_s, 3),  # the sampling loop; setup_s: before it (export_s: of that, exporting)
         "samples_per_s": round(result.samples_per_s, 3),
-        **{k: v for k, v in result.manifest["timing"].items() if k in ("setup_s", "export_s")},
+        **{k: v for k, v in result.manifest["timing"].items() if k in ("setup_s", "export_s", "compile_s")},
         "already_complete": result.manifest["timing"]["already_complete"],
         "world_size": result.rank.world_size,
         "model": result.manifest["model"]["name"],
@@ -202,9 +202,11 @@ def sample(
     }
     if interactive:
         timing = result.manifest["timing"]
-        export = f", of which {timing['export_s']:.1f} s exporting the ONNX graph" if "export_s" in timing else ""
+        of = [f"{timing[k]:.1f} s {what}" for k, what in (("export_s", "exporting the ONNX graph"),
+                                                          ("compile_s", "compiling the network")) if k in timing]
+        of = f", of which {' and '.join(of)}" if of else ""
         typer.echo(f"wrote {job.n} samples to {result.out} in {result.wall_s:.1f} s "
-                   f"({result.samples_per_s:.2f} samples/s) after {timing['setup_s']:.1f} s of setup{export}", err=True)
+                   f"({result.samples_per_s:.2f} samples/s) after {timing['setup_s']:.1f} s of setup{of}", err=True)
         flags = _flags_of("sample")
         for note in result.notes:
             typer.echo(f"  note: {flagify(note, flags)}", err=True)

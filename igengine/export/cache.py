@@ -51,7 +51,7 @@ VERIFIED = "verified"
 @dataclass
 class SetupLog:
     """What preparing a run's artifacts reports: ``log`` gets a line before and after each slow step
-    (an export into the cache, a TensorRT engine build), ``seconds`` how long each took
+    (an export into the cache, a TensorRT engine build, a torch.compile), ``seconds`` how long each took
     (``{"export_s": 36.2}``, summed per kind)."""
 
     log: Callable[[str], None] = lambda line: None
@@ -74,6 +74,11 @@ class SetupLog:
     def exporting(self, name: str, precision: str, where: str, why: str = "this takes a while"):
         """``step`` for an export of model ``name`` at ``precision`` into ``where`` (``seconds["export_s"]``)."""
         return self.step(f"exporting {name} ({precision}) to {where}: {why}", "export_s", "exported")
+
+    def compiling(self, what: str, where: str):
+        """``step`` for a torch.compile of ``what``, its artifacts cached in ``where`` (``seconds["compile_s"]``)."""
+        return self.step(f"compiling {what} with torch.compile (Inductor): a cold compile takes a while, "
+                         f"later runs load it from the cache at {where}", "compile_s", "compiled")
 
     def timing(self) -> dict[str, float]:
         """``seconds`` rounded to milliseconds, for a manifest's "timing"."""

@@ -10,6 +10,7 @@ what they name), falling back to the eager torch backend of the same precision w
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,20 +104,36 @@ class EagerFallback:
     to the precision and on the device; the two run the same maths) and raises
     ``NetworkReplaced``, so that the Sampler computes the batch in flight again, from its start,
     on the eager backend, which every later call uses. The compiled backend's other attributes
-    (``warmup``, ``recompiles``, ...) are reachable as before.
+    (``recompiles``, ...) are reachable as before. With a ``setup`` log, the compile (``warmup``, or
+    the first call) is announced there before it starts and timed (``SetupLog.compiling``).
     """
 
     capturable = False  # the Sampler decides its loops once; the compiled backend is not captured
 
-    def __init__(self, compiled):
+    def __init__(self, compiled, setup: SetupLog | None = None):
         self.compiled = compiled
         self.eager = None
         self.cause: str | None = None
+        self.setup = setup
 
     def __getattr__(self, name: str):
-        if name in ("compiled", "eager", "cause"):  # not set yet (copy, unpickling): no recursion
+        if name in ("compiled", "eager", "cause", "setup"):  # not set yet (copy, unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.compiled, name)
+
+    def _compiling(self):
+        """The compile (the warm-up), announced and timed on ``setup`` (``SetupLog.compiling``) when there is one."""
+        c = self.compiled
+        if self.setup is None or c.warm:
+            return contextlib.nullcontext()
+        rows = " and ".join(map(str, c.row_counts))
+        what = f"{c.config.name} ({c.precision.value}, {rows} rows per call, on {c.device})"
+        return self.setup.compiling(what, c.cache_dir if c.use_cache else "(no cache: use_cache off)")
+
+    def warmup(self) -> dict[int, float]:
+        """The compiled backend's ``warmup``, announced on ``setup``."""
+        with self._compiling():
+            return self.compiled.warmup()
 
     @property
     def name(self) -> str:
@@ -126,7 +143,8 @@ class EagerFallback:
         if self.eager is not None:
             return self.eager(x, t, y)
         try:
-            return self.compiled(x, t, y)
+            with self._compiling():  # the first call compiles, unless ``warmup`` ran
+                return self.compiled(x, t, y)
         except Exception as e:  # noqa: BLE001 - Dynamo's and Inductor's errors have many types
             if not is_runtime_failure(e):
                 raise
@@ -144,9 +162,10 @@ class EagerFallback:
                                                       "facts": self.compiled.describe()}}
 
 
-def with_eager_fallback(backend):
-    """``backend`` wrapped in ``EagerFallback`` when it is the compiled backend; any other as it is."""
-    return EagerFallback(backend) if getattr(backend, "name", None) == BackendName.COMPILED.value else backend
+def with_eager_fallback(backend, setup: SetupLog | None = None):
+    """``backend`` wrapped in ``EagerFallback`` when it is the compiled backend; any other as it is.
+    setup: where its compile is announced and timed (``SetupLog.compiling``); None: silently."""
+    return EagerFallback(backend, setup) if getattr(backend, "name", None) == BackendName.COMPILED.value else backend
 
 
 def sampler_for(backend, sampler: SamplerConfig, kernels: str = "auto", randomness: Randomness | None = None,

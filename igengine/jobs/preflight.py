@@ -121,7 +121,7 @@ def preflight_sampler(backend, loaded: LoadedCheckpoint | None, sampler_cfg: Sam
                                    "note": "nothing to compare: the run takes the reference loop and the eager network"}
     if compiled and not backend.warm:
         try:
-            backend.warmup()  # the compile belongs to the backend's set-up, not to the check
+            backend.warmup()  # the compile belongs to the backend's set-up, not to the check (announced on `setup`)
         except Exception as e:  # noqa: BLE001 - Dynamo's and Inductor's errors have many types
             if not is_runtime_failure(e):
                 raise

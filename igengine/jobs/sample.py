@@ -310,7 +310,7 @@ def make_backend(job: SampleJob, loaded: LoadedCheckpoint, device: torch.device,
     (``igengine.jobs.backend.EagerFallback``)."""
     n = min(job.batch_size, job.n)  # a compiled backend specialises to the rows a batch feeds (N, and 2N with CFG)
     return with_eager_fallback(build_backend(job.backend, loaded, job.precision, device, onnx=job.onnx,
-                                             row_counts=(n, 2 * n), setup=setup))
+                                             row_counts=(n, 2 * n), setup=setup), setup)  # its compile says so
 
 
 # ----------------------------------------------------------------------------------------------
