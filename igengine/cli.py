@@ -304,18 +304,36 @@ def _command_flags(argv: list[str] | None) -> dict[str, str]:
     return _flags_of(name) if name is not None else {}
 
 
+def _run_app(argv: list[str] | None):
+    """The typer app; an interrupt that a library wrapped in an exception of its own comes out as itself."""
+    from igengine.errors import interruption
+
+    try:
+        return app(args=argv, prog_name="igengine", standalone_mode=False)
+    except Exception as e:
+        if (stop := interruption(e)) is not None:
+            raise stop from None
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script: turns every known failure into one line on stderr."""
     from igengine.errors import IgengineError, Interrupted
+    from igengine.jobs.signals import report_then_exit_at_once  # no torch
+
+    def stopped(status: int, line: str) -> int:
+        if argv is None:  # the process is the command: a further signal while it exits ends it at once
+            report_then_exit_at_once(status, line)
+        else:  # called from Python: the caller's signal handlers stay
+            typer.echo(line, err=True)
+        return status
 
     try:
-        code = app(args=argv, prog_name="igengine", standalone_mode=False)
+        code = _run_app(argv)
         if code == 130:  # typer turns a KeyboardInterrupt outside a run into Exit(130) and returns its code
-            typer.echo("igengine: interrupted", err=True)
-            return 130
+            return stopped(130, "igengine: interrupted")
     except Interrupted as e:  # SIGINT / SIGTERM during a run: where it stands, how to resume; 130 / 143
-        typer.echo(f"igengine: {flagify(str(e), _command_flags(argv))}", err=True)
-        return e.exit_code
+        return stopped(e.exit_code, f"igengine: {flagify(str(e), _command_flags(argv))}")
     except _NO_ARGS_HELP as e:
         typer.echo(e.ctx.get_help() if e.ctx else str(e))
         return 0

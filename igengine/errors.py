@@ -1,10 +1,14 @@
 """Every error igengine reports to a user, in one place, with the exit status the CLI gives it.
 
-Two kinds:
+Two kinds of errors:
   * ``InputError`` (a ValueError, exit status 2): the request or an input file is wrong; the
     message names the argument or the file and what would fix it.
   * ``RunError`` (a RuntimeError, exit status 1): a run could not be completed (disk full, NaN in
     the state, a missing runtime); work already written stays valid.
+And one stop: ``Interrupted`` (a BaseException, like KeyboardInterrupt; exit status 128 + the
+signal, 130 / 143): a run stopped by SIGINT or SIGTERM. Not an Exception, so that the
+``except Exception`` of the libraries a run goes through (Dynamo, Inductor, the ONNX exporter,
+igengine's own fallbacks) cannot take a user's Ctrl-C for a failure and carry on.
 
 Library messages name arguments as `name` in backquotes (e.g. "`cfg_scale` must be ..."); only
 ``igengine.cli`` turns those names into its flags ("--cfg-scale").
@@ -93,11 +97,21 @@ class PackError(OutputError):
     """The chunks cannot be assembled (missing, malformed or corrupt); the message says which."""
 
 
-class Interrupted(RunError):
+class Interrupted(BaseException):
     """A run stopped by a signal (SIGINT, SIGTERM): exit status 128 + the signal number (130, 143).
 
     The message says where the run stands (what is complete) and how to resume.
+
+    A BaseException, not an Exception (and not an IgengineError), for the reason asyncio's
+    CancelledError is one: a stop must go through every ``except Exception`` between the signal
+    handler and the command (torch.compile wraps any Exception of a compile in its own
+    InductorError / BackendCompilerFailed, the ONNX exporter and its op registry log and go on,
+    a fallback takes a failing fast path for a broken one). Not a KeyboardInterrupt either: the
+    command-line frameworks turn that into their own "Aborted!" / exit 130, losing the message and
+    SIGTERM's 143. ``interruption(e)`` finds one behind a library's wrapper.
     """
+
+    exit_code = 130
 
     def __init__(self, signum: int, message: str | None = None):
         import signal
@@ -109,6 +123,22 @@ class Interrupted(RunError):
         except ValueError:
             self.signal_name = f"signal {self.signum}"
         super().__init__(message or f"interrupted by {self.signal_name}")
+
+
+def interruption(e: BaseException | None) -> BaseException | None:
+    """The stop (``Interrupted`` or KeyboardInterrupt) that ``e`` is or that caused it, else None.
+
+    Follows ``__cause__`` and ``__context__`` (a library that wraps every exception of a step, or
+    cleanup code that failed while a stop went by), so that no wrapper makes an interrupt look like
+    a failure to fall back from.
+    """
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (Interrupted, KeyboardInterrupt)):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ if e.__cause__ is not None else e.__context__
+    return None
 
 
 class SamplingError(RunError):
@@ -143,6 +173,6 @@ class NonFiniteError(RunError):
 __all__ = [
     "BackendError", "BackendUnavailable", "CheckpointError", "ConfigError", "EvaluateError", "ExportError",
     "GraphMismatchError", "IgengineError", "InputError", "Interrupted", "JobError", "MetricsError", "NetworkReplaced",
-    "NonFiniteError", "OutputError", "PackError",
+    "NonFiniteError", "OutputError", "PackError", "interruption",
     "PrecisionMismatchError", "RunError", "SamplingError", "VAEError",
 ]

@@ -50,7 +50,7 @@ from igengine.export.contract import (
     digest_files,
     external_files,
 )
-from igengine.errors import ExportError
+from igengine.errors import ExportError, interruption
 from igengine.export.graph_passes import (
     einsum_permutations_to_transpose,
     precision_report,
@@ -134,6 +134,8 @@ def torch_to_onnx(model: IGDiT, opset: int, path: Path) -> None:
                                         dynamic_shapes=shapes, optimize=True)
             program.save(str(path), external_data=True)
     except Exception as e:  # the exporter raises many types; all mean the same to the caller
+        if (stop := interruption(e)) is not None:  # a stop (no Exception itself) that the exporter wrapped
+            raise stop from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"torch.onnx.export failed for {model.config.name} at opset {opset}: {first}") from None
 

@@ -20,7 +20,7 @@ import torch
 from igengine.backends import Artifacts, BackendName, create_backend, network
 from igengine.backends.factory import backend_name
 from igengine.config import Precision, SamplerConfig
-from igengine.errors import NetworkReplaced
+from igengine.errors import NetworkReplaced, interruption
 from igengine.models.checkpoint import LoadedCheckpoint
 from igengine.sampling import Fallback, ModelFacts, Sampler, build_plan
 from igengine.sampling.randomness import Randomness
@@ -100,8 +100,8 @@ class EagerFallback:
 
     The compiled backend compiles at its first call (every row count at once) and may recompile
     later; a failure there, or of a compiled kernel (``sampling.sampler.is_runtime_failure``: not a
-    bad input, not running out of memory), builds ``TorchBackend`` on the same model (already cast
-    to the precision and on the device; the two run the same maths) and raises
+    bad input, not running out of memory, not an interrupt), builds ``TorchBackend`` on the same
+    model (already cast to the precision and on the device; the two run the same maths) and raises
     ``NetworkReplaced``, so that the Sampler computes the batch in flight again, from its start,
     on the eager backend, which every later call uses. The compiled backend's other attributes
     (``recompiles``, ...) are reachable as before. With a ``setup`` log, the compile (``warmup``, or
@@ -146,6 +146,8 @@ class EagerFallback:
             with self._compiling():  # the first call compiles, unless ``warmup`` ran
                 return self.compiled(x, t, y)
         except Exception as e:  # noqa: BLE001 - Dynamo's and Inductor's errors have many types
+            if (stop := interruption(e)) is not None:  # a stop that a library wrapped is still a stop
+                raise stop from None
             if not is_runtime_failure(e):
                 raise
             from igengine.backends.torch_backend import TorchBackend

@@ -33,6 +33,7 @@ import torch
 
 from igengine.backends import BackendName, network
 from igengine.config import Precision, SamplerConfig
+from igengine.errors import interruption
 from igengine.jobs.backend import build_backend, sampler_for
 from igengine.models import apply_precision
 from igengine.precision import numerics, policy
@@ -123,6 +124,8 @@ def preflight_sampler(backend, loaded: LoadedCheckpoint | None, sampler_cfg: Sam
         try:
             backend.warmup()  # the compile belongs to the backend's set-up, not to the check (announced on `setup`)
         except Exception as e:  # noqa: BLE001 - Dynamo's and Inductor's errors have many types
+            if (stop := interruption(e)) is not None:  # a stop that a library wrapped is still a stop
+                raise stop from None
             if not is_runtime_failure(e):
                 raise
             # A compile that fails is the compiled rung failing: the eager torch backend runs instead.

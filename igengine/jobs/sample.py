@@ -14,14 +14,12 @@ it either: they do not change which sample an index gets.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import re
 import shutil
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ from igengine.jobs.bulk import BulkSampler, Progress, SampleMaker
 from igengine.jobs.launch import RankInfo
 from igengine.jobs.preflight import PREFLIGHT_CHOICES, preflight_sampler
 from igengine.jobs.preview import prepare_png_dir, write_run_grid
+from igengine.jobs.signals import stop_on_signals
 from igengine.jobs.threads import ENV as THREADS_ENV
 from igengine.jobs.threads import ThreadChoice, choose_threads, using_threads
 from igengine.models.checkpoint import LoadedCheckpoint, load_checkpoint
@@ -334,29 +333,6 @@ def run_key_digest(run_key: dict) -> str:
     return hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()
 
 
-@contextlib.contextmanager
-def signals_raise_interrupted():
-    """While the block runs, SIGINT and SIGTERM raise ``Interrupted`` (once; repeats are ignored
-    until the block has cleaned up), so a run stopped by Ctrl-C, Slurm or torchrun can record where
-    it stands. Outside the main thread (where handlers cannot be set) nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    fired = []
-
-    def handler(signum, frame):
-        if not fired:
-            fired.append(signum)
-            raise Interrupted(signum)
-
-    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in saved.items():
-            signal.signal(sig, old)
-
-
 def _interrupted(e: BaseException, out: Path, manifest: dict, layout: BulkLayout, store, rank: RankInfo) -> Interrupted:
     """Record an interruption in the manifest (rank 0) and say where the run stands and how to resume."""
     signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
@@ -390,7 +366,7 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> RunResult:
     SIGINT / SIGTERM stop it cleanly: completed chunks stay, the manifest says "interrupted", and
     ``Interrupted`` (exit status 130 / 143) says how far it got.
     """
-    with signals_raise_interrupted():
+    with stop_on_signals():  # a second signal ends the process at once (igengine.jobs.signals)
         try:
             job.validate()
             with using_threads(threads := choose_threads(job.threads)):
@@ -519,7 +495,12 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
             progress.finish()
             raise _interrupted(e, out, manifest, layout, store, rank) from None
         if rank.is_main and job.evaluate is not None and decode:
-            manifest = _evaluate(out, job, device, manifest, progress)
+            try:
+                manifest = _evaluate(out, job, device, manifest, progress)
+            except Interrupted as e:
+                raise Interrupted(e.signum, f"interrupted by {e.signal_name} while evaluating: the {job.n} samples "
+                                  f"are complete in {out / SAMPLES}; to evaluate them, run `igengine evaluate "
+                                  f"{out} --ref {job.evaluate}`") from None
     return RunResult(manifest, out, wall, rate, notes, report.computed, report.reused, rank)
 
 

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from igengine.config import Precision
-from igengine.errors import Interrupted
+from igengine.errors import interruption
 from igengine.sampling.captured import PATH_CUDA_GRAPH
 from igengine.sampling.loop import ModelFacts, Network
 from igengine.sampling.plan import Plan, Step, StepKind
@@ -281,9 +281,9 @@ def run_preflight(net: Network, plan: Plan, facts: ModelFacts, precision: Precis
         try:
             got = draw(net, precision, **options)
             err = _max_abs(got, reference)
-        except Interrupted:
-            raise
         except Exception as exc:  # noqa: BLE001 - a fast rung that cannot run is a failed rung, whatever it raised
+            if (stop := interruption(exc)) is not None:  # an interrupt (Interrupted is no Exception) a library wrapped
+                raise stop from None
             err, error = float("inf"), f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         ok = err <= step_bound
         checks.append(RungCheck(rung, "the reference loop (same network)", err, step_bound, ok,

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from igengine.config import Precision
-from igengine.errors import IgengineError, NetworkReplaced, SamplingError
+from igengine.errors import IgengineError, NetworkReplaced, SamplingError, interruption
 from igengine.kernels import library as kernel_library
 from igengine.kernels import trusted
 from igengine.noise import check_indices, check_seed
@@ -98,10 +98,11 @@ def is_runtime_failure(e: BaseException) -> bool:
     True for the loop's own failures: KernelError and other RuntimeErrors (a CUDA or cuBLAS error, a
     capture refused), a missing API (AttributeError, NotImplementedError), ... False for what a
     slower implementation would not change: igengine's own errors (a bad request, NaN/Inf in the
-    result, an interrupt), ValueError (a precondition), running out of memory, and BaseExceptions
-    such as KeyboardInterrupt (never caught as an Exception).
+    result), ValueError (a precondition), running out of memory, and interrupts: BaseExceptions such
+    as ``Interrupted`` and KeyboardInterrupt (never caught as an Exception), and any exception a
+    library raised from one (``igengine.errors.interruption``: e.g. a compiler's wrapper of it).
     """
-    if isinstance(e, (IgengineError, ValueError)) or not isinstance(e, Exception):
+    if isinstance(e, (IgengineError, ValueError)) or not isinstance(e, Exception) or interruption(e) is not None:
         return False
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
     return not (oom is not None and isinstance(e, oom))
@@ -412,6 +413,8 @@ class _Call:
     def _failed(self, path: str, e: Exception) -> None:
         """Record the failure of rung ``path`` and move down, or re-raise what the ladder does not handle."""
         s = self.s
+        if (stop := interruption(e)) is not None:  # a stop that a library wrapped is still a stop
+            raise stop from None
         if isinstance(e, NetworkReplaced) and self.replaced < _MAX_REPLACEMENTS:
             self.replaced += 1
             s._report(Fallback("network", e.source, e.target, e.cause, e.starts_there, _samples(self.indices)))
