@@ -347,3 +347,36 @@ def test_pack_command_checks_coverage(files, reference, tmp_path, capsys):
     assert main(["pack", str(out)]) == 0
     assert not list(out.glob(".samples.npz.*.tmp"))
     assert_same_samples(out, reference[1])
+
+
+def test_rank_0_counts_the_chunks_of_other_ranks_only_once_they_exist(tmp_path):
+    """Under torchrun rank 0 shows the whole run's progress: its own samples plus the other ranks' chunk
+    files that exist (complete, by atomic rename) -- not the chunks the other ranks have yet to write."""
+    from igengine.jobs.bulk import BulkSampler, Progress
+
+    plan = ChunkPlan(400, 50)  # rank 0: 0..199, rank 1: 200..399, in chunks of 50
+    store = ChunkStore(tmp_path / "chunks", ChunkSpec(None, (1, 2, 2)))
+    store.folder.mkdir()
+    labels = np.zeros(400, dtype=np.int64)
+    theirs = plan.for_rank(1, 2)
+
+    def write_theirs(chunk):
+        store.write(chunk, labels[chunk.start:chunk.stop], None, np.zeros((chunk.size, 1, 2, 2), np.float32))
+
+    write_theirs(theirs[0])  # rank 1 had finished one chunk before rank 0 started
+    calls = []
+
+    def make(indices):  # rank 0's samples; rank 1 finishes one more chunk while rank 0 computes its second
+        calls.append(indices)
+        if len(calls) == 2:
+            write_theirs(theirs[1])
+        return np.zeros((len(indices), 1, 2, 2), np.float32), None
+
+    lines = []
+    bulk = BulkSampler(store, plan, RankInfo(0, 2), labels, make, 50, True, None, Progress(log=lines.append))
+    report = bulk.run_rank()
+    assert report.initial_done == 50 and report.computed == 200
+    runs = [line.split("run: ")[1].split(" samples")[0] for line in lines]
+    # Rank 0's 50, 100, 150, 200 plus rank 1's chunks that exist (50, then 100); its last two never came.
+    assert runs == ["100/400", "200/400", "250/400", "300/400"], lines
+    assert bulk._others_present() == 100 and bulk._others_present(before=0.0) == 0

@@ -192,16 +192,18 @@ class BulkSampler:
     # -- progress -------------------------------------------------------------------------------
     def _others_present(self, before: float | None = None) -> int:
         """Samples in other ranks' chunk files that exist now (rank 0's whole-run count); with
-        ``before`` (a time.time()), only files written before then."""
+        ``before`` (a time.time()), only files written before then. A chunk file exists only once it is
+        complete (written under a temporary name, then renamed), so existing is being done."""
         count = 0
         for c in self.plan.chunks:
             if c in self._mine_set:
                 continue
             try:
-                if before is None or self.store.path(c).stat().st_mtime < before:
-                    count += c.size
-            except OSError:
-                pass
+                written = self.store.path(c).stat().st_mtime
+            except OSError:  # not written yet
+                continue
+            if before is None or written < before:
+                count += c.size
         return count
 
     def _done(self) -> int:
