@@ -200,13 +200,17 @@ def sample(
         "sampler": result.manifest["sampler"],
         "notes": [flagify(note, _flags_of("sample")) for note in result.notes],
     }
+    if "evaluation" in result.manifest:  # --evaluate: the metrics (FID, ...) and where all of them are
+        evaluation = result.manifest["evaluation"]
+        summary["evaluation"] = {k: evaluation.get(k) for k in ("metrics", "metrics_file", "reference")}
     if interactive:
         timing = result.manifest["timing"]
         of = [f"{timing[k]:.1f} s {what}" for k, what in (("export_s", "exporting the ONNX graph"),
                                                           ("compile_s", "compiling the network")) if k in timing]
         of = f", of which {' and '.join(of)}" if of else ""
-        typer.echo(f"wrote {job.n} samples to {result.out} in {result.wall_s:.1f} s "
-                   f"({result.samples_per_s:.2f} samples/s) after {timing['setup_s']:.1f} s of setup{of}", err=True)
+        if timing.get("already_complete") != job.n:  # else a note says that nothing was computed
+            typer.echo(f"wrote {job.n} samples to {result.out} in {result.wall_s:.1f} s "
+                       f"({result.samples_per_s:.2f} samples/s) after {timing['setup_s']:.1f} s of setup{of}", err=True)
         flags = _flags_of("sample")
         for note in result.notes:
             typer.echo(f"  note: {flagify(note, flags)}", err=True)

@@ -353,3 +353,30 @@ def test_sample_with_evaluate_writes_metrics_beside_the_samples_and_into_the_man
     assert metrics["metrics"]["fid"] > 0  # two different seeds: different samples
     code = main(["sample", "--n", "4", "--steps", "3", "--out", str(tmp_path / "x"), "--evaluate", str(tmp_path / "no.npz")])
     assert code == 2 and "--evaluate reference" in capsys.readouterr().err
+
+
+def test_sample_with_evaluate_shows_the_fid_on_stderr_and_in_the_summary_line(tmp_path, capsys, monkeypatch):
+    """`igengine sample --evaluate REF` says what it measured where people look: one stderr line with FID
+    (and the other scores) and the JSON summary on stdout, not only metrics.json. The stand-in network
+    keeps it cheap: the plumbing, not the Inception, is under test."""
+    import igengine.jobs.evaluate as evaluate_job
+    from igengine.cli import main
+
+    monkeypatch.setattr(evaluate_job, "_network", lambda job, device: stand_in())
+    ref_run = tmp_path / "ref"
+    assert main(["sample", "--n", "4", "--steps", "3", "--seed", "7", "--out", str(ref_run)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    code = main(["sample", "--n", "4", "--steps", "3", "--out", str(out), "--evaluate", str(ref_run / "samples.npz")])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["fid"] > 0
+    summary = json.loads(cap.out.strip().splitlines()[-1])
+    assert summary["evaluation"]["metrics"] == json.loads(json.dumps(metrics))
+    assert summary["evaluation"]["metrics_file"] == str(out / "metrics.json")
+    assert summary["evaluation"]["reference"] == str(ref_run / "samples.npz")
+    shown = [line for line in cap.err.splitlines() if line.startswith("igengine: fid ")]
+    assert len(shown) == 1, cap.err
+    assert shown[0].startswith(f"igengine: fid {metrics['fid']:.6g}, ") and f"kid {metrics['kid']:.6g}" in shown[0]
+    assert shown[0].endswith(f"against {ref_run / 'samples.npz'} (all metrics: {out / 'metrics.json'})")

@@ -1,5 +1,5 @@
-"""What `igengine sample` tells its user while it waits: a compile is announced and timed (like an export
-on first use)."""
+"""What `igengine sample` tells its user while it waits and when there is nothing to do: a compile is
+announced and timed (like an export on first use), a rerun of a finished run says it was complete."""
 
 from __future__ import annotations
 
@@ -52,3 +52,16 @@ def test_the_compile_of_a_compiled_backend_is_announced_and_timed(tmp_path, caps
     assert abs(timing["compile_s"] - seconds) < 0.06
     assert summary["compile_s"] == timing["compile_s"]
     assert not any("chunk" in line for line in lines[:done[0]])  # announced before the first chunk, done with it
+
+
+def test_a_rerun_of_a_finished_run_says_it_was_complete(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ("sample", "--n", "4", "--steps", "3", "--threads", "1", "--out", out)
+    code, _, first = _run(capsys, *args)
+    assert code == 0 and first["already_complete"] == 0
+    code, lines, again = _run(capsys, *args)
+    said = (f"all 4 samples were already complete in {out}: nothing was computed (the outputs were packed again "
+            "from its chunks)")
+    assert code == 0 and f"igengine: {said}" in lines, lines
+    assert said in again["notes"] and again["already_complete"] == 4
+    assert said not in first["notes"]

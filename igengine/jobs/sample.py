@@ -474,6 +474,10 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
             wall = time.perf_counter() - t0
             progress.finish()
             notes = chosen + list(loaded.notes) + report.notes + ([lock_note] if lock_note else [])
+            if rank.is_main and report.initial_done == job.n:  # a rerun of a finished run: say so
+                notes.append(f"all {job.n} samples were already complete in {out}: nothing was computed (the "
+                             "outputs were packed again from its chunks)")
+                progress.log(notes[-1])
             new = (job.n - report.initial_done) if rank.is_main else report.computed
             rate = new / wall if wall > 0 else 0.0
             if rank.is_main:
@@ -510,6 +514,10 @@ def _evaluate(out: Path, job: SampleJob, device: torch.device, manifest: dict, p
 
     progress.log(f"evaluating {out / SAMPLES} against {job.evaluate}")
     record = evaluate_samples(out / SAMPLES, Path(job.evaluate), device=str(device), batch_size=job.batch_size)
+    shown = ", ".join(f"{k} {v:.6g}" for k, v in record["metrics"].items()
+                      if k in ("fid", "sfid", "kid", "inception_score", "precision", "recall") and v is not None)
+    progress.log(f"{shown or 'no metric could be computed'} against {job.evaluate} "
+                 f"(all metrics: {record['metrics_file']})")
     manifest = dict(manifest)
     manifest["evaluation"] = json.loads(json.dumps(manifest_entry(record), default=str))
     atomic_write_json(out / MANIFEST, manifest)
