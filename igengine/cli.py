@@ -416,6 +416,25 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
     return values
 
 
+def _bench_bar(console):
+    """On a terminal: one bar for a benchmark's window runs, with the time left (``BenchClock``)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from igengine.bench.job import hms
+
+    bar = Progress(TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[eta]}"), console=console, transient=True)
+    task = []
+
+    def clock(done: int, total: int, eta: float | None) -> None:
+        if not task:
+            bar.start()
+            task.append(bar.add_task("bench", total=total, eta=""))
+        bar.update(task[0], total=total, completed=done, eta="" if eta is None else f"ETA {hms(eta)}")
+
+    return clock, bar.stop
+
+
 @app.command(epilog=BENCH_EPILOG)
 def bench(
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint to time (its own sampler defaults apply)."),
@@ -456,8 +475,13 @@ def bench(
     from rich.console import Console
 
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-    report = run_bench(job, log=lambda line: console.print(f"[dim]bench:[/dim] {line}"),
-                       progress=None if json_out is None else lambda partial: write_json(partial, json_out))
+    clock, stop = _bench_bar(console) if sys.stderr.isatty() else (None, lambda: None)  # else: ETAs in the log
+    try:
+        report = run_bench(job, log=lambda line: console.print(f"[dim]bench:[/dim] {line}"),
+                           progress=None if json_out is None else lambda partial: write_json(partial, json_out),
+                           clock=clock)
+    finally:
+        stop()
     console.print(table(report))
     if json_out is not None:
         write_json(report, json_out)

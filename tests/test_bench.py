@@ -1,6 +1,7 @@
 """`igengine bench`: the window arithmetic, the report's contract, bad input."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -166,3 +167,40 @@ def test_bench_json_is_rewritten_row_by_row_and_a_stopped_run_keeps_its_finished
     assert json.loads(out.read_text()) == stopped
     assert stopped["error"].startswith("KeyboardInterrupt")
     assert [r["samples_per_s"] for r in stopped["rows"]] == [r["samples_per_s"] for r in rep2["rows"]]
+
+
+def test_bench_clock_estimates_the_time_left_from_each_rows_own_speed():
+    from igengine.bench.job import BenchClock
+
+    clock = BenchClock({0: 100, 1: 200}, units=6)
+    assert clock.eta() is None and clock.eta_text() == ""
+    clock.tick(0, 10, 1.0)  # row 0's first unit (may compile): 0.1 s per network row, row 1 unmeasured takes it too
+    assert clock.eta() == pytest.approx(90 * 0.1 + 200 * 0.1) and clock.eta_text() == " (ETA 0:00:29)"
+    clock.tick(0, 10, 0.5)  # a later unit replaces the first one's rate
+    assert clock.eta() == pytest.approx(80 * 0.05 + 200 * 0.05)
+    clock.tick(1, 20, 4.0)  # row 1's first unit
+    assert clock.eta() == pytest.approx(80 * 0.05 + 180 * 0.2)
+    clock.tick(1, 180, 18.0)
+    clock.tick(0, 80, 4.0)
+    assert clock.eta() == 0 and clock.done == 5
+
+
+def test_bench_shows_its_progress_with_an_eta(tiny_ckpt, capsys):
+    """Without a terminal: one log line per repeat with the time left; the clock callback (the terminal's
+    bar) is called after every unit of work and ends at its total with nothing left."""
+    from igengine.bench.job import BenchJob, run_bench
+    from igengine.config import Precision
+
+    lines, ticks = [], []
+    job = BenchJob(ckpt=tiny_ckpt, precisions=(Precision.FP32,), batch_sizes=(1, 2), steps=1, repeats=2, device="cpu")
+    run_bench(job, log=lines.append, clock=lambda done, total, eta: ticks.append((done, total, eta)))
+    repeats = [line for line in lines if line.startswith("repeat ")]
+    assert [line.split(" (")[0] for line in repeats] == ["repeat 1/2", "repeat 2/2"]
+    assert all(re.fullmatch(r"repeat \d/2 \(ETA \d+:\d\d:\d\d\)", line) for line in repeats), repeats
+    total = ticks[0][1]  # 4 rows x (2 window classes x (1 warm-up + 2 repeats) + 1 peak-memory run + 2 timed alone)
+    assert total == 4 * (2 * 3 + 1 + 2) and [t[0] for t in ticks] == list(range(1, total + 1))
+    assert ticks[0][2] is not None and ticks[-1][2] == 0
+    code = main(["bench", "--ckpt", str(tiny_ckpt), "--precision", "fp32", "--batch-size", "1", "--steps", "1",
+                 "--repeats", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 0 and re.search(r"bench: repeat 2/2 \(ETA \d+:\d\d:\d\d\)", err), err

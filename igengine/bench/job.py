@@ -242,12 +242,57 @@ def _configs(job: BenchJob) -> list[Config]:
     return out
 
 
+def hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class BenchClock:
+    """The work of a benchmark in network rows per row (configuration), and the time it has left.
+
+    Every window run (warm-up, timed repeats, the peak-memory run) and every forward of the network
+    timed alone is a unit of known network rows. A unit's seconds are estimated as its rows times its
+    configuration's seconds per row, measured on that configuration's last unit (its first one, which
+    may compile or capture, only until a later one is measured; a configuration not measured yet takes
+    the mean of those that are); the ETA is the sum over the units not done. The matmul peaks at the
+    end (about 2 s each) are not counted.
+    """
+
+    def __init__(self, rows: dict[int, int], units: int):
+        self.remaining = dict(rows)  # configuration -> network rows still to run
+        self.units, self.done = units, 0
+        self._steady: dict[int, float] = {}  # seconds per row, from a unit after the first
+        self._first: dict[int, float] = {}  # seconds per row, from the first unit (compile, capture)
+
+    def tick(self, config: int, rows: int, seconds: float) -> None:
+        """One unit of ``rows`` network rows of ``config`` took ``seconds``."""
+        (self._steady if config in self._first else self._first)[config] = seconds / max(rows, 1)
+        self.remaining[config] = max(0, self.remaining.get(config, 0) - rows)
+        self.done += 1
+
+    def eta(self) -> float | None:
+        """Seconds left, or None before anything was measured."""
+        rate = {**self._first, **self._steady}
+        if not rate:
+            return None
+        mean = sum(rate.values()) / len(rate)
+        return sum(r * rate.get(c, mean) for c, r in self.remaining.items())
+
+    def eta_text(self) -> str:
+        eta = self.eta()
+        return "" if eta is None else f" (ETA {hms(eta)})"
+
+
 def run_bench(job: BenchJob, log: Callable[[str], None] = lambda line: None,
-              progress: Callable[[dict], None] | None = None) -> dict:
+              progress: Callable[[dict], None] | None = None,
+              clock: Callable[[int, int, float | None], None] | None = None) -> dict:
     """Run the benchmark; returns the report (``rows`` and provenance), see the module docstring.
 
     ``progress(report)``: called with a partial report (``"partial": true``) after each row's warm-up
     and after each repeat, and once more with ``"partial": true`` and ``"error"`` if the run raises.
+    ``clock(done, total, eta_s)``: called after every unit of work (a window run, a forward timed
+    alone; ``BenchClock``) with the units done, their total and the seconds left (None until known);
+    the log's warm-up and repeat lines carry the ETA too.
     """
     from igengine.bench.flops import forward_flops
     from igengine.bench.provenance import provenance
@@ -320,7 +365,7 @@ def run_bench(job: BenchJob, log: Callable[[str], None] = lambda line: None,
             progress(report(done, True, stage))
 
     try:
-        return _measure(job, device, cfg, classes, configs, peaks, report, snapshot, log)
+        return _measure(job, device, cfg, classes, configs, peaks, report, snapshot, log, clock)
     except BaseException as exc:  # a stopped or failed run: its last report says why
         if progress is not None:
             failed = report([c for c in configs if c.latents is not None], True, "stopped")
@@ -330,12 +375,23 @@ def run_bench(job: BenchJob, log: Callable[[str], None] = lambda line: None,
 
 
 def _measure(job: BenchJob, device: torch.device, cfg: ModelConfig, classes: list[StepClass], configs: list[Config],
-             peaks: dict, report, snapshot, log) -> dict:
+             peaks: dict, report, snapshot, log, clock=None) -> dict:
     """Warm-up, interleaved timing, the network alone and peak memory, the matmul peaks (``run_bench``)."""
     from igengine.bench.peak import matmul_peak
 
     idx_for = {n: torch.arange(n) for n in job.batch_sizes}
     labels_for = {n: torch.arange(n) % cfg.num_classes for n in job.batch_sizes}
+    alone = sorted({r for sc in classes for r in sc.rows})  # the row multipliers timed alone
+    window_rows = {sc.rows: sc.window.network_rows for sc in classes}  # network rows per sample of a window
+    runs = max(1, job.warmup) + job.repeats  # window runs of each class, then one more for peak memory
+    timer = BenchClock({i: c.batch_size * (runs * sum(window_rows.values()) + window_rows[classes[0].rows]
+                                           + 4 * sum(alone)) for i, c in enumerate(configs)},
+                       units=len(configs) * (runs * len(classes) + 1 + len(alone)))
+
+    def ticked(i: int, rows: int, t0: float) -> None:
+        timer.tick(i, rows, time.perf_counter() - t0)
+        if clock is not None:
+            clock(timer.done, timer.units, timer.eta())
 
     def run_window(c: Config, sc: StepClass, with_setup: bool = False) -> tuple[float, torch.Tensor]:
         """Seconds of one window's launches and final read-back, and its latents. A captured row's
@@ -348,12 +404,14 @@ def _measure(job: BenchJob, device: torch.device, cfg: ModelConfig, classes: lis
         return (setup_s + dt if with_setup else dt), out
 
     # Warm-up: the first run of each configuration is its time to first sample (compile, capture, caches).
-    for c in configs:
-        log(f"warm-up {c.label}")
+    for i, c in enumerate(configs):
+        log(f"warm-up {c.label}{timer.eta_text()}")
         first = 0.0
         for w in range(max(1, job.warmup)):
             for sc in classes:
+                t0 = time.perf_counter()
                 dt, out = run_window(c, sc, with_setup=w == 0)
+                ticked(i, c.batch_size * window_rows[sc.rows], t0)
                 if w == 0:
                     first += dt
                 if sc is classes[0]:
@@ -363,28 +421,35 @@ def _measure(job: BenchJob, device: torch.device, cfg: ModelConfig, classes: lis
 
     # Interleaved timing: A B C A B C ...
     for r in range(job.repeats):
-        log(f"repeat {r + 1}/{job.repeats}")
-        for c in configs:
+        log(f"repeat {r + 1}/{job.repeats}{timer.eta_text()}")
+        for i, c in enumerate(configs):
             for sc in classes:
+                t0 = time.perf_counter()
                 dt, _ = run_window(c, sc)
+                ticked(i, c.batch_size * window_rows[sc.rows], t0)
                 c.times.setdefault(sc.rows, []).append(dt)
         snapshot(configs, f"repeat {r + 1}/{job.repeats}")
 
     # The network alone, and the peak memory of each row.
-    for c in configs:
+    log(f"the network alone and each row's peak memory{timer.eta_text()}")
+    for i, c in enumerate(configs):
         n = c.batch_size
-        for m in sorted({r for sc in classes for r in sc.rows}):
+        for m in alone:
+            t0 = time.perf_counter()
             x = torch.randn(m * n, *cfg.latent_shape, device=device)
             t = torch.full((m * n,), 0.5, device=device)
             y = torch.arange(m * n, device=device) % cfg.num_classes
             c.net(x, t, y)
             c.net_times[m] = statistics.median(_timed(lambda: c.net(x, t, y), device)[0] for _ in range(3))
+            ticked(i, 4 * m * n, t0)
         for s in c.samplers.values():  # a captured row's peak includes its capture (graphs and their pool)
             s.release()
         gc.collect()
         _reset_peak(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        t0 = time.perf_counter()
         run_window(c, classes[0])
+        ticked(i, n * window_rows[classes[0].rows], t0)
         peak, how = _peak_bytes(device)
         if device.type == "cuda":
             own = sum(p.numel() * p.element_size() for p in _parameters(c.backend_obj))
@@ -486,4 +551,4 @@ def _row(c: Config, classes: list[StepClass], full: Plan, cfg: ModelConfig, peak
     }
 
 
-__all__ = ["BenchError", "BenchJob", "random_model", "run_bench", "step_classes"]
+__all__ = ["BenchClock", "BenchError", "BenchJob", "random_model", "run_bench", "step_classes"]
