@@ -12,9 +12,11 @@ run (``igengine bench`` runs one after the rows of every repeat, so the peak is 
 as the rows). ``result`` gives every product's median and best FLOP/s over all passes and the peak: the
 highest median over the products, with the shape and kernel that gave it. ``matmul_peak`` is one pass of
 one shape (a square n x n by default), timed at once.
+Operands: A and C are views into one buffer each, sized for the largest shape, and shapes with the same
+(k, n) share B, so the memory is about that of the largest product.
   CUDA: ``torch.mm`` into a preallocated output; per pass and shape, ``warmup`` untimed products (clocks
         ramp up, cuBLAS picks its kernel), then ``calls`` products each between two CUDA events, one
-        synchronisation per shape. Operands are made for the shape and dropped after it (a model's GEMMs
+        synchronisation per shape. Operands are made for the pass and dropped after it (a model's GEMMs
         at a large batch take GBs). Default square n = 8192 (large enough to saturate an H100/H200's
         tensor cores).
   CPU:  the same with ``time.perf_counter`` around each product; operands are kept between passes, the
@@ -152,14 +154,23 @@ class MatmulPeaks:
         self.threads = torch.get_num_threads() if device.type == "cpu" else None
         self._operands: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # CPU: kept between passes
 
-    def _make_operands(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        m, k, n = shape
+    def _make_operands(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(A, B, C) of every shape: A and C are views into one buffer each, as large as the largest shape needs,
+        and shapes with the same (k, n) share B (a model's GEMMs at several row counts differ in m only), so the
+        memory is about that of the largest shape, not of all of them together."""
+        dev, dt = self.device, self.dtype
         # Drawn where they are used (a model's GEMMs at a large batch: 1e8-1e9 entries, made in every CUDA pass).
-        g = torch.Generator(device=self.device).manual_seed(0)
+        g = torch.Generator(device=dev).manual_seed(0)
         # Unit-variance entries: sums of k products stay ~sqrt(k), far from fp16's range limit.
-        a = torch.randn(m, k, generator=g, device=self.device).to(self.dtype)
-        b = torch.randn(n, k, generator=g, device=self.device).to(self.dtype)
-        return a, b, torch.empty(m, n, device=self.device, dtype=self.dtype)
+        a = torch.randn(max(m * k for m, k, _ in self.shapes.values()), generator=g, device=dev).to(dt)
+        c = torch.empty(max(m * n for m, _, n in self.shapes.values()), device=dev, dtype=dt)
+        weights: dict[tuple[int, int], torch.Tensor] = {}
+        out = {}
+        for label, (m, k, n) in self.shapes.items():
+            if (k, n) not in weights:
+                weights[(k, n)] = torch.randn(n, k, generator=g, device=dev).to(dt)
+            out[label] = (a[:m * k].view(m, k), weights[(k, n)], c[:m * n].view(m, n))
+        return out
 
     @staticmethod
     def _kernel(name: str, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> Callable[[], object]:
@@ -175,19 +186,16 @@ class MatmulPeaks:
         by_shape: dict[str, list[str]] = {}
         for label, _, kernel in self.products:
             by_shape.setdefault(label, []).append(kernel)
+        operands = self._operands or self._make_operands()  # CUDA: made for this pass, dropped at its end
+        if self.device.type == "cpu":
+            self._operands = operands
         with matmul_tf32(self.tf32):
             for label, kernels in by_shape.items():
+                fns = {k: self._kernel(k, *operands[label]) for k in kernels}
                 if self.device.type == "cuda":
-                    ops = self._make_operands(self.shapes[label])
-                    fns = {k: self._kernel(k, *ops) for k in kernels}
                     got = _time_cuda(fns, self.calls, self.warmup, self.device)
-                    del ops, fns
                 else:
-                    first = label not in self._operands
-                    if first:
-                        self._operands[label] = self._make_operands(self.shapes[label])
-                    fns = {k: self._kernel(k, *self._operands[label]) for k in kernels}
-                    got = _time_cpu(fns, self.calls, self.warmup if first else 0)
+                    got = _time_cpu(fns, self.calls, self.warmup if self.passes == 0 else 0)
                 for kernel, seconds in got.items():
                     if not all(s > 0 and math.isfinite(s) for s in seconds):
                         raise RuntimeError(f"matmul timing of {label} {kernel} gave non-positive or non-finite times "
