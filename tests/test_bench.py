@@ -277,3 +277,26 @@ def test_the_table_never_shows_an_mfu_above_100_percent():
     assert _cell({"mfu": 1.2}, "mfu", "{:.1%}") == "fault"
     assert _cell({"mfu": None, "mfu_fault": "network rate ..."}, "mfu", "{:.1%}") == "fault"
     assert _cell({"mfu": 0.999}, "mfu", "{:.1%}") == "99.9%" and _cell({"mfu": None}, "mfu", "{:.1%}") == "-"
+
+
+@pytest.mark.gpu
+def test_cuda_bench_times_the_peak_with_cuda_events_on_the_models_shapes_every_repeat(tiny_ckpt):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (the peak's CUDA path: cuBLAS products between CUDA events)")
+    from igengine.bench.job import BenchJob, run_bench
+    from igengine.config import Precision
+
+    job = BenchJob(ckpt=tiny_ckpt, precisions=(Precision.BF16, Precision.TF32), batch_sizes=(2,), steps=1, repeats=3,
+                   device="cuda")
+    report = run_bench(job)
+    # SiT-tiny at 8 px, patch 2: 16 tokens, width 64, MLP 256; rows 2 and 4 (N = 2 and 2N).
+    expected = {(rows * 16, k, n) for rows in (2, 4) for k, n in ((64, 256), (256, 64), (64, 192))}
+    assert set(report["peaks"]) == {"bfloat16", "float32", "float32+tf32"}
+    for name, peak in report["peaks"].items():
+        assert peak["timer"] == "cuda events" and peak["passes"] == 3 and peak["tf32"] == name.endswith("+tf32")
+        timed = {tuple(p["mkn"]) for p in peak["products"]}
+        assert timed == expected | {(8192, 8192, 8192)}, name
+        assert all(p["kernel"] == "torch.mm" and p["calls"] == 3 * peak["calls_per_pass"] for p in peak["products"])
+    for r in report["rows"]:
+        assert (r["mfu"] is None) == (r["mfu_fault"] is not None)
+        assert r["mfu"] is None or 0 < r["mfu"] <= 1
