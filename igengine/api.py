@@ -108,6 +108,9 @@ class Pipeline:
         except (TypeError, ValueError) as e:
             why = str(e) if isinstance(e, ValueError) else f"`seed` must be an integer, got {seed!r}"
             raise JobError(why) from None
+        if isinstance(labels, str) and labels not in LABEL_MODES:  # before asking for `indices` it would not fix
+            raise JobError(f"`labels` {labels!r} is not a label mode: use 'random', 'balanced', one class id, "
+                           "or a class id per sample")
         per_sample = not isinstance(labels, (str, int, np.integer)) and not (
             isinstance(labels, torch.Tensor) and labels.ndim == 0)
         if indices is None:
@@ -125,11 +128,8 @@ class Pipeline:
         if isinstance(labels, str):
             if labels == "random":
                 lab = random_labels(seed, idx.numpy(), self.num_classes)
-            elif labels == "balanced":
+            else:  # "balanced" (any other string was refused above)
                 lab = balanced_labels(idx.numpy(), self.num_classes)
-            else:
-                raise JobError(f"`labels` {labels!r} is not a label mode: use 'random', 'balanced', one class id, "
-                               "or a class id per sample")
             lab = torch.as_tensor(lab, dtype=torch.int64)
         elif per_sample:
             lab = _as_int_vector(labels, "labels")

@@ -34,7 +34,7 @@ import igengine
 from igengine.backends.cpu_linear import routes as cpu_routes
 from igengine.config import BackendName
 from igengine.config import Family, ModelConfig, Precision, SamplerConfig, SamplerSettings, Solver
-from igengine.errors import ConfigError, Interrupted, JobError
+from igengine.errors import ConfigError, Interrupted, JobError, OutputError
 from igengine.export.cache import SetupLog
 from igengine.jobs.backend import build_backend, check_runtime, with_eager_fallback
 from igengine.jobs.bulk import BulkSampler, Progress, SampleMaker
@@ -195,6 +195,36 @@ def is_class_spec(text: str) -> bool:
     return bool(_CLASS_SPEC.match(text))
 
 
+_CLASS_LIKE = re.compile(r"^[\d\s,+-]*$")  # only what a class list is made of (and signs): meant as one
+
+
+def class_spec_problem(text: str) -> str | None:
+    """What is wrong with a `labels` value written as a class list ('-1', '0-9,,', '1-'), or None when it
+    does not look like one (a file name, a label mode) or is a good one."""
+    if is_class_spec(text) or not _CLASS_LIKE.match(text):
+        return None
+    if not text.strip():
+        return "`labels` is empty: give random, balanced, classes such as 207, 0-9 or 1,5,9, or a file"
+    for part in text.split(","):
+        entry = part.strip()
+        if not entry:
+            return (f"`labels` {text.strip()!r} has an empty entry (two commas in a row, or one at an end): "
+                    "write classes as 207, 0-9 or 1,5,9")
+        compact = re.sub(r"\s+", "", entry)
+        if re.fullmatch(r"\d+(-\d+)?", compact) and not re.fullmatch(r"\d+\s+\d+", entry):
+            continue
+        if compact.startswith("+"):
+            return f"`labels` {entry}: write class ids without a sign ({compact.lstrip('+')})"
+        if compact.startswith("-") or "--" in compact:
+            return f"`labels` {entry}: class ids are whole numbers >= 0 (a range is LOW-HIGH, e.g. 0-9)"
+        if compact.endswith("-"):
+            return f"`labels` range {entry} has no end: write LOW-HIGH, e.g. 0-9"
+        if re.fullmatch(r"\d+(\s+\d+)+", entry):
+            return f"`labels` {entry!r}: separate class ids with commas ({','.join(entry.split())})"
+        return f"`labels` entry {entry!r} is neither a class id nor a range LOW-HIGH (e.g. 207 or 0-9)"
+    return None
+
+
 def parse_classes(text: str, num_classes: int) -> list[int]:
     """'0-9,20' -> [0, 1, ..., 9, 20]: ranges inclusive (as EDM2's --seeds), in the order given,
     repeats kept. Each class must lie in [0, num_classes)."""
@@ -230,6 +260,8 @@ def resolve_labels(job: SampleJob, num_classes: int) -> tuple[torch.Tensor, dict
         info["classes"] = classes if len(classes) <= 10_000 else hashlib.sha256(
             np.asarray(classes, dtype=np.int64).tobytes()).hexdigest()
         return torch.from_numpy(values), info
+    if not Path(job.labels).is_file() and (problem := class_spec_problem(job.labels)) is not None:
+        raise JobError(problem)  # meant as classes ('-1', '0-9,,'): say what is wrong with them, not "file not found"
     values = load_label_file(Path(job.labels), job.n, num_classes)
     digest = hashlib.sha256(values.tobytes()).hexdigest()
     return torch.from_numpy(values), {"mode": "file", "file": str(job.labels), "sha256": digest}
@@ -289,20 +321,28 @@ def resolve_chunk_size(asked: int | None, out: Path, run_key: dict, existing: di
     """The chunk size of a run and, when it was not asked for, a note saying where it came from.
 
     Asked for: that. Otherwise the chunk size of the run already in ``out`` (``existing``, its
-    manifest) when it is this run with another or the same ``n`` (its run key equal but for the
-    chunk size), so that a rerun without the flag resumes or extends it whatever the default was
-    then; else ``DEFAULT_CHUNK_SIZE``.
+    manifest), whatever that run is (README: "the default chunk size is that of the run already in
+    OUT, else 256"): a rerun without the flag then resumes or extends it whatever the default was
+    then, a refusal names only the settings that were given (never a chunk size nobody asked for),
+    and `overwrite` keeps the folder's unit of output. Else ``DEFAULT_CHUNK_SIZE``.
     """
     if asked is not None:
         return asked, None
     old_key = existing.get("run_key") if existing else None
     if isinstance(old_key, dict) and isinstance(old_key.get("chunk_size"), int) and old_key["chunk_size"] >= 1:
-        if {k: v for k, v in old_key.items() if k != "chunk_size"} == json.loads(json.dumps(run_key)):
-            size = old_key["chunk_size"]
-            if size != DEFAULT_CHUNK_SIZE:
-                return size, f"chunk size {size}, that of the run already in {out} (choose with `chunk_size`)"
-            return size, None
+        size = old_key["chunk_size"]
+        if size != DEFAULT_CHUNK_SIZE:
+            return size, f"chunk size {size}, that of the run already in {out} (choose with `chunk_size`)"
+        return size, None
     return DEFAULT_CHUNK_SIZE, None
+
+
+def _manifest_if_readable(out: Path) -> dict | None:
+    """The manifest in ``out`` for `overwrite` runs, which replace it: None where there is none or it is unreadable."""
+    try:
+        return read_manifest(out)
+    except OutputError:
+        return None
 
 
 def make_backend(job: SampleJob, loaded: LoadedCheckpoint, device: torch.device, setup: SetupLog | None = None):
@@ -436,7 +476,8 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
     # The run already in `out` (None with `overwrite`): a foreign or unreadable manifest is refused
     # here with the message prepare_output_folder would give.
     previous = read_manifest(out) if not job.overwrite else None
-    chunk_size, chunk_note = resolve_chunk_size(job.chunk_size, out, run_key, previous)
+    chunk_size, chunk_note = resolve_chunk_size(job.chunk_size, out, run_key,
+                                                previous if not job.overwrite else _manifest_if_readable(out))
     job = dataclasses.replace(job, chunk_size=chunk_size)
     run_key["chunk_size"] = chunk_size
     if chunk_note:
