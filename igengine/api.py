@@ -22,6 +22,7 @@ Nothing is written to disk. Errors are the one-line ``igengine.errors`` exceptio
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -32,6 +33,7 @@ import torch
 from igengine.backends.cpu_linear import routes as cpu_routes
 from igengine.config import BackendName, ModelConfig, Precision, SamplerConfig, Solver
 from igengine.errors import JobError
+from igengine.jobs.advice import precision_warnings
 from igengine.jobs.preflight import preflight_sampler
 from igengine.jobs.sample import (DEFAULT_CHECKPOINT, SampleJob, make_backend, resolve_decoder, resolve_device,
                                   resolve_sampler_config)
@@ -231,6 +233,8 @@ def load(ckpt: str | Path | None = None, *, model: str | None = None, precision:
     if job.precision is None:
         job = dataclasses.replace(job, precision=default_precision(dev))
         notes.insert(0, default_precision_note(dev, cpu_routes() if dev.type == "cpu" else None))
+    for line in precision_warnings(job.precision, dev):  # as `igengine sample` warns (tf32, fp16 on a CPU)
+        warnings.warn(line, RuntimeWarning, stacklevel=2)
     # Latents only, unless there is something to decode them with (pixel-space models need nothing).
     job = dataclasses.replace(job, no_decode=not cfg.pixel_space and job.vae is None)
     sampler_cfg = resolve_sampler_config(job, loaded)

@@ -11,11 +11,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import igengine
 from igengine.cli import main
 from igengine.errors import JobError
+from igengine.jobs import advice, threads as threads_mod
 from igengine.jobs.sample import DEFAULT_CHECKPOINT
+from igengine.jobs.threads import ThreadChoice, oversubscription
 
 pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="embedded checkpoint missing")
 
@@ -90,3 +93,77 @@ def test_a_refusal_names_only_given_settings_and_overwrite_keeps_the_folders_chu
     assert manifest["bulk"]["chunk_size"] == 2 and manifest["run_key"]["chunk_size"] == 2
     assert manifest["sampler"]["steps"] == 3
     assert "chunk size 2, that of the run already in" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 4: slow or meaningless choices are said, once, on stderr
+# ----------------------------------------------------------------------------------------------
+
+
+def test_tf32_on_the_cpu_warns_and_is_byte_identical_to_fp32(tmp_path, capsys):
+    code, _, err = cli(capsys, "sample", "--n", 3, "--steps", 3, "--precision", "tf32", "--out", tmp_path / "tf32")
+    assert code == 0, err
+    warned = stderr_lines(err, "igengine: warning:")
+    assert len(warned) == 1 and "--precision tf32 on the CPU computes exactly what fp32 computes" in warned[0]
+    assert "use --precision fp32 here" in warned[0]
+    manifest = json.loads((tmp_path / "tf32" / "manifest.json").read_text())
+    assert manifest["precision"] == "tf32" and len(manifest["warnings"]) == 1
+    code, _, err = cli(capsys, "sample", "--n", 3, "--steps", 3, "--precision", "fp32", "--out", tmp_path / "fp32")
+    assert code == 0 and not stderr_lines(err, "igengine: warning:"), err
+    a, b = (np.load(tmp_path / name / "samples.npz")["arr_0"] for name in ("tf32", "fp32"))
+    assert a.tobytes() == b.tobytes()  # what the warning says
+
+
+@pytest.mark.parametrize("native_bf16, instead", [(True, "use --precision bf16 (oneDNN runs bf16 on this CPU) or fp32"),
+                                                  (False, "use --precision fp32")])
+def test_fp16_on_a_cpu_without_fp16_units_warns_and_names_the_precision_to_use(native_bf16, instead, tmp_path, capsys,
+                                                                                monkeypatch):
+    monkeypatch.setattr(advice, "cpu_native_low_precision", lambda dtype: False)
+    monkeypatch.setattr(advice, "linear_route", lambda dtype: "onednn" if native_bf16 else "fp32-gemm")
+    code, _, err = cli(capsys, "sample", "--n", 2, "--steps", 2, "--precision", "fp16", "--out", tmp_path / "o")
+    assert code == 0, err
+    warned = stderr_lines(err, "igengine: warning:")
+    assert len(warned) == 1 and "--precision fp16 is slow on this CPU: it has no fp16 matmul units" in warned[0]
+    assert warned[0].endswith(instead), warned[0]
+
+
+def test_fp16_on_a_cpu_with_fp16_units_and_the_default_precision_run_without_a_warning(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(advice, "cpu_native_low_precision", lambda dtype: dtype == torch.float16)
+    assert advice.precision_warnings("fp16", "cpu") == []
+    assert advice.precision_warnings("tf32", "cuda") == [] and advice.precision_warnings("fp16", "cuda") == []
+    code, _, err = cli(capsys, "sample", "--n", 2, "--steps", 2, "--out", tmp_path / "o")
+    assert code == 0 and not stderr_lines(err, "igengine: warning:"), err
+    assert "warnings" not in json.loads((tmp_path / "o" / "manifest.json").read_text())
+
+
+def test_the_real_fp16_check_of_this_cpu_decides_the_warning():
+    from igengine.backends.cpu_linear import cpu_native_low_precision
+
+    warned = advice.precision_warnings("fp16", "cpu")
+    assert (warned == []) == cpu_native_low_precision(torch.float16)
+
+
+def test_python_load_warns_as_the_command_does():
+    with pytest.warns(RuntimeWarning, match="`precision` tf32 on the CPU computes exactly what fp32 computes"):
+        igengine.load(precision="tf32", steps=2)
+
+
+def test_more_threads_than_usable_cores_warn(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(threads_mod, "usable_cpus", lambda: 1)  # whatever this machine has: 2 threads on 1 core
+    code, _, err = cli(capsys, "sample", "--n", 2, "--steps", 2, "--threads", 2, "--out", tmp_path / "o")
+    assert code == 0, err
+    warned = stderr_lines(err, "igengine: warning:")
+    assert len(warned) == 1, err
+    assert warned[0].startswith("igengine: warning: --threads 2 is more than the 1 CPU core(s) this process may use")
+    assert "give --threads 1 or fewer, or leave it out" in warned[0]
+    code, _, err = cli(capsys, "sample", "--n", 2, "--steps", 2, "--threads", 1, "--out", tmp_path / "p")
+    assert code == 0 and not stderr_lines(err, "igengine: warning:"), err
+
+
+def test_oversubscription_names_its_source_and_spares_the_automatic_choice():
+    assert oversubscription(ThreadChoice(100, "threads", "100 asked for"), cpus=2).startswith(
+        "`threads` 100 is more than the 2 CPU core(s)")
+    env = oversubscription(ThreadChoice(8, "OMP_NUM_THREADS", "OMP_NUM_THREADS=8"), cpus=4)
+    assert env.startswith("OMP_NUM_THREADS=8 is more than the 4 CPU core(s)") and "set OMP_NUM_THREADS to 4" in env
+    assert oversubscription(ThreadChoice(2, "threads", "2 asked for"), cpus=2) is None
+    assert oversubscription(ThreadChoice(64, "auto", "64 core(s) usable"), cpus=2) is None

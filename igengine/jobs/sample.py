@@ -36,6 +36,7 @@ from igengine.config import BackendName
 from igengine.config import Family, ModelConfig, Precision, SamplerConfig, SamplerSettings, Solver
 from igengine.errors import ConfigError, Interrupted, JobError, OutputError
 from igengine.export.cache import SetupLog
+from igengine.jobs.advice import choice_warnings
 from igengine.jobs.backend import build_backend, check_runtime, with_eager_fallback
 from igengine.jobs.bulk import BulkSampler, Progress, SampleMaker
 from igengine.jobs.launch import RankInfo
@@ -454,6 +455,7 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
         job = dataclasses.replace(job, precision=default_precision(device))
         chosen.append(default_precision_note(device, cpu_routes() if device.type == "cpu" else None))
     check_runtime(job.backend, job.precision, device)  # and before making the output folder or an export
+    warned = choice_warnings(job.precision, device, threads)  # slow or meaningless here: said, not refused
     loaded = load_checkpoint(ckpt_path, model_name=job.model, overrides=overrides)
     cfg = loaded.config
     if threads.source == "auto" and device.type == "cpu":
@@ -522,9 +524,13 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
             decoder.to(device)
         for line in chosen:  # only once the request is known to be good: a refusal stays one line
             progress.log(line)
+        for line in warned if rank.is_main else ():
+            progress.log(f"warning: {line}")
         manifest = _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, sampler, backend, run_key, label_info, labels,
                              decoder, layout, rank, png_dir is not None, threads)
         manifest["preflight"] = preflight
+        if warned:
+            manifest["warnings"] = warned
         if rank.is_main:
             atomic_write_json(out / MANIFEST, manifest)
         make = SampleMaker(sampler, job.seed, labels, decoder, cfg.family, pixels=decode)
