@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 BENCH_EPILOG = """\b
 Examples:
   igengine bench --model SiT-B/2 --precision reference,fp32 --batch-size 1,4 --steps 2 --repeats 2
-  igengine bench --ckpt igengine/assets/sit_digits.safetensors --batch-size 16,64 --json bench.json
+  igengine bench --batch-size 16,64 --json bench.json     # the embedded digits model (no --ckpt, no --model)
   igengine bench --model SiT-XL/2 --device cuda --precision reference,bf16 --backend torch,compiled --batch-size 1,16,64,256 --json sit.json --plot sit.png
   igengine bench --model LightningDiT-XL/1 --device cuda --configs reference/torch,bf16/torch,bf16/compiled --batch-size 1,64
 Rows run interleaved after warm-up; throughput is that of the full run (paper settings unless changed).
@@ -394,7 +394,7 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 @app.command(epilog=BENCH_EPILOG)
 def bench(
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint to time (its own sampler defaults apply)."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint to time (its own sampler defaults apply); default, without --model: the embedded digits model."),
     model: Optional[str] = typer.Option(None, "--model", help="A model preset with random weights, e.g. SiT-XL/2."),
     precision: Optional[str] = typer.Option(None, "--precision", help="Comma-separated precisions [default: reference,fp32,bf16]."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Comma-separated backends [default: torch]."),
@@ -446,7 +446,7 @@ def bench(
 
 EXPORT_EPILOG = """\b
 Examples:
-  igengine export --ckpt igengine/assets/sit_digits.safetensors --out out/digits-onnx   # runnable in a checkout
+  igengine export --out out/digits-onnx        # the embedded digits model (no --ckpt), runnable anywhere
   igengine sample --backend onnxruntime --onnx out/digits-onnx --n 8 --precision fp32 --out out/digits-ort
   igengine export --ckpt SiT-XL-2-IG.pt --precision fp16 --out export-sit-fp16
   igengine export --ckpt lightningdit-xl-1-ig.pt --model LightningDiT-XL/1 --format tensorrt --precision bf16 --max-batch 64 --out export-ldit-trt
@@ -455,7 +455,7 @@ Examples:
 
 @app.command(epilog=EXPORT_EPILOG)
 def export(
-    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint (.pt/.pth/.safetensors), resolved as by `sample`."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint (.pt/.pth/.safetensors), resolved as by `sample`; default: the embedded digits model."),
     out: Path = typer.Option(..., "--out", help="Output folder (model.onnx, model.onnx.data, export.json[, model.engine])."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name, e.g. SiT-XL/2 (overrides the checkpoint's)."),
     encoder_depth: Optional[int] = typer.Option(None, "--encoder-depth", help="Block after which the IG head sits."),

@@ -167,3 +167,30 @@ def test_oversubscription_names_its_source_and_spares_the_automatic_choice():
     assert env.startswith("OMP_NUM_THREADS=8 is more than the 4 CPU core(s)") and "set OMP_NUM_THREADS to 4" in env
     assert oversubscription(ThreadChoice(2, "threads", "2 asked for"), cpus=2) is None
     assert oversubscription(ThreadChoice(64, "auto", "64 core(s) usable"), cpus=2) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 8: export and bench without --ckpt take the embedded model, as sample does
+# ----------------------------------------------------------------------------------------------
+
+
+def test_bench_without_ckpt_times_the_embedded_model(tmp_path, capsys):
+    report = tmp_path / "b.json"
+    code, out, err = cli(capsys, "bench", "--precision", "reference", "--batch-size", 1, "--steps", 1, "--repeats", 1,
+                         "--warmup", 0, "--no-anchor", "--device", "cpu", "--json", report)
+    assert code == 0, err
+    workload = json.loads(report.read_text())["workload"]
+    assert workload["model"] == "SiT-digits" and workload["checkpoint"] == str(DEFAULT_CHECKPOINT)
+
+
+def test_export_without_ckpt_exports_the_embedded_model(tmp_path, capsys):
+    pytest.importorskip("onnx", reason="needs the onnx extra (pip install -e '.[onnx]')")
+    pytest.importorskip("onnxscript", reason="needs the onnx extra (the dynamo exporter's onnxscript)")
+    from igengine.models.checkpoint import load_checkpoint
+
+    code, out, err = cli(capsys, "export", "--out", tmp_path / "e")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["model"] == "SiT-digits"
+    record = json.loads((tmp_path / "e" / "export.json").read_text())
+    assert load_checkpoint(DEFAULT_CHECKPOINT).sha256 in json.dumps(record)
