@@ -194,3 +194,52 @@ def test_export_without_ckpt_exports_the_embedded_model(tmp_path, capsys):
     assert summary["model"] == "SiT-digits"
     record = json.loads((tmp_path / "e" / "export.json").read_text())
     assert load_checkpoint(DEFAULT_CHECKPOINT).sha256 in json.dumps(record)
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 4: FID of fewer images than features
+# ----------------------------------------------------------------------------------------------
+
+
+def _evaluate_sets(tmp_path, n_samples: int, n_ref: int, log: list[str]):
+    from igengine.jobs.evaluate import EvaluateJob, EvaluateProgress, run_evaluate
+    from tests.metrics_fixtures import random_images, save_npz, stand_in
+
+    s = save_npz(tmp_path / f"s{n_samples}.npz", arr_0=random_images(1, n_samples, size=8))
+    r = save_npz(tmp_path / f"r{n_ref}.npz", arr_0=random_images(2, n_ref, size=8, low=20))
+    job = EvaluateJob(samples=s, ref=r, device="cpu", kid_subsets=2)
+    return run_evaluate(job, EvaluateProgress(log=log.append), network=stand_in(pool_dim=40, spatial_dim=24))
+
+
+def test_fid_of_fewer_images_than_features_is_noted_and_warned(tmp_path):
+    """The stand-in network has 40 pool features: 40 samples give a covariance of rank <= 39 (rank-deficient)."""
+    log: list[str] = []
+    record = _evaluate_sets(tmp_path, 40, 41, log)
+    want = "FID of SAMPLES from 40 images: their covariance has rank at most 39, below the 40 features"
+    assert [n for n in record["notes"] if n.startswith("FID of")] == [n for n in record["notes"] if want in n]
+    assert any(want in n and "biased upward" in n for n in record["notes"])
+    assert [line for line in log if line.startswith("warning: ")] == [f"warning: {n}" for n in record["notes"]
+                                                                      if n.startswith("FID of")]
+    assert any(want in n for n in json.loads((tmp_path / "s40.metrics.json").read_text())["notes"])
+    # The reference computed from its own images counts the same way; enough images on both sides: no note.
+    both = _evaluate_sets(tmp_path, 12, 30, [])
+    assert [n.split(":")[0] for n in both["notes"] if n.startswith("FID of")] == ["FID of SAMPLES from 12 images",
+                                                                                 "FID of REF from 30 images"]
+    enough: list[str] = []
+    assert not any(n.startswith("FID of") for n in _evaluate_sets(tmp_path, 41, 41, enough)["notes"])
+    assert not any(line.startswith("warning: ") for line in enough)
+
+
+def test_cli_evaluate_warns_on_stderr_about_a_rank_deficient_fid(tmp_path, capsys, monkeypatch):
+    from igengine.jobs import evaluate as evaluate_mod
+    from tests.metrics_fixtures import random_images, save_npz, stand_in
+
+    monkeypatch.setattr(evaluate_mod, "_network", lambda job, device: stand_in(pool_dim=40, spatial_dim=24))
+    s = save_npz(tmp_path / "samples.npz", arr_0=random_images(1, 20, size=8))
+    r = save_npz(tmp_path / "ref.npz", arr_0=random_images(2, 50, size=8, low=20))
+    code, out, err = cli(capsys, "evaluate", s, "--ref", r, "--kid-subsets", 2)
+    assert code == 0, err
+    warned = stderr_lines(err, "igengine: warning:")
+    assert len(warned) == 1 and warned[0].startswith("igengine: warning: FID of SAMPLES from 20 images: their "
+                                                     "covariance has rank at most 19, below the 40 features"), err
+    assert any(n.startswith("FID of SAMPLES from 20 images") for n in json.loads(out)["notes"])
