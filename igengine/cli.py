@@ -273,11 +273,12 @@ def info() -> None:
         "onnxruntime": importlib.util.find_spec("onnxruntime") is not None,
         "tensorrt": importlib.util.find_spec("tensorrt") is not None,
     }
-    from igengine.backends.cpu_linear import routes
+    from igengine.backends.cpu_linear import native_low_precision, routes
     from igengine.jobs.threads import choose_threads
     from igengine.kernels import describe as kernels_describe
 
     facts["cpu_threads"] = choose_threads().to_dict()  # what `igengine sample` would use now
+    facts.update(native_low_precision())  # native_bf16, native_fp16: bf16 / fp16 arithmetic in this CPU's hardware
     facts["cpu_linear"] = routes()  # the GEMM each linear dtype takes on this CPU (fp32, bf16 precisions)
     facts["kernels"] = kernels_describe()
     typer.echo(json.dumps(facts, indent=2))

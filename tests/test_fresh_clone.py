@@ -243,3 +243,35 @@ def test_cli_evaluate_warns_on_stderr_about_a_rank_deficient_fid(tmp_path, capsy
     assert len(warned) == 1 and warned[0].startswith("igengine: warning: FID of SAMPLES from 20 images: their "
                                                      "covariance has rank at most 19, below the 40 features"), err
     assert any(n.startswith("FID of SAMPLES from 20 images") for n in json.loads(out)["notes"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 10: `igengine info` says whether this CPU has bf16 (and fp16) in hardware
+# ----------------------------------------------------------------------------------------------
+
+X86_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512dq avx512_bf16 avx512_vnni\n"
+X86_AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma f16c\n"
+X86_SPR = "flags\t\t: avx2 avx512f avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8\n"
+ARM_N1 = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid\n"
+ARM_V1 = "Features\t: fp asimd fphp asimdhp sve bf16 i8mm\n"
+
+
+@pytest.mark.parametrize("cpuinfo, bf16, fp16", [(X86_BF16, True, False), (X86_AVX2, False, False),
+                                                 (X86_SPR, True, True), (ARM_N1, False, True), (ARM_V1, True, True)])
+def test_native_low_precision_reads_the_cpus_flags(cpuinfo, bf16, fp16):
+    from igengine.backends.cpu_linear import native_low_precision
+
+    assert native_low_precision(cpuinfo) == {"native_bf16": bf16, "native_fp16": fp16}
+
+
+def test_info_shows_native_bf16_and_fp16_as_plain_booleans(capsys):
+    from igengine.backends.cpu_linear import native_low_precision
+
+    code, out, err = cli(capsys, "info")
+    assert code == 0, err
+    facts = json.loads(out)
+    assert isinstance(facts["native_bf16"], bool) and isinstance(facts["native_fp16"], bool)
+    assert {k: facts[k] for k in ("native_bf16", "native_fp16")} == native_low_precision()
+    assert list(facts).index("native_bf16") < list(facts).index("cpu_linear")  # beside the routes they explain
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():  # torch's own x86 check agrees
+        assert facts["native_bf16"] is True
