@@ -77,6 +77,7 @@ OUT/grid.png shows the first samples (--no-grid: not written); --png writes OUT/
 PACK_EPILOG = """\b
 Example:
   igengine pack out/sit50k      # (re)assemble samples.npz from out/sit50k/chunks/
+  igengine pack out/sit50k --clean   # the same, then remove the chunks once samples.npz reads back equal to them
 """
 
 
@@ -158,6 +159,7 @@ def sample(
     evaluate_ref: Optional[Path] = typer.Option(None, "--evaluate", help="After packing, run `igengine evaluate` against REF (metrics.json beside samples.npz)."),
     capture: CaptureChoice = typer.Option(CaptureChoice.auto, "--capture", help="auto: on CUDA, replay whole steps (network + fused step) from CUDA graphs when the backend allows it (torch), and launch them one by one if a capture or replay fails; off: launch them one by one."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads; default: OMP_NUM_THREADS, else the usable cores that other work does not keep busy."),
+    keep_chunks: bool = typer.Option(True, "--keep-chunks/--no-keep-chunks", help="Keep OUT/chunks/ after packing (default); --no-keep-chunks removes them once samples.npz is written, fsynced and read back equal to them (a larger --n later rebuilds them from samples.npz)."),
     preflight: PreflightChoice = typer.Option(PreflightChoice.auto, "--preflight", help="auto: before the first chunk, compare each fast rung (fused kernels, CUDA graphs, compiled network) with the reference on 2 samples and demote one that disagrees (one warning; manifest: preflight); off: trust them unchecked."),
 ) -> None:
     """Draw samples with IG (+CFG), bit-reproducibly, and write samples.npz + manifest.json.
@@ -177,7 +179,7 @@ def sample(
         backend=backend, onnx=onnx, png=png, grid=grid, save_latents=save_latents, no_decode=no_decode,
         overwrite=overwrite, vae=vae, vae_kind=vae_kind.value, latent_stats=latent_stats,
         latent_multiplier=latent_multiplier, chunk_size=chunk_size, evaluate=evaluate_ref, threads=threads,
-        capture=capture.value, preflight=preflight.value,
+        capture=capture.value, preflight=preflight.value, keep_chunks=keep_chunks,
     )
     from igengine.jobs.launch import RankInfo
 
@@ -247,13 +249,16 @@ def _rich_progress():
 
 
 @app.command(epilog=PACK_EPILOG)
-def pack(out: Path = typer.Argument(..., help="Output folder of `igengine sample`.")) -> None:
+def pack(out: Path = typer.Argument(..., help="Output folder of `igengine sample`."),
+         clean: bool = typer.Option(False, "--clean", help="Then remove the chunks, once samples.npz is written, fsynced and read back equal to them.")) -> None:
     """Assemble samples.npz (and latents) from a run's chunks; checks that every index 0..n-1 is there once."""
     from igengine.store.pack import pack_command
 
-    manifest = pack_command(out)
+    flags = _flags_of("sample")  # the messages name sample's settings (`n`, `keep_chunks`)
+    manifest = pack_command(out, clean=clean, log=lambda line: typer.echo(f"igengine: {flagify(line, flags)}", err=True))
     typer.echo(json.dumps({"out": str(out), "n": manifest["n"], "outputs": manifest["outputs"],
-                           "pack_s": manifest["timing"]["pack_s"]}))
+                           "pack_s": manifest.get("timing", {}).get("pack_s"),
+                           "chunks_removed": "chunks_removed" in manifest}))
 
 
 @app.command()

@@ -16,9 +16,7 @@ import torch
 import igengine
 from igengine.cli import main
 from igengine.errors import JobError
-from igengine.jobs import advice, threads as threads_mod
 from igengine.jobs.sample import DEFAULT_CHECKPOINT
-from igengine.jobs.threads import ThreadChoice, oversubscription
 
 pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="embedded checkpoint missing")
 
@@ -118,6 +116,8 @@ def test_tf32_on_the_cpu_warns_and_is_byte_identical_to_fp32(tmp_path, capsys):
                                                   (False, "use --precision fp32")])
 def test_fp16_on_a_cpu_without_fp16_units_warns_and_names_the_precision_to_use(native_bf16, instead, tmp_path, capsys,
                                                                                 monkeypatch):
+    from igengine.jobs import advice
+
     monkeypatch.setattr(advice, "cpu_native_low_precision", lambda dtype: False)
     monkeypatch.setattr(advice, "linear_route", lambda dtype: "onednn" if native_bf16 else "fp32-gemm")
     code, _, err = cli(capsys, "sample", "--n", 2, "--steps", 2, "--precision", "fp16", "--out", tmp_path / "o")
@@ -128,6 +128,8 @@ def test_fp16_on_a_cpu_without_fp16_units_warns_and_names_the_precision_to_use(n
 
 
 def test_fp16_on_a_cpu_with_fp16_units_and_the_default_precision_run_without_a_warning(tmp_path, capsys, monkeypatch):
+    from igengine.jobs import advice
+
     monkeypatch.setattr(advice, "cpu_native_low_precision", lambda dtype: dtype == torch.float16)
     assert advice.precision_warnings("fp16", "cpu") == []
     assert advice.precision_warnings("tf32", "cuda") == [] and advice.precision_warnings("fp16", "cuda") == []
@@ -138,6 +140,7 @@ def test_fp16_on_a_cpu_with_fp16_units_and_the_default_precision_run_without_a_w
 
 def test_the_real_fp16_check_of_this_cpu_decides_the_warning():
     from igengine.backends.cpu_linear import cpu_native_low_precision
+    from igengine.jobs import advice
 
     warned = advice.precision_warnings("fp16", "cpu")
     assert (warned == []) == cpu_native_low_precision(torch.float16)
@@ -149,6 +152,8 @@ def test_python_load_warns_as_the_command_does():
 
 
 def test_more_threads_than_usable_cores_warn(tmp_path, capsys, monkeypatch):
+    from igengine.jobs import threads as threads_mod
+
     monkeypatch.setattr(threads_mod, "usable_cpus", lambda: 1)  # whatever this machine has: 2 threads on 1 core
     code, _, err = cli(capsys, "sample", "--n", 2, "--steps", 2, "--threads", 2, "--out", tmp_path / "o")
     assert code == 0, err
@@ -161,6 +166,8 @@ def test_more_threads_than_usable_cores_warn(tmp_path, capsys, monkeypatch):
 
 
 def test_oversubscription_names_its_source_and_spares_the_automatic_choice():
+    from igengine.jobs.threads import ThreadChoice, oversubscription
+
     assert oversubscription(ThreadChoice(100, "threads", "100 asked for"), cpus=2).startswith(
         "`threads` 100 is more than the 2 CPU core(s)")
     env = oversubscription(ThreadChoice(8, "OMP_NUM_THREADS", "OMP_NUM_THREADS=8"), cpus=4)

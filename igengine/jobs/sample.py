@@ -51,6 +51,7 @@ from igengine.sampling import ModelFacts, Sampler, build_plan, resolve_sampler
 from igengine.sampling.sampler import CAPTURE_CHOICES
 from igengine.store.atomic import atomic_write_json
 from igengine.store.chunks import CHUNKS_DIR, DEFAULT_CHUNK_SIZE, coalesce
+from igengine.store.clean import clear_removed, packed_files_match, read_removed, remove_chunks, restore_chunks
 from igengine.store.locks import rank_lock
 from igengine.store.manifest import MANIFEST, SAMPLES, igengine_commit, prepare_output_folder, read_manifest
 from igengine.store.pack import BulkLayout, pack_folder
@@ -98,6 +99,7 @@ class SampleJob:
     capture: str = "auto"  # CUDA graphs of whole steps where the backend allows them ('auto'), or never ('off')
     preflight: str = "auto"  # compare the fast rungs with the reference before the first chunk ('auto'), or not ('off')
     threads: int | None = None  # CPU threads; None: OMP_NUM_THREADS, else the cores not busy (igengine.jobs.threads)
+    keep_chunks: bool = True  # False: remove the chunks once samples.npz is verified (igengine.store.clean)
 
     def validate(self) -> None:
         """The checks that need no file: counts, the seed, the output names. Sampler settings are
@@ -499,8 +501,12 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
         pixels=(cfg.input_size * factor, cfg.input_size * factor, 3) if decode else None,
         latents=cfg.latent_shape if keep_latents else None, latents_path=latents_path,
     )
+    removed = _removed_chunks(layout, out, job.n)  # this run's chunks removed after an earlier pack, or None
     with rank_lock(out, rank.rank, rank.world_size) as lock_note:
         store = layout.store(out)
+        if removed is not None and int(removed["n"]) == job.n:  # complete in samples.npz: nothing to compute
+            return _already_packed(job, out, removed, rank, chosen + list(loaded.notes), started, device, progress,
+                                   store, layout)
         store.folder.mkdir(parents=True, exist_ok=True)
         if rank.is_main and job.overwrite:  # chunks of other configurations can never be reused
             for other in (out / CHUNKS_DIR).iterdir():
@@ -539,6 +545,8 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
         t0 = time.perf_counter()
         setup_s = time.time() - started  # checkpoint, backend (an export into the cache) before the loop
         try:
+            if removed is not None:  # a larger n: first the earlier run's chunks this rank needs, from samples.npz
+                _rebuild_chunks(store, layout, rank, removed, labels, progress)
             report = bulk.run_rank()
             if rank.is_main:
                 bulk.wait_for_all()
@@ -559,7 +567,11 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
                 if sampler.fallbacks:
                     manifest["fallbacks"] = [f.to_dict() for f in sampler.fallbacks]
                 manifest["notes"] = notes
-                manifest = pack_folder(out, manifest)
+                if removed is not None:  # every chunk is here again (rebuilt, grown): they are the record, not
+                    clear_removed(store)  # the samples.npz the pack is about to replace
+                manifest = pack_folder(out, manifest, digest=not job.keep_chunks)
+                if not job.keep_chunks:  # only now: samples.npz written, fsynced, read back and checked
+                    manifest = remove_chunks(out, manifest, layout, log=progress.log)
                 if job.grid and decode:
                     manifest = write_run_grid(out, manifest, label_info, cfg.num_classes)
         except (Interrupted, KeyboardInterrupt) as e:
@@ -568,6 +580,61 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
         if rank.is_main and job.evaluate is not None and decode:
             manifest = _evaluate(out, job, device, manifest, progress)
     return RunResult(manifest, out, wall, rate, notes, report.computed, report.reused, rank)
+
+
+def _removed_chunks(layout: BulkLayout, out: Path, n: int) -> dict | None:
+    """``removed.json`` of this run's chunk folder (its chunks were removed after packing), or None; checked
+    before anything runs: a smaller `n` is refused (packing its first samples would replace the only copy of
+    the others), and so is a run whose packed files are no longer those the record describes."""
+    store = layout.store(out)
+    removed = read_removed(store) if store.folder.is_dir() else None
+    if removed is None:
+        return None
+    if int(removed["n"]) > n:
+        raise JobError(f"{out} holds a run of {removed['n']} samples whose chunks were removed after packing (`keep_chunks` "
+                       f"off): `n` {n} would replace its samples.npz with the first {n}, losing the others; take them from "
+                       f"samples.npz (arr_0[:{n}]), or sample into another `out`")
+    if (why := packed_files_match(removed)) is not None:
+        raise OutputError(f"the chunks of the run in {out} were removed after packing (`keep_chunks` off) and {why}: they "
+                          "cannot be rebuilt nor the run taken as complete; put the packed file back, or sample into "
+                          "another `out`")
+    return removed
+
+
+def _already_packed(job: SampleJob, out: Path, removed: dict, rank: RankInfo, notes: list[str], started: float,
+                    device: torch.device, progress: Progress, store, layout: BulkLayout) -> RunResult:
+    """The same `n` as a run whose chunks were removed after packing: its packed files (checked by
+    ``_removed_chunks``) hold every sample. With `keep_chunks` off, chunk files a removal stopped half-way
+    left are removed too (the record was written before the first went)."""
+    if rank.is_main and not job.keep_chunks:
+        for c in layout.plan.chunks:
+            store.path(c).unlink(missing_ok=True)
+    names = ", ".join(Path(f["path"]).name for f in removed["files"].values())
+    notes = notes + [f"all {job.n} samples are complete in {names} (its chunks were removed after it was verified "
+                     "against them); nothing to compute"]
+    manifest = read_manifest(out) or {}
+    if rank.is_main:
+        manifest["timing"] = {**manifest.get("timing", {}), "wall_s": 0.0, "samples_per_s": 0.0,
+                              "computed_this_session": 0, "already_complete": job.n,
+                              "setup_s": round(time.time() - started, 3)}
+        manifest["notes"] = notes
+        atomic_write_json(out / MANIFEST, manifest)
+        for line in notes[-1:]:
+            progress.log(line)
+        if job.evaluate is not None and not job.no_decode:
+            manifest = _evaluate(out, job, device, manifest, progress)
+    return RunResult(manifest, out, 0.0, 0.0, notes, 0, job.n, rank)
+
+
+def _rebuild_chunks(store, layout: BulkLayout, rank: RankInfo, removed: dict, labels: torch.Tensor,
+                    progress: Progress) -> None:
+    """This rank's chunks of the earlier, smaller run, rebuilt from its packed files (``restore_chunks``)."""
+    rebuilt = restore_chunks(store, layout.plan.for_rank(rank.rank, rank.world_size), removed, labels.numpy(),
+                             checked=True)  # by _removed_chunks
+    if rebuilt:
+        scope = f"{rank}: " if rank.world_size > 1 else ""
+        progress.log(f"{scope}rebuilt {len(rebuilt)} chunk file(s) of the earlier {removed['n']}-sample run from its "
+                     "packed files (its chunks were removed after packing)")
 
 
 def _evaluate(out: Path, job: SampleJob, device: torch.device, manifest: dict, progress: Progress) -> dict:
