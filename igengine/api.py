@@ -233,7 +233,7 @@ def load(ckpt: str | Path | None = None, *, model: str | None = None, precision:
     if job.precision is None:
         job = dataclasses.replace(job, precision=default_precision(dev))
         notes.insert(0, default_precision_note(dev, cpu_routes() if dev.type == "cpu" else None))
-    for line in precision_warnings(job.precision, dev):  # as `igengine sample` warns (tf32, fp16 on a CPU)
+    for line in precision_warnings(job.precision, dev, job.backend):  # as `igengine sample` warns (tf32, fp16 on a CPU)
         warnings.warn(line, RuntimeWarning, stacklevel=2)
     # Latents only, unless there is something to decode them with (pixel-space models need nothing).
     job = dataclasses.replace(job, no_decode=not cfg.pixel_space and job.vae is None)

@@ -125,6 +125,8 @@ def test_fp16_on_a_cpu_without_fp16_units_warns_and_names_the_precision_to_use(n
     warned = stderr_lines(err, "igengine: warning:")
     assert len(warned) == 1 and "--precision fp16 is slow on this CPU: it has no fp16 matmul units" in warned[0]
     assert warned[0].endswith(instead), warned[0]
+    assert advice.precision_warnings("fp16", "cpu", "compiled") != []  # torch's kernels too
+    assert advice.precision_warnings("fp16", "cpu", "onnxruntime") == []  # ONNX Runtime's own: not measured, not said
 
 
 def test_fp16_on_a_cpu_with_fp16_units_and_the_default_precision_run_without_a_warning(tmp_path, capsys, monkeypatch):

@@ -457,7 +457,7 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
         job = dataclasses.replace(job, precision=default_precision(device))
         chosen.append(default_precision_note(device, cpu_routes() if device.type == "cpu" else None))
     check_runtime(job.backend, job.precision, device)  # and before making the output folder or an export
-    warned = choice_warnings(job.precision, device, threads)  # slow or meaningless here: said, not refused
+    warned = choice_warnings(job.precision, device, job.backend, threads)  # slow or meaningless here: said, not refused
     loaded = load_checkpoint(ckpt_path, model_name=job.model, overrides=overrides)
     cfg = loaded.config
     if threads.source == "auto" and device.type == "cpu":
