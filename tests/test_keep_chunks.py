@@ -261,3 +261,16 @@ def test_two_processes_each_rebuild_their_block_and_give_the_kept_historys_sampl
     ours, theirs = arrays(out / "samples.npz"), arrays(ref / "samples.npz")
     assert all(np.array_equal(ours[k], theirs[k]) for k in ("arr_0", "labels"))
     assert chunk_files(out) == chunk_files(ref) and not (chunk_folder(out) / REMOVED).exists()
+
+
+def test_a_grown_run_that_keeps_more_than_was_packed_computes_the_rest_again(tmp_path, capsys):
+    """The latents were not packed (no --save-latents): chunks that must hold them cannot be rebuilt from
+    samples.npz, so they are computed again, as chunks without latents would be when kept."""
+    out = tmp_path / "run"
+    assert sample(capsys, out, 5, "--no-keep-chunks")[0] == 0
+    before = arrays(out / "samples.npz")
+    code, stdout, err = sample(capsys, out, 7, "--save-latents", out / "lat.npy")
+    assert code == 0, err
+    assert "rebuilt" not in err and json.loads(stdout)["already_complete"] == 0
+    after = arrays(out / "samples.npz")
+    assert np.array_equal(after["arr_0"][:5], before["arr_0"]) and np.load(out / "lat.npy").shape == (7, 1, 8, 8)

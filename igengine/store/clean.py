@@ -31,6 +31,7 @@ mtime, or, where the mtime changed (a copy), the same member sha256s (read in fu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -268,13 +269,16 @@ def restore_chunks(store: ChunkStore, chunks, record: dict, labels: np.ndarray, 
         raise OutputError(f"the chunks of this run were removed after packing (`keep_chunks` off) and cannot be "
                           f"rebuilt: {why}; put the packed file back, or start the run again in another `out`")
     files = record["files"]
+    needs = store.spec.members()
+    if ("arr_0" in needs and "samples" not in files) or ("latents" in needs and "latents" not in files):
+        return []  # this run keeps what the earlier one did not pack (e.g. latents): computed again, as kept chunks are
     written = []
-    with open(files["samples"]["path"], "rb") if "samples" in files else _null() as fs, \
-            open(files["latents"]["path"], "rb") if "latents" in files else _null() as fl:
+    with open(files["samples"]["path"], "rb") if "samples" in files else contextlib.nullcontext() as fs, \
+            open(files["latents"]["path"], "rb") if "latents" in files else contextlib.nullcontext() as fl:
         pix = lab = lat = None
         if fs is not None:
-            zf = zipfile.ZipFile(fs)
-            pix, lab = _stored_member_offset(fs, zf, "arr_0"), _stored_member_offset(fs, zf, "labels")
+            with zipfile.ZipFile(fs) as zf:
+                pix, lab = _stored_member_offset(fs, zf, "arr_0"), _stored_member_offset(fs, zf, "labels")
         if fl is not None:
             fl.seek(0)
             version = np.lib.format.read_magic(fl)
@@ -292,14 +296,6 @@ def restore_chunks(store: ChunkStore, chunks, record: dict, labels: np.ndarray, 
             store.write(c, stored.astype(np.int64), pixels, latents)
             written.append(c)
     return written
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def clear_removed(store: ChunkStore) -> bool:
