@@ -255,7 +255,8 @@ def pack(out: Path = typer.Argument(..., help="Output folder of `igengine sample
     from igengine.store.pack import pack_command
 
     flags = _flags_of("sample")  # the messages name sample's settings (`n`, `keep_chunks`)
-    manifest = pack_command(out, clean=clean, log=lambda line: typer.echo(f"igengine: {flagify(line, flags)}", err=True))
+    manifest = pack_command(out, clean=clean,
+                            log=lambda line: typer.echo(f"igengine: {flagify(line, flags)}", err=True))
     typer.echo(json.dumps({"out": str(out), "n": manifest["n"], "outputs": manifest["outputs"],
                            "pack_s": manifest.get("timing", {}).get("pack_s"),
                            "chunks_removed": "chunks_removed" in manifest}))

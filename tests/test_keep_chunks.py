@@ -101,7 +101,8 @@ def test_a_larger_n_rebuilds_the_chunks_from_samples_npz_and_equals_the_kept_his
     out, ref = tmp_path / "run", tmp_path / "ref"
     assert sample(capsys, out, 5, "--no-keep-chunks", "--save-latents", out / "lat.npy")[0] == 0
     assert sample(capsys, ref, 5, "--save-latents", ref / "lat.npy")[0] == 0  # the same history, chunks kept
-    code, stdout, err = sample(capsys, out, 9, "--save-latents", out / "lat.npy", *(() if keep else ("--no-keep-chunks",)))
+    code, stdout, err = sample(capsys, out, 9, "--save-latents", out / "lat.npy",
+                               *(() if keep else ("--no-keep-chunks",)))
     assert code == 0, err
     assert "rebuilt 3 chunk file(s) of the earlier 5-sample run" in err
     assert json.loads(stdout)["already_complete"] == 5  # 0..4 from samples.npz; 5..8 computed (4 completes chunk 4)

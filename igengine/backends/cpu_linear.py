@@ -309,5 +309,5 @@ def routed_count(model: nn.Module) -> int:
 
 __all__ = ["ACTIVATIONS", "ROUTED_DTYPES", "ROUTES", "ROUTE_ATEN", "ROUTE_FP32_GEMM", "ROUTE_ONEDNN", "CpuFeatures",
            "CpuLinear", "CpuMlp", "cpu_features", "cpu_linear", "cpu_native_low_precision", "fp32_gemm_linear",
-           "linear_route", "native_low_precision", "onednn_available", "onednn_linear", "packed_weight", "route_linears", "routed",
-           "routed_count", "routes"]
+           "linear_route", "native_low_precision", "onednn_available", "onednn_linear", "packed_weight",
+           "route_linears", "routed", "routed_count", "routes"]

@@ -45,7 +45,8 @@ def precision_warnings(precision: Precision | str, device: torch.device | str,
         instead = ("bf16 (oneDNN runs bf16 on this CPU) or fp32" if linear_route(torch.bfloat16) == ROUTE_ONEDNN
                    else "fp32")
         return ["`precision` fp16 is slow on this CPU: it has no fp16 matmul units (AVX512-FP16 or AMX-FP16), so "
-                f"its fp16 matmuls take a generic path, several times slower than `reference`; use `precision` {instead}"]
+                "its fp16 matmuls take a generic path, several times slower than `reference`; use `precision` "
+                f"{instead}"]
     return []
 
 

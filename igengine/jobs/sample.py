@@ -457,7 +457,7 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
         job = dataclasses.replace(job, precision=default_precision(device))
         chosen.append(default_precision_note(device, cpu_routes() if device.type == "cpu" else None))
     check_runtime(job.backend, job.precision, device)  # and before making the output folder or an export
-    warned = choice_warnings(job.precision, device, job.backend, threads)  # slow or meaningless here: said, not refused
+    warned = choice_warnings(job.precision, device, job.backend, threads)  # slow or meaningless: said, not refused
     loaded = load_checkpoint(ckpt_path, model_name=job.model, overrides=overrides)
     cfg = loaded.config
     if threads.source == "auto" and device.type == "cpu":
@@ -591,13 +591,13 @@ def _removed_chunks(layout: BulkLayout, out: Path, n: int) -> dict | None:
     if removed is None:
         return None
     if int(removed["n"]) > n:
-        raise JobError(f"{out} holds a run of {removed['n']} samples whose chunks were removed after packing (`keep_chunks` "
-                       f"off): `n` {n} would replace its samples.npz with the first {n}, losing the others; take them from "
-                       f"samples.npz (arr_0[:{n}]), or sample into another `out`")
+        raise JobError(f"{out} holds a run of {removed['n']} samples whose chunks were removed after packing "
+                       f"(`keep_chunks` off): `n` {n} would replace its samples.npz with the first {n}, losing the "
+                       f"others; take them from samples.npz (arr_0[:{n}]), or sample into another `out`")
     if (why := packed_files_match(removed)) is not None:
-        raise OutputError(f"the chunks of the run in {out} were removed after packing (`keep_chunks` off) and {why}: they "
-                          "cannot be rebuilt nor the run taken as complete; put the packed file back, or sample into "
-                          "another `out`")
+        raise OutputError(f"the chunks of the run in {out} were removed after packing (`keep_chunks` off) and {why}: "
+                          "they cannot be rebuilt nor the run taken as complete; put the packed file back, or sample "
+                          "into another `out`")
     return removed
 
 

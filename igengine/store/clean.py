@@ -153,9 +153,10 @@ def remove_chunks(folder: Path, manifest: dict, layout, log=lambda line: None) -
     manifest = dict(manifest)
     files = _packed_files(folder, layout)
     if extra:
+        packed = " and ".join(p.name for p in files.values())
         why = (f"chunks kept: {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''} in {store.folder} "
-               f"hold{'s' if len(extra) == 1 else ''} samples that the packed {' and '.join(p.name for p in files.values())} "
-               "lack (kept for a later, larger `n`)")
+               f"hold{'s' if len(extra) == 1 else ''} samples that the packed {packed} lack (kept for a later, "
+               "larger `n`)")
         manifest["chunks_kept"] = why
         manifest.pop("chunks_removed", None)
         atomic_write_json(folder / MANIFEST, manifest)

@@ -193,12 +193,14 @@ def pack_command(folder: Path, clean: bool = False, log=lambda line: None) -> di
             removed = read_removed(store) if store.folder.is_dir() else None
             if removed is not None and int(removed["n"]) == layout.n:
                 if (why := packed_files_match(removed)) is not None:
-                    raise PackError(f"the chunks of {folder} were removed after packing and {why}: nothing to pack from")
+                    raise PackError(f"the chunks of {folder} were removed after packing and {why}: "
+                                    "nothing to pack from")
                 if clean:  # chunk files a removal stopped half-way left: the packed files hold them, verified
                     for c in layout.plan.chunks:
                         store.path(c).unlink(missing_ok=True)
-                log(f"nothing to pack: the chunks were removed after {', '.join(Path(f['path']).name for f in removed['files'].values())} "
-                    "was verified against them; it is the run's record")
+                names = ", ".join(Path(f["path"]).name for f in removed["files"].values())
+                log(f"nothing to pack: the chunks were removed after {names} was verified against them; it is "
+                    "the run's record")
                 return manifest
         manifest = pack_folder(folder, digest=clean)
         return remove_chunks(folder, manifest, BulkLayout.from_dict(manifest["bulk"]), log=log) if clean else manifest
