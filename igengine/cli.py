@@ -77,6 +77,7 @@ OUT/grid.png shows the first samples (--no-grid: not written); --png writes OUT/
 PACK_EPILOG = """\b
 Example:
   igengine pack out/sit50k      # (re)assemble samples.npz from out/sit50k/chunks/
+  igengine pack out/sit50k --clean   # the same, then remove the chunks once samples.npz reads back equal to them
 """
 
 
@@ -158,6 +159,7 @@ def sample(
     evaluate_ref: Optional[Path] = typer.Option(None, "--evaluate", help="After packing, run `igengine evaluate` against REF (metrics.json beside samples.npz)."),
     capture: CaptureChoice = typer.Option(CaptureChoice.auto, "--capture", help="auto: on CUDA, replay whole steps (network + fused step) from CUDA graphs when the backend allows it (torch), and launch them one by one if a capture or replay fails; off: launch them one by one."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads; default: OMP_NUM_THREADS, else the usable cores that other work does not keep busy."),
+    keep_chunks: bool = typer.Option(True, "--keep-chunks/--no-keep-chunks", help="Keep OUT/chunks/ after packing (default); --no-keep-chunks removes them once samples.npz is written, fsynced and read back equal to them (a larger --n later rebuilds them from samples.npz)."),
     preflight: PreflightChoice = typer.Option(PreflightChoice.auto, "--preflight", help="auto: before the first chunk, compare each fast rung (fused kernels, CUDA graphs, compiled network) with the reference on 2 samples and demote one that disagrees (one warning; manifest: preflight); off: trust them unchecked."),
 ) -> None:
     """Draw samples with IG (+CFG), bit-reproducibly, and write samples.npz + manifest.json.
@@ -177,7 +179,7 @@ def sample(
         backend=backend, onnx=onnx, png=png, grid=grid, save_latents=save_latents, no_decode=no_decode,
         overwrite=overwrite, vae=vae, vae_kind=vae_kind.value, latent_stats=latent_stats,
         latent_multiplier=latent_multiplier, chunk_size=chunk_size, evaluate=evaluate_ref, threads=threads,
-        capture=capture.value, preflight=preflight.value,
+        capture=capture.value, preflight=preflight.value, keep_chunks=keep_chunks,
     )
     from igengine.jobs.launch import RankInfo
 
@@ -247,13 +249,17 @@ def _rich_progress():
 
 
 @app.command(epilog=PACK_EPILOG)
-def pack(out: Path = typer.Argument(..., help="Output folder of `igengine sample`.")) -> None:
+def pack(out: Path = typer.Argument(..., help="Output folder of `igengine sample`."),
+         clean: bool = typer.Option(False, "--clean", help="Then remove the chunks, once samples.npz is written, fsynced and read back equal to them.")) -> None:
     """Assemble samples.npz (and latents) from a run's chunks; checks that every index 0..n-1 is there once."""
     from igengine.store.pack import pack_command
 
-    manifest = pack_command(out)
+    flags = _flags_of("sample")  # the messages name sample's settings (`n`, `keep_chunks`)
+    manifest = pack_command(out, clean=clean,
+                            log=lambda line: typer.echo(f"igengine: {flagify(line, flags)}", err=True))
     typer.echo(json.dumps({"out": str(out), "n": manifest["n"], "outputs": manifest["outputs"],
-                           "pack_s": manifest["timing"]["pack_s"]}))
+                           "pack_s": manifest.get("timing", {}).get("pack_s"),
+                           "chunks_removed": "chunks_removed" in manifest}))
 
 
 @app.command()
@@ -273,11 +279,12 @@ def info() -> None:
         "onnxruntime": importlib.util.find_spec("onnxruntime") is not None,
         "tensorrt": importlib.util.find_spec("tensorrt") is not None,
     }
-    from igengine.backends.cpu_linear import routes
+    from igengine.backends.cpu_linear import native_low_precision, routes
     from igengine.jobs.threads import choose_threads
     from igengine.kernels import describe as kernels_describe
 
     facts["cpu_threads"] = choose_threads().to_dict()  # what `igengine sample` would use now
+    facts.update(native_low_precision())  # native_bf16, native_fp16: bf16 / fp16 arithmetic in this CPU's hardware
     facts["cpu_linear"] = routes()  # the GEMM each linear dtype takes on this CPU (fp32, bf16 precisions)
     facts["kernels"] = kernels_describe()
     typer.echo(json.dumps(facts, indent=2))
@@ -355,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 BENCH_EPILOG = """\b
 Examples:
   igengine bench --model SiT-B/2 --precision reference,fp32 --batch-size 1,4 --steps 2 --repeats 2
-  igengine bench --ckpt igengine/assets/sit_digits.safetensors --batch-size 16,64 --json bench.json
+  igengine bench --batch-size 16,64 --json bench.json     # the embedded digits model (no --ckpt, no --model)
   igengine bench --model SiT-XL/2 --device cuda --precision reference,bf16 --backend torch,compiled --batch-size 1,16,64,256 --json sit.json --plot sit.png
   igengine bench --model LightningDiT-XL/1 --device cuda --configs reference/torch,bf16/torch,bf16/compiled --batch-size 1,64
 Rows run interleaved after warm-up; throughput is that of the full run (paper settings unless changed).
@@ -394,7 +401,7 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 @app.command(epilog=BENCH_EPILOG)
 def bench(
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint to time (its own sampler defaults apply)."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint to time (its own sampler defaults apply); default, without --model: the embedded digits model."),
     model: Optional[str] = typer.Option(None, "--model", help="A model preset with random weights, e.g. SiT-XL/2."),
     precision: Optional[str] = typer.Option(None, "--precision", help="Comma-separated precisions [default: reference,fp32,bf16]."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Comma-separated backends [default: torch]."),
@@ -446,7 +453,7 @@ def bench(
 
 EXPORT_EPILOG = """\b
 Examples:
-  igengine export --ckpt igengine/assets/sit_digits.safetensors --out out/digits-onnx   # runnable in a checkout
+  igengine export --out out/digits-onnx        # the embedded digits model (no --ckpt), runnable anywhere
   igengine sample --backend onnxruntime --onnx out/digits-onnx --n 8 --precision fp32 --out out/digits-ort
   igengine export --ckpt SiT-XL-2-IG.pt --precision fp16 --out export-sit-fp16
   igengine export --ckpt lightningdit-xl-1-ig.pt --model LightningDiT-XL/1 --format tensorrt --precision bf16 --max-batch 64 --out export-ldit-trt
@@ -455,7 +462,7 @@ Examples:
 
 @app.command(epilog=EXPORT_EPILOG)
 def export(
-    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint (.pt/.pth/.safetensors), resolved as by `sample`."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint (.pt/.pth/.safetensors), resolved as by `sample`; default: the embedded digits model."),
     out: Path = typer.Option(..., "--out", help="Output folder (model.onnx, model.onnx.data, export.json[, model.engine])."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name, e.g. SiT-XL/2 (overrides the checkpoint's)."),
     encoder_depth: Optional[int] = typer.Option(None, "--encoder-depth", help="Block after which the IG head sits."),

@@ -80,7 +80,8 @@ def test_bench_report_has_the_documented_rows_and_the_anchor_agrees_with_itself(
     (["--model", "SiT-S/2", "--batch-size", "0"], "batch sizes must be integers >= 1"),
     (["--model", "SiT-S/2", "--batch-size", "a,b"], "not a comma-separated list of integers"),
     (["--model", "Nope/2"], "unknown model 'Nope/2'"),
-    ([], "give exactly one of --ckpt"),
+    (["--model", "SiT-S/2", "--ckpt", "x.pt"], "give --ckpt (a checkpoint) or --model (a preset with random weights), "
+                                                "not both"),
     (["--model", "SiT-S/2", "--steps", "0"], "--steps must be >= 1"),
     (["--model", "SiT-S/2", "--configs", "bf16"], "'bf16' is not PRECISION/BACKEND"),
     (["--model", "SiT-S/2", "--configs", "bf16/jax"], "'jax' is not one of"),

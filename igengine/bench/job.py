@@ -53,7 +53,7 @@ from igengine.backends import network
 from igengine.config import BackendName, ModelConfig, Precision, SamplerSettings
 from igengine.errors import BackendUnavailable, JobError, RunError
 from igengine.jobs.backend import build_backend, check_runtime
-from igengine.jobs.sample import resolve_device
+from igengine.jobs.sample import DEFAULT_CHECKPOINT, resolve_device
 from igengine.models import IGDiT, preset
 from igengine.models.checkpoint import LoadedCheckpoint, load_checkpoint
 from igengine.precision import NETWORK_DTYPE
@@ -94,8 +94,9 @@ class BenchJob:
         return [(p, b) for p in self.precisions for b in self.backends]
 
     def validate(self) -> None:
-        if (self.ckpt is None) == (self.model is None):
-            raise JobError("give exactly one of `ckpt` (a checkpoint) or `model` (a preset with random weights)")
+        if self.ckpt is not None and self.model is not None:
+            raise JobError("give `ckpt` (a checkpoint) or `model` (a preset with random weights), not both; "
+                           "without either, the embedded digits model is timed")
         for name in ("steps", "repeats"):
             if getattr(self, name) < 1:
                 raise JobError(f"`{name}` must be >= 1, got {getattr(self, name)}")
@@ -128,8 +129,9 @@ def random_model(name: str, seed: int = 0, **overrides) -> IGDiT:
 
 def load_workload(job: BenchJob) -> LoadedCheckpoint:
     overrides = {"encoder_depth": job.encoder_depth, "num_heads": job.num_heads}
-    if job.ckpt is not None:
-        return load_checkpoint(job.ckpt, model_name=None, overrides=overrides)
+    if job.model is None:  # a checkpoint; none given: the embedded digits model, as `igengine sample` takes
+        return load_checkpoint(job.ckpt if job.ckpt is not None else DEFAULT_CHECKPOINT, model_name=None,
+                               overrides=overrides)
     try:
         model = random_model(job.model, job.seed, **{k: v for k, v in overrides.items() if v is not None})
     except KeyError as e:
