@@ -278,10 +278,14 @@ def test_within_noise_marks_small_differences():
     (["--solver", "heun2"], "point 'heun2'"),  # a LightningDiT solver for the SiT digits model
     (["--ig-scale", "1", "--points", "p.json"], "not both"),
     (["--ref", "missing.npz"], "not found"),
+    (["--ref", "ref16.npz"], "16x16"),  # the digits model makes 8x8 images
+    (["--timestep-shift", "0.3"], "LightningDiT models only"),  # a setting the SiT family does not have
+    (["--resamples", "1"], "resamples"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, fragment):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.json").write_text('[{"ig_scale": 1.4}]')
+    np.savez(tmp_path / "ref16.npz", arr_0=np.zeros((4, 16, 16, 3), np.uint8))
     code = main(["sweep", "--out", str(tmp_path / "sw"), "--n", "2", *args])
     err = capsys.readouterr().err.strip()
     assert code == 2
