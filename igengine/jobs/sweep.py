@@ -418,7 +418,7 @@ class _RefEval:
 def _reference_for_points(job: SweepJob, hooks: SweepHooks, network) -> _RefEval:
     """REF's pool_3 statistics; for a set of images, computed once into OUT/reference_stats.npz (with its
     features, for precision/recall and KID) and used as every point's reference."""
-    from igengine.jobs.evaluate import EvaluateJob, open_reference, run_evaluate
+    from igengine.jobs.evaluate import EvaluateJob, log_progress, open_reference, run_evaluate
 
     ref = open_reference(Path(job.ref))
     if ref.pool is not None:
@@ -428,7 +428,7 @@ def _reference_for_points(job: SweepJob, hooks: SweepHooks, network) -> _RefEval
         hooks.log(f"reference: statistics and features of {job.ref} -> {stats} (once for all points)")
         run_evaluate(EvaluateJob(samples=Path(job.ref), ref=None, out=job.out / "reference.metrics.json",
                                  device=_eval_device(job), batch_size=job.base.batch_size, inception=job.inception,
-                                 save_stats=stats), network=network)
+                                 save_stats=stats), log_progress(hooks.log), network=network)
     ref2 = open_reference(stats)
     return _RefEval(stats, ref2.pool.mu, ref2.pool.sigma)
 
@@ -438,7 +438,7 @@ def _eval_device(job: SweepJob) -> str:
 
 
 def _evaluate_point(job: SweepJob, res: PointResult, ref: _RefEval, network, hooks: SweepHooks) -> None:
-    from igengine.jobs.evaluate import EvaluateJob, run_evaluate
+    from igengine.jobs.evaluate import EvaluateJob, log_progress, run_evaluate
 
     folder = job.out / POINTS_DIR / res.point.name
     metrics_file, features = folder / "metrics.json", folder / FEATURES_FILE
@@ -449,7 +449,7 @@ def _evaluate_point(job: SweepJob, res: PointResult, ref: _RefEval, network, hoo
         hooks.log(f"point {res.point.name}: evaluating against {job.ref}")
         record = run_evaluate(EvaluateJob(samples=folder, ref=ref.path, device=_eval_device(job),
                                           batch_size=job.base.batch_size, inception=job.inception,
-                                          save_stats=features), network=network)
+                                          save_stats=features), log_progress(hooks.log), network=network)
     res.metrics = {k: v for k, v in (record.get("metrics") or {}).items() if isinstance(v, (int, float))}
 
 
