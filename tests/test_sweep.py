@@ -314,3 +314,26 @@ def test_sweep_help_shows_a_runnable_example_without_importing_torch():
     *text, last = proc.stdout.strip().splitlines()
     assert json.loads(last) == {"rc": 0, "torch": False}, proc.stderr
     assert "igengine sweep --ig-scale 1,1.4,1.8" in "\n".join(text)
+
+
+def test_without_matplotlib_the_plot_is_one_line_and_no_file(tmp_path, monkeypatch):
+    import importlib.util
+
+    from igengine.jobs.sweep import write_plot
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    record = {"points": [{"name": "ig1", "settings": {"ig_scale": 1.0}, "status": "done", "metrics": {"fid": 3.0}}]}
+    line = write_plot(record, tmp_path / "sweep.png")
+    assert "matplotlib is not installed" in line and "\n" not in line
+    assert not (tmp_path / "sweep.png").exists()
+
+
+def test_the_plot_draws_fid_against_the_swept_scale(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed here")
+    from igengine.jobs.sweep import write_plot
+
+    record = {"points": [{"name": f"ig{s}_cfg{c}", "settings": {"ig_scale": s, "cfg_scale": c}, "status": "done",
+                          "metrics": {"fid": 10 - s + c}, "fid_se": 0.1} for s in (1.0, 1.4) for c in (1.0, 1.35)]}
+    assert write_plot(record, tmp_path / "sweep.png").startswith("wrote")
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -221,7 +221,7 @@ class SweepJob:
             if f.name in NOT_IDENTITY:
                 continue
             v = getattr(self.base, f.name)
-            shared[f.name] = v.value if hasattr(v, "value") else (str(v) if isinstance(v, Path) else
+            shared[f.name] = v.value if hasattr(v, "value") else (str(Path(v).resolve()) if isinstance(v, Path) else
                                                                   (list(v) if isinstance(v, tuple) else v))
         return {"shared": shared, "points": [p.to_dict() for p in self.points],
                 "reference": None if self.ref is None else str(Path(self.ref).resolve())}
