@@ -584,8 +584,6 @@ def sweep(
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
     flags = _flags_of("sweep")
     log = lambda line: console.print(f"igengine: {flagify(line, flags)}", markup=False, highlight=False)
-    from igengine.jobs.bulk import Progress as Hooks
-
     hooks = _sweep_hooks(len(grid_points), n, log)
     record = run_sweep(job, hooks)
     if "best" not in record:  # a rank > 0 under torchrun: rank 0 reports
@@ -633,7 +631,7 @@ def _sweep_hooks(points: int, n: int, log):
         rate = st["computed"] / (now - st["t0"])
         left = (points - st["i"]) * n - done
         eta = f", ETA {int(left / rate)} s" if rate > 0 else ""
-        log(f"sweep: point {st['i'] + 1}/{points}, {st['i'] * n + done}/{points * n} samples, {rate:.2f} samples/s{eta}")
+        log(f"sweep: point {st['i'] + 1}/{points}, {st['i'] * n + done}/{points * n} samples, {rate:.2f} samples/s over the sweep so far, evaluation included{eta}")
 
     return SweepHooks(point=point, progress=Hooks(start=start, advance=advance), log=log)
 
