@@ -542,7 +542,7 @@ def write_plot(record: dict, path: Path) -> str:
     ax.set_ylabel("FID")
     if any(curves):
         ax.legend(fontsize="small")
-    ax.set_title("igengine sweep (error bars: paired bootstrap SE)")
+    ax.set_title("igengine sweep (error bars: bootstrap SE of each FID)")
     fig.tight_layout()
     with atomic_writer(path) as f:
         fig.savefig(f, format="png", dpi=120)
