@@ -530,7 +530,7 @@ noise. Each point is OUT/points/<id>/, an ordinary `igengine sample` folder; rer
 @app.command(epilog=SWEEP_EPILOG)
 def sweep(
     out: Path = typer.Option(Path("sweep"), "--out", help="Output folder (sweep.json, sweep.csv, sweep.png, points/<id>/)."),
-    n: int = typer.Option(16, "--n", "--num-samples", help="Samples per point (indices 0..n-1, the same at every point)."),
+    n: int = typer.Option(16, "--n", "--num-samples", help="Samples per point (indices 0..n-1, the same at every point); under torchrun write --num-samples."),
     batch_size: int = typer.Option(64, "--batch-size", help="Samples per sampler batch (results do not depend on it)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the noise contract, shared by every point."),
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint; default: the embedded digits model."),

@@ -337,3 +337,31 @@ def test_the_plot_draws_fid_against_the_swept_scale(tmp_path):
                           "metrics": {"fid": 10 - s + c}, "fid_se": 0.1} for s in (1.0, 1.4) for c in (1.0, 1.35)]}
     assert write_plot(record, tmp_path / "sweep.png").startswith("wrote")
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sweep_under_torchrun_gives_the_points_of_a_one_process_sweep(tmp_path):
+    """Two torchrun workers (OMP_NUM_THREADS=1) against one process with one thread: every point's pixels
+    and labels are equal, and only rank 0 reports."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["sweep", "--num-samples", "6", "--batch-size", "3", "--chunk-size", "3", "--steps", "3", "--labels", "balanced",
+            "--ig-scale", "1,1.6", "--seed", "5"]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "igengine", *args, "--threads", "1", "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "igengine", *args, "--out", str(tmp_path / "tr")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(summaries) == 1 and summaries[0]["status"] == "complete"
+    for name in ("steps3_ig1", "steps3_ig1.6"):
+        with np.load(tmp_path / "one" / POINTS_DIR / name / "samples.npz") as a, \
+                np.load(tmp_path / "tr" / POINTS_DIR / name / "samples.npz") as b:
+            assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+        manifest = json.loads((tmp_path / "tr" / POINTS_DIR / name / "manifest.json").read_text())
+        assert manifest["world_size"] == 2

@@ -251,7 +251,9 @@ def check_out(job: SweepJob) -> dict | None:
     """The sweep already in OUT (None when there is none); JobError when it is a different sweep."""
     path = job.out / SWEEP_FILE
     if not path.exists():
-        if job.out.is_dir() and any(job.out.iterdir()) and not (job.out / POINTS_DIR).is_dir():
+        # Hidden names are ignored: under torchrun, rank 0's sweep.json may be a temporary .sweep.json.*.tmp.
+        if job.out.is_dir() and any(not p.name.startswith(".") for p in job.out.iterdir()) \
+                and not (job.out / POINTS_DIR).is_dir():
             raise JobError(f"`out` {job.out} is not empty and holds no sweep; choose an empty or new folder")
         return None
     try:
