@@ -557,6 +557,13 @@ def sweep(
     latent_stats: Optional[Path] = typer.Option(None, "--latent-stats", help="VA-VAE: latents_stats.pt."),
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Samples per chunk file (default 256)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
+    latent_multiplier: float = typer.Option(1.0, "--latent-multiplier", help="VA-VAE: x * std / multiplier + mean."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Exported graph for onnxruntime/tensorrt, as for `igengine sample`."),
+    png: bool = typer.Option(False, "--png", help="Also write each point's PNGs (OUT/points/<id>/png/)."),
+    grid: bool = typer.Option(True, "--grid/--no-grid", help="Each point's grid.png of its first samples."),
+    no_decode: bool = typer.Option(False, "--no-decode", help="Latents only (no pixels, so no --ref)."),
+    capture: CaptureChoice = typer.Option(CaptureChoice.auto, "--capture", help="As for `igengine sample`."),
+    preflight: PreflightChoice = typer.Option(PreflightChoice.auto, "--preflight", help="As for `igengine sample`."),
 ) -> None:
     """Sample and evaluate a grid of guidance / sampler settings with the same noise at every point; FID with paired error bars."""
     from igengine.errors import JobError
@@ -577,7 +584,8 @@ def sweep(
                      encoder_depth=encoder_depth, num_heads=num_heads, labels=labels,
                      precision=None if precision.value == "auto" else Precision(precision.value), device=device,
                      backend=backend, vae=vae, vae_kind=vae_kind.value, latent_stats=latent_stats,
-                     chunk_size=chunk_size, threads=threads)
+                     chunk_size=chunk_size, threads=threads, latent_multiplier=latent_multiplier, onnx=onnx,
+                     png=png, grid=grid, no_decode=no_decode, capture=capture.value, preflight=preflight.value)
     job = SweepJob(base=base, points=tuple(grid_points), ref=ref, inception=inception, resamples=resamples)
     from rich.console import Console
 
