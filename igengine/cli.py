@@ -521,5 +521,135 @@ def evaluate(
                            "metrics_file": record["metrics_file"], "notes": record["notes"]}))
 
 
+# --- igengine sweep (issue 21) ----------------------------------------------------------------
+
+SWEEP_EPILOG = """\b
+Examples:
+  python -c "from igengine.digits.data import write_reference_npz as w; w('digits_ref.npz')"   # 600 held-out digits
+  igengine sweep --ig-scale 1,1.4,1.8 --cfg-scale 1,1.35 --steps 20 --n 200 --ref digits_ref.npz --out out/sweep   # digits, CPU
+  igengine sweep --ckpt SiT-XL-2-IG.pt --vae sd-vae-ft-ema/ --ig-scale 1.0,1.2,1.4,1.6 --cfg-scale 1,1.35 --cfg-interval "0,0.7;0,1" --n 10000 --ref VIRTUAL_imagenet256_labeled.npz --out out/sit-sweep
+  igengine sweep --points points.json --n 5000 --ref ref.npz --out out/named   # [{"name": "ig", "ig_scale": 1.7, "cfg_scale": 1}, ...]
+Lists give a grid (their product); every point shares --n, --seed and --labels, so every point draws the same
+noise. Each point is OUT/points/<id>/, an ordinary `igengine sample` folder; rerunning the same command resumes.
+"""
+
+
+@app.command(epilog=SWEEP_EPILOG)
+def sweep(
+    out: Path = typer.Option(Path("sweep"), "--out", help="Output folder (sweep.json, sweep.csv, sweep.png, points/<id>/)."),
+    n: int = typer.Option(16, "--n", "--num-samples", help="Samples per point (indices 0..n-1, the same at every point); under torchrun write --num-samples."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Samples per sampler batch (results do not depend on it)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the noise contract, shared by every point."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint; default: the embedded digits model."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name, as for `igengine sample`."),
+    encoder_depth: Optional[int] = typer.Option(None, "--encoder-depth", help="Block after which the IG head sits."),
+    num_heads: Optional[int] = typer.Option(None, "--num-heads", help="Attention heads."),
+    labels: str = typer.Option("random", "--labels", "--class", help="As for `igengine sample`; shared by every point."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="Solver, or a comma-separated list of solvers."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="Steps, or a comma-separated list."),
+    cfg_scale: Optional[str] = typer.Option(None, "--cfg-scale", help="CFG scale(s), e.g. 1,1.35."),
+    cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="LOW,HIGH interval(s), ';'-separated: 0,0.7;0,1."),
+    ig_scale: Optional[str] = typer.Option(None, "--ig-scale", help="IG scale(s), e.g. 1,1.2,1.4,1.6."),
+    ig_interval: Optional[str] = typer.Option(None, "--ig-interval", help="LOW,HIGH interval(s), ';'-separated."),
+    timestep_shift: Optional[str] = typer.Option(None, "--timestep-shift", help="LightningDiT timestep shift(s)."),
+    points: Optional[Path] = typer.Option(None, "--points", help="JSON list of named points instead of a grid, e.g. [{\"name\": \"a\", \"ig_scale\": 1.4}]."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference for `igengine evaluate` (ADM batch, samples .npz, --save-stats file or image folder)."),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="FID Inception weights, as for `igengine evaluate`."),
+    resamples: int = typer.Option(20, "--resamples", help="Paired bootstrap resamples for the FID standard errors (each costs one 2048x2048 eigendecomposition per point)."),
+    precision: PrecisionChoice = typer.Option("auto", "--precision", help="As for `igengine sample`."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    backend: BackendName = typer.Option(BackendName.TORCH, "--backend", help="Network backend."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="VAE for latent models, as for `igengine sample`."),
+    vae_kind: VAEKindChoice = typer.Option(VAEKindChoice.auto, "--vae-kind", help="auto: SiT -> sd, LightningDiT -> vavae."),
+    latent_stats: Optional[Path] = typer.Option(None, "--latent-stats", help="VA-VAE: latents_stats.pt."),
+    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Samples per chunk file (default 256)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
+    latent_multiplier: float = typer.Option(1.0, "--latent-multiplier", help="VA-VAE: x * std / multiplier + mean."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Exported graph for onnxruntime/tensorrt, as for `igengine sample`."),
+    png: bool = typer.Option(False, "--png", help="Also write each point's PNGs (OUT/points/<id>/png/)."),
+    grid: bool = typer.Option(True, "--grid/--no-grid", help="Each point's grid.png of its first samples."),
+    no_decode: bool = typer.Option(False, "--no-decode", help="Latents only (no pixels, so no --ref)."),
+    capture: CaptureChoice = typer.Option(CaptureChoice.auto, "--capture", help="As for `igengine sample`."),
+    preflight: PreflightChoice = typer.Option(PreflightChoice.auto, "--preflight", help="As for `igengine sample`."),
+) -> None:
+    """Sample and evaluate a grid of guidance / sampler settings with the same noise at every point; FID with paired error bars."""
+    from igengine.errors import JobError
+    from igengine.jobs.sample import SampleJob
+    from igengine.jobs.sweep import (SweepJob, TABLE_HEADER, expand_grid, load_points, run_sweep,
+                                     split_list, table_rows, write_plot)
+
+    given = {"solver": solver, "steps": steps, "cfg_scale": cfg_scale, "cfg_interval": cfg_interval,
+             "ig_scale": ig_scale, "ig_interval": ig_interval, "timestep_shift": timestep_shift}
+    axes = {k: split_list(v, k) for k, v in given.items() if v is not None}
+    if points is not None:
+        if axes:
+            raise JobError(f"give `points` or lists of settings ({', '.join(axes)}), not both")
+        grid_points = load_points(points)
+    else:
+        grid_points = expand_grid(axes)
+    base = SampleJob(out=out, n=n, batch_size=batch_size, seed=seed, ckpt=ckpt, model=model,
+                     encoder_depth=encoder_depth, num_heads=num_heads, labels=labels,
+                     precision=None if precision.value == "auto" else Precision(precision.value), device=device,
+                     backend=backend, vae=vae, vae_kind=vae_kind.value, latent_stats=latent_stats,
+                     chunk_size=chunk_size, threads=threads, latent_multiplier=latent_multiplier, onnx=onnx,
+                     png=png, grid=grid, no_decode=no_decode, capture=capture.value, preflight=preflight.value)
+    job = SweepJob(base=base, points=tuple(grid_points), ref=ref, inception=inception, resamples=resamples)
+    from rich.console import Console
+
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+    flags = _flags_of("sweep")
+    log = lambda line: console.print(f"igengine: {flagify(line, flags)}", markup=False, highlight=False)
+    hooks = _sweep_hooks(len(grid_points), n, log)
+    record = run_sweep(job, hooks)
+    if "best" not in record:  # a rank > 0 under torchrun: rank 0 reports
+        return
+    from rich.table import Table
+
+    table = Table(*TABLE_HEADER)
+    for row in table_rows(record):
+        table.add_row(*row)
+    console.print(table)
+    if record.get("bootstrap"):
+        console.print(f"error bars: paired bootstrap over sample indices, {record['bootstrap']['resamples']} "
+                      "resamples (the same indices at every point); 'within noise': |FID - best| < 2 paired SE",
+                      markup=False, highlight=False)
+    console.print(write_plot(record, out / "sweep.png"), markup=False, highlight=False)
+    typer.echo(json.dumps({"out": str(out), "best": record["best"], "status": record["status"],
+                           "points": len(record["points"]), "failed": [p["name"] for p in record["points"]
+                                                                      if p["status"] == "failed"]}))
+
+
+
+def _sweep_hooks(points: int, n: int, log):
+    """One progress display over the sweep: a line per point and, at most every 10 s, samples done over all
+    points with the rate and an ETA (resumed samples count as done, not in the rate)."""
+    import time
+
+    from igengine.jobs.bulk import Progress as Hooks
+    from igengine.jobs.sweep import SweepHooks
+
+    st = {"i": 0, "t0": time.perf_counter(), "computed": 0, "base": 0, "initial": 0, "last": 0.0}
+
+    def point(i: int, total: int, name: str) -> None:
+        st.update(i=i, base=st["computed"])
+        log(f"point {i + 1}/{total}: {name}")
+
+    def start(total: int, initial: int) -> None:
+        st["initial"] = initial
+
+    def advance(done: int) -> None:
+        st["computed"] = st["base"] + done - st["initial"]
+        now = time.perf_counter()
+        if now - st["last"] < 10:
+            return
+        st["last"] = now
+        rate = st["computed"] / (now - st["t0"])
+        left = (points - st["i"]) * n - done
+        eta = f", ETA {int(left / rate)} s" if rate > 0 else ""
+        log(f"sweep: point {st['i'] + 1}/{points}, {st['i'] * n + done}/{points * n} samples, {rate:.2f} samples/s over the sweep so far, evaluation included{eta}")
+
+    return SweepHooks(point=point, progress=Hooks(start=start, advance=advance), log=log)
+
+
 if __name__ == "__main__":
     sys.exit(main())
