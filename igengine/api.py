@@ -22,6 +22,7 @@ Nothing is written to disk. Errors are the one-line ``igengine.errors`` exceptio
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -32,6 +33,7 @@ import torch
 from igengine.backends.cpu_linear import routes as cpu_routes
 from igengine.config import BackendName, ModelConfig, Precision, SamplerConfig, Solver
 from igengine.errors import JobError
+from igengine.jobs.advice import precision_warnings
 from igengine.jobs.preflight import preflight_sampler
 from igengine.jobs.sample import (DEFAULT_CHECKPOINT, SampleJob, make_backend, resolve_decoder, resolve_device,
                                   resolve_sampler_config)
@@ -108,6 +110,9 @@ class Pipeline:
         except (TypeError, ValueError) as e:
             why = str(e) if isinstance(e, ValueError) else f"`seed` must be an integer, got {seed!r}"
             raise JobError(why) from None
+        if isinstance(labels, str) and labels not in LABEL_MODES:  # before asking for `indices` it would not fix
+            raise JobError(f"`labels` {labels!r} is not a label mode: use 'random', 'balanced', one class id, "
+                           "or a class id per sample")
         per_sample = not isinstance(labels, (str, int, np.integer)) and not (
             isinstance(labels, torch.Tensor) and labels.ndim == 0)
         if indices is None:
@@ -125,11 +130,8 @@ class Pipeline:
         if isinstance(labels, str):
             if labels == "random":
                 lab = random_labels(seed, idx.numpy(), self.num_classes)
-            elif labels == "balanced":
+            else:  # "balanced" (any other string was refused above)
                 lab = balanced_labels(idx.numpy(), self.num_classes)
-            else:
-                raise JobError(f"`labels` {labels!r} is not a label mode: use 'random', 'balanced', one class id, "
-                               "or a class id per sample")
             lab = torch.as_tensor(lab, dtype=torch.int64)
         elif per_sample:
             lab = _as_int_vector(labels, "labels")
@@ -231,6 +233,8 @@ def load(ckpt: str | Path | None = None, *, model: str | None = None, precision:
     if job.precision is None:
         job = dataclasses.replace(job, precision=default_precision(dev))
         notes.insert(0, default_precision_note(dev, cpu_routes() if dev.type == "cpu" else None))
+    for line in precision_warnings(job.precision, dev, job.backend):  # as `igengine sample` warns (tf32, fp16 on a CPU)
+        warnings.warn(line, RuntimeWarning, stacklevel=2)
     # Latents only, unless there is something to decode them with (pixel-space models need nothing).
     job = dataclasses.replace(job, no_decode=not cfg.pixel_space and job.vae is None)
     sampler_cfg = resolve_sampler_config(job, loaded)

@@ -77,6 +77,7 @@ OUT/grid.png shows the first samples (--no-grid: not written); --png writes OUT/
 PACK_EPILOG = """\b
 Example:
   igengine pack out/sit50k      # (re)assemble samples.npz from out/sit50k/chunks/
+  igengine pack out/sit50k --clean   # the same, then remove the chunks once samples.npz reads back equal to them
 """
 
 
@@ -158,6 +159,7 @@ def sample(
     evaluate_ref: Optional[Path] = typer.Option(None, "--evaluate", help="After packing, run `igengine evaluate` against REF (metrics.json beside samples.npz)."),
     capture: CaptureChoice = typer.Option(CaptureChoice.auto, "--capture", help="auto: on CUDA, replay whole steps (network + fused step) from CUDA graphs when the backend allows it (torch), and launch them one by one if a capture or replay fails; off: launch them one by one."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads; default: OMP_NUM_THREADS, else the usable cores that other work does not keep busy."),
+    keep_chunks: bool = typer.Option(True, "--keep-chunks/--no-keep-chunks", help="Keep OUT/chunks/ after packing (default); --no-keep-chunks removes them once samples.npz is written, fsynced and read back equal to them (a larger --n later rebuilds them from samples.npz)."),
     preflight: PreflightChoice = typer.Option(PreflightChoice.auto, "--preflight", help="auto: before the first chunk, compare each fast rung (fused kernels, CUDA graphs, compiled network) with the reference on 2 samples and demote one that disagrees (one warning; manifest: preflight); off: trust them unchecked."),
 ) -> None:
     """Draw samples with IG (+CFG), bit-reproducibly, and write samples.npz + manifest.json.
@@ -177,7 +179,7 @@ def sample(
         backend=backend, onnx=onnx, png=png, grid=grid, save_latents=save_latents, no_decode=no_decode,
         overwrite=overwrite, vae=vae, vae_kind=vae_kind.value, latent_stats=latent_stats,
         latent_multiplier=latent_multiplier, chunk_size=chunk_size, evaluate=evaluate_ref, threads=threads,
-        capture=capture.value, preflight=preflight.value,
+        capture=capture.value, preflight=preflight.value, keep_chunks=keep_chunks,
     )
     from igengine.jobs.launch import RankInfo
 
@@ -253,13 +255,17 @@ def _rich_progress():
 
 
 @app.command(epilog=PACK_EPILOG)
-def pack(out: Path = typer.Argument(..., help="Output folder of `igengine sample`.")) -> None:
+def pack(out: Path = typer.Argument(..., help="Output folder of `igengine sample`."),
+         clean: bool = typer.Option(False, "--clean", help="Then remove the chunks, once samples.npz is written, fsynced and read back equal to them.")) -> None:
     """Assemble samples.npz (and latents) from a run's chunks; checks that every index 0..n-1 is there once."""
     from igengine.store.pack import pack_command
 
-    manifest = pack_command(out)
+    flags = _flags_of("sample")  # the messages name sample's settings (`n`, `keep_chunks`)
+    manifest = pack_command(out, clean=clean,
+                            log=lambda line: typer.echo(f"igengine: {flagify(line, flags)}", err=True))
     typer.echo(json.dumps({"out": str(out), "n": manifest["n"], "outputs": manifest["outputs"],
-                           "pack_s": manifest["timing"]["pack_s"]}))
+                           "pack_s": manifest.get("timing", {}).get("pack_s"),
+                           "chunks_removed": "chunks_removed" in manifest}))
 
 
 @app.command()
@@ -279,11 +285,12 @@ def info() -> None:
         "onnxruntime": importlib.util.find_spec("onnxruntime") is not None,
         "tensorrt": importlib.util.find_spec("tensorrt") is not None,
     }
-    from igengine.backends.cpu_linear import routes
+    from igengine.backends.cpu_linear import native_low_precision, routes
     from igengine.jobs.threads import choose_threads
     from igengine.kernels import describe as kernels_describe
 
     facts["cpu_threads"] = choose_threads().to_dict()  # what `igengine sample` would use now
+    facts.update(native_low_precision())  # native_bf16, native_fp16: bf16 / fp16 arithmetic in this CPU's hardware
     facts["cpu_linear"] = routes()  # the GEMM each linear dtype takes on this CPU (fp32, bf16 precisions)
     facts["kernels"] = kernels_describe()
     typer.echo(json.dumps(facts, indent=2))
@@ -379,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 BENCH_EPILOG = """\b
 Examples:
   igengine bench --model SiT-B/2 --precision reference,fp32 --batch-size 1,4 --steps 2 --repeats 2
-  igengine bench --ckpt igengine/assets/sit_digits.safetensors --batch-size 16,64 --json bench.json
+  igengine bench --batch-size 16,64 --json bench.json     # the embedded digits model (no --ckpt, no --model)
   igengine bench --model SiT-XL/2 --device cuda --precision reference,bf16 --backend torch,compiled --batch-size 1,16,64,256 --json sit.json --plot sit.png
   igengine bench --model LightningDiT-XL/1 --device cuda --configs reference/torch,bf16/torch,bf16/compiled --batch-size 1,64
 Rows run interleaved after warm-up; throughput is that of the full run (paper settings unless changed).
@@ -437,7 +444,7 @@ def _bench_bar(console):
 
 @app.command(epilog=BENCH_EPILOG)
 def bench(
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint to time (its own sampler defaults apply)."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint to time (its own sampler defaults apply); default, without --model: the embedded digits model."),
     model: Optional[str] = typer.Option(None, "--model", help="A model preset with random weights, e.g. SiT-XL/2."),
     precision: Optional[str] = typer.Option(None, "--precision", help="Comma-separated precisions [default: reference,fp32,bf16]."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Comma-separated backends [default: torch]."),
@@ -494,7 +501,7 @@ def bench(
 
 EXPORT_EPILOG = """\b
 Examples:
-  igengine export --ckpt igengine/assets/sit_digits.safetensors --out out/digits-onnx   # runnable in a checkout
+  igengine export --out out/digits-onnx        # the embedded digits model (no --ckpt), runnable anywhere
   igengine sample --backend onnxruntime --onnx out/digits-onnx --n 8 --precision fp32 --out out/digits-ort
   igengine export --ckpt SiT-XL-2-IG.pt --precision fp16 --out export-sit-fp16
   igengine export --ckpt lightningdit-xl-1-ig.pt --model LightningDiT-XL/1 --format tensorrt --precision bf16 --max-batch 64 --out export-ldit-trt
@@ -503,7 +510,7 @@ Examples:
 
 @app.command(epilog=EXPORT_EPILOG)
 def export(
-    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint (.pt/.pth/.safetensors), resolved as by `sample`."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint (.pt/.pth/.safetensors), resolved as by `sample`; default: the embedded digits model."),
     out: Path = typer.Option(..., "--out", help="Output folder (model.onnx, model.onnx.data, export.json[, model.engine])."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name, e.g. SiT-XL/2 (overrides the checkpoint's)."),
     encoder_depth: Optional[int] = typer.Option(None, "--encoder-depth", help="Block after which the IG head sits."),
@@ -560,6 +567,136 @@ def evaluate(
     record = run_evaluate(job, progress)
     typer.echo(json.dumps({"metrics": record["metrics"], "not_computed": record["not_computed"],
                            "metrics_file": record["metrics_file"], "notes": record["notes"]}))
+
+
+# --- igengine sweep (issue 21) ----------------------------------------------------------------
+
+SWEEP_EPILOG = """\b
+Examples:
+  python -c "from igengine.digits.data import write_reference_npz as w; w('digits_ref.npz')"   # 600 held-out digits
+  igengine sweep --ig-scale 1,1.4,1.8 --cfg-scale 1,1.35 --steps 20 --n 200 --ref digits_ref.npz --out out/sweep   # digits, CPU
+  igengine sweep --ckpt SiT-XL-2-IG.pt --vae sd-vae-ft-ema/ --ig-scale 1.0,1.2,1.4,1.6 --cfg-scale 1,1.35 --cfg-interval "0,0.7;0,1" --n 10000 --ref VIRTUAL_imagenet256_labeled.npz --out out/sit-sweep
+  igengine sweep --points points.json --n 5000 --ref ref.npz --out out/named   # [{"name": "ig", "ig_scale": 1.7, "cfg_scale": 1}, ...]
+Lists give a grid (their product); every point shares --n, --seed and --labels, so every point draws the same
+noise. Each point is OUT/points/<id>/, an ordinary `igengine sample` folder; rerunning the same command resumes.
+"""
+
+
+@app.command(epilog=SWEEP_EPILOG)
+def sweep(
+    out: Path = typer.Option(Path("sweep"), "--out", help="Output folder (sweep.json, sweep.csv, sweep.png, points/<id>/)."),
+    n: int = typer.Option(16, "--n", "--num-samples", help="Samples per point (indices 0..n-1, the same at every point); under torchrun write --num-samples."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Samples per sampler batch (results do not depend on it)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the noise contract, shared by every point."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Checkpoint; default: the embedded digits model."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name, as for `igengine sample`."),
+    encoder_depth: Optional[int] = typer.Option(None, "--encoder-depth", help="Block after which the IG head sits."),
+    num_heads: Optional[int] = typer.Option(None, "--num-heads", help="Attention heads."),
+    labels: str = typer.Option("random", "--labels", "--class", help="As for `igengine sample`; shared by every point."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="Solver, or a comma-separated list of solvers."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="Steps, or a comma-separated list."),
+    cfg_scale: Optional[str] = typer.Option(None, "--cfg-scale", help="CFG scale(s), e.g. 1,1.35."),
+    cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="LOW,HIGH interval(s), ';'-separated: 0,0.7;0,1."),
+    ig_scale: Optional[str] = typer.Option(None, "--ig-scale", help="IG scale(s), e.g. 1,1.2,1.4,1.6."),
+    ig_interval: Optional[str] = typer.Option(None, "--ig-interval", help="LOW,HIGH interval(s), ';'-separated."),
+    timestep_shift: Optional[str] = typer.Option(None, "--timestep-shift", help="LightningDiT timestep shift(s)."),
+    points: Optional[Path] = typer.Option(None, "--points", help="JSON list of named points instead of a grid, e.g. [{\"name\": \"a\", \"ig_scale\": 1.4}]."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference for `igengine evaluate` (ADM batch, samples .npz, --save-stats file or image folder)."),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="FID Inception weights, as for `igengine evaluate`."),
+    resamples: int = typer.Option(20, "--resamples", help="Paired bootstrap resamples for the FID standard errors (each costs one 2048x2048 eigendecomposition per point)."),
+    precision: PrecisionChoice = typer.Option("auto", "--precision", help="As for `igengine sample`."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    backend: BackendName = typer.Option(BackendName.TORCH, "--backend", help="Network backend."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="VAE for latent models, as for `igengine sample`."),
+    vae_kind: VAEKindChoice = typer.Option(VAEKindChoice.auto, "--vae-kind", help="auto: SiT -> sd, LightningDiT -> vavae."),
+    latent_stats: Optional[Path] = typer.Option(None, "--latent-stats", help="VA-VAE: latents_stats.pt."),
+    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Samples per chunk file (default 256)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
+    latent_multiplier: float = typer.Option(1.0, "--latent-multiplier", help="VA-VAE: x * std / multiplier + mean."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Exported graph for onnxruntime/tensorrt, as for `igengine sample`."),
+    png: bool = typer.Option(False, "--png", help="Also write each point's PNGs (OUT/points/<id>/png/)."),
+    grid: bool = typer.Option(True, "--grid/--no-grid", help="Each point's grid.png of its first samples."),
+    no_decode: bool = typer.Option(False, "--no-decode", help="Latents only (no pixels, so no --ref)."),
+    capture: CaptureChoice = typer.Option(CaptureChoice.auto, "--capture", help="As for `igengine sample`."),
+    preflight: PreflightChoice = typer.Option(PreflightChoice.auto, "--preflight", help="As for `igengine sample`."),
+) -> None:
+    """Sample and evaluate a grid of guidance / sampler settings with the same noise at every point; FID with paired error bars."""
+    from igengine.errors import JobError
+    from igengine.jobs.sample import SampleJob
+    from igengine.jobs.sweep import (SweepJob, TABLE_HEADER, expand_grid, load_points, run_sweep,
+                                     split_list, table_rows, write_plot)
+
+    given = {"solver": solver, "steps": steps, "cfg_scale": cfg_scale, "cfg_interval": cfg_interval,
+             "ig_scale": ig_scale, "ig_interval": ig_interval, "timestep_shift": timestep_shift}
+    axes = {k: split_list(v, k) for k, v in given.items() if v is not None}
+    if points is not None:
+        if axes:
+            raise JobError(f"give `points` or lists of settings ({', '.join(axes)}), not both")
+        grid_points = load_points(points)
+    else:
+        grid_points = expand_grid(axes)
+    base = SampleJob(out=out, n=n, batch_size=batch_size, seed=seed, ckpt=ckpt, model=model,
+                     encoder_depth=encoder_depth, num_heads=num_heads, labels=labels,
+                     precision=None if precision.value == "auto" else Precision(precision.value), device=device,
+                     backend=backend, vae=vae, vae_kind=vae_kind.value, latent_stats=latent_stats,
+                     chunk_size=chunk_size, threads=threads, latent_multiplier=latent_multiplier, onnx=onnx,
+                     png=png, grid=grid, no_decode=no_decode, capture=capture.value, preflight=preflight.value)
+    job = SweepJob(base=base, points=tuple(grid_points), ref=ref, inception=inception, resamples=resamples)
+    from rich.console import Console
+
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+    flags = _flags_of("sweep")
+    log = lambda line: console.print(f"igengine: {flagify(line, flags)}", markup=False, highlight=False)
+    hooks = _sweep_hooks(len(grid_points), n, log)
+    record = run_sweep(job, hooks)
+    if "best" not in record:  # a rank > 0 under torchrun: rank 0 reports
+        return
+    from rich.table import Table
+
+    table = Table(*TABLE_HEADER)
+    for row in table_rows(record):
+        table.add_row(*row)
+    console.print(table)
+    if record.get("bootstrap"):
+        console.print(f"error bars: paired bootstrap over sample indices, {record['bootstrap']['resamples']} "
+                      "resamples (the same indices at every point); 'within noise': |FID - best| < 2 paired SE",
+                      markup=False, highlight=False)
+    console.print(write_plot(record, out / "sweep.png"), markup=False, highlight=False)
+    typer.echo(json.dumps({"out": str(out), "best": record["best"], "status": record["status"],
+                           "points": len(record["points"]), "failed": [p["name"] for p in record["points"]
+                                                                      if p["status"] == "failed"]}))
+
+
+
+def _sweep_hooks(points: int, n: int, log):
+    """One progress display over the sweep: a line per point and, at most every 10 s, samples done over all
+    points with the rate and an ETA (resumed samples count as done, not in the rate)."""
+    import time
+
+    from igengine.jobs.bulk import Progress as Hooks
+    from igengine.jobs.sweep import SweepHooks
+
+    st = {"i": 0, "t0": time.perf_counter(), "computed": 0, "base": 0, "initial": 0, "last": 0.0}
+
+    def point(i: int, total: int, name: str) -> None:
+        st.update(i=i, base=st["computed"])
+        log(f"point {i + 1}/{total}: {name}")
+
+    def start(total: int, initial: int) -> None:
+        st["initial"] = initial
+
+    def advance(done: int) -> None:
+        st["computed"] = st["base"] + done - st["initial"]
+        now = time.perf_counter()
+        if now - st["last"] < 10:
+            return
+        st["last"] = now
+        rate = st["computed"] / (now - st["t0"])
+        left = (points - st["i"]) * n - done
+        eta = f", ETA {int(left / rate)} s" if rate > 0 else ""
+        log(f"sweep: point {st['i'] + 1}/{points}, {st['i'] * n + done}/{points * n} samples, {rate:.2f} samples/s over the sweep so far, evaluation included{eta}")
+
+    return SweepHooks(point=point, progress=Hooks(start=start, advance=advance), log=log)
 
 
 if __name__ == "__main__":

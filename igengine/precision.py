@@ -94,15 +94,15 @@ def default_precision_note(device: torch.device | str, cpu_routes: dict | None =
         why = "the official numerics"
     else:
         faster = [p for p, dtype in (("fp32", "float32"), ("bf16", "bfloat16")) if cpu_routes.get(dtype) == "onednn"]
-        same = [p for p in ("fp32", "bf16") if p not in faster]
         parts = []
         if faster:
             parts.append(f"{' and '.join(f'`{p}`' for p in faster)} run{'s' if len(faster) == 1 else ''} faster "
                          "GEMMs (oneDNN) on this CPU")
-        if same:
-            parts.append(f"{' and '.join(f'`{p}`' for p in same)} run{'s' if len(same) == 1 else ''} the same fp32 "
-                         f"GEMMs as `reference` here (CPU capability {cpu_routes.get('cpu_capability', '?')}), "
-                         "so little faster")
+        if "fp32" not in faster:
+            parts.append(f"`fp32` runs the same fp32 GEMMs as `reference` here (CPU capability "
+                         f"{cpu_routes.get('cpu_capability', '?')}), so little faster")
+        if "bf16" not in faster:
+            parts.append("`bf16` has no bf16 GEMM on this CPU (its linears run the fp32 GEMM): no faster than `fp32`")
         why = "the official numerics; " + "; ".join(parts)
     return f"precision {default_precision(device).value} (the default on {device.type}: {why}; choose with `precision`)"
 

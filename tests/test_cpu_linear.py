@@ -357,7 +357,8 @@ def test_igengine_info_says_which_route_each_dtype_takes(capsys, cpu):
 
 @pytest.mark.parametrize("features,says", [
     (AVX512_BF16, "`fp32` and `bf16` run faster GEMMs (oneDNN) on this CPU"),
-    (AVX2_ONLY, "`fp32` and `bf16` run the same fp32 GEMMs as `reference` here (CPU capability AVX2), so little faster"),
+    (AVX2_ONLY, "`fp32` runs the same fp32 GEMMs as `reference` here (CPU capability AVX2), so little faster; `bf16` "
+                "has no bf16 GEMM on this CPU (its linears run the fp32 GEMM): no faster than `fp32`"),
 ])
 def test_the_default_precision_note_says_what_is_true_of_this_cpu(cpu, features, says):
     """It used to say "`fp32` and `bf16` run faster on a CPU" on every CPU, bf16 crashing on some."""

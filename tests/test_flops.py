@@ -5,7 +5,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from igengine.bench.flops import forward_flops, forward_flops_breakdown
+from igengine.bench.flops import block_linear_shapes, forward_flops, forward_flops_breakdown
 from igengine.models import IGDiT, preset
 
 SIT = dict(depth=2, hidden_size=64, num_heads=2, input_size=8, encoder_depth=1, num_classes=10)
@@ -85,3 +85,23 @@ def test_forward_flops_equal_flop_counter_mode_with_cuda_sdpa_kernels():
     with torch.no_grad(), counter:
         model(x, torch.rand(3, device="cuda", dtype=torch.half), torch.randint(0, 10, (3,), device="cuda"))
     assert forward_flops(cfg, 3) == counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", ["SiT-B/2", "LightningDiT-B/1"])
+def test_block_linear_shapes_are_the_blocks_own_per_token_linears(name):
+    """(M, K, N) = (rows x tokens, in_features, out_features) of every per-token nn.Linear of a block (the adaLN
+    linear takes one row per image, not per token), largest first; with depth they make up the FLOP count."""
+    cfg = preset(name)
+    with torch.device("meta"):
+        block = IGDiT(cfg).blocks[0]
+    rows, tokens = 3, 256  # both presets: 256 tokens at 256 px (a 32 x 32 latent with patch 2, 16 x 16 with 1)
+    own = {k.split(".")[-1]: (rows * tokens, v.in_features, v.out_features) for k, v in block.named_modules()
+           if isinstance(v, torch.nn.Linear) and not k.startswith("adaLN")}
+    shapes = block_linear_shapes(cfg, rows)
+    assert shapes == own
+    sizes = [k * n for _, k, n in shapes.values()]
+    assert sizes == sorted(sizes, reverse=True) and list(shapes)[-1] == "proj"
+    b = forward_flops_breakdown(cfg, rows)
+    assert cfg.depth * sum(2 * m * k * n for m, k, n in shapes.values()) == b["qkv"] + b["attn_proj"] + b["mlp"]
+    with pytest.raises(ValueError, match="rows"):
+        block_linear_shapes(cfg, 0)

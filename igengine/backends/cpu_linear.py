@@ -128,6 +128,45 @@ def routes() -> dict:
             "cpu_capability": cpu.capability, "onednn_bf16": cpu.onednn_bf16}
 
 
+# CPU flags of bf16 / fp16 arithmetic in hardware, as Linux names them in /proc/cpuinfo: x86 AVX512_BF16 and
+# AMX-BF16, Arm FEAT_BF16; x86 AVX512-FP16 and AMX-FP16, Arm's half-precision SIMD arithmetic (asimdhp).
+NATIVE_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16", "bf16"), "fp16": ("avx512_fp16", "amx_fp16", "asimdhp")}
+
+
+def _cpuinfo_flags(text: str | None = None) -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features"), None where it cannot be read."""
+    if text is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                text = f.read()
+        except OSError:
+            return None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def native_low_precision(cpuinfo: str | None = None) -> dict:
+    """``{"native_bf16": bool, "native_fp16": bool}``: whether this CPU has bf16 / fp16 arithmetic in hardware
+    (``NATIVE_FLAGS``; ``igengine info``). A hardware fact, not a route: oneDNN also runs bf16 on AVX-512 CPUs
+    without AVX512_BF16 (by conversion; ``routes()["onednn_bf16"]``), and a CPU held to AVX2 by
+    ``ONEDNN_MAX_CPU_ISA`` keeps its flags. Where /proc/cpuinfo cannot be read, torch's own x86 checks answer."""
+    flags = _cpuinfo_flags(cpuinfo)
+    if flags is not None:
+        return {f"native_{kind}": any(flag in flags for flag in names) for kind, names in NATIVE_FLAGS.items()}
+
+    def torch_check(name: str) -> bool:
+        try:
+            return bool(getattr(torch.cpu, name)())
+        except (AttributeError, RuntimeError):
+            return False
+
+    return {"native_bf16": torch_check("_is_avx512_bf16_supported") or torch_check("_is_amx_tile_supported"),
+            "native_fp16": torch_check("_is_amx_fp16_supported") or cpu_native_low_precision(torch.float16)}
+
+
 # weight -> {kind: (its version counter and data pointer when made, the derived weight)}. Keyed by identity
 # and held weakly: a model's packs go with its parameters.
 _DERIVED = WeakIdKeyDictionary()
@@ -270,5 +309,5 @@ def routed_count(model: nn.Module) -> int:
 
 __all__ = ["ACTIVATIONS", "ROUTED_DTYPES", "ROUTES", "ROUTE_ATEN", "ROUTE_FP32_GEMM", "ROUTE_ONEDNN", "CpuFeatures",
            "CpuLinear", "CpuMlp", "cpu_features", "cpu_linear", "cpu_native_low_precision", "fp32_gemm_linear",
-           "linear_route", "onednn_available", "onednn_linear", "packed_weight", "route_linears", "routed",
-           "routed_count", "routes"]
+           "linear_route", "native_low_precision", "onednn_available", "onednn_linear", "packed_weight",
+           "route_linears", "routed", "routed_count", "routes"]

@@ -56,6 +56,28 @@ def tokens_per_row(config: ModelConfig) -> int:
     return (config.input_size // config.patch_size) ** 2
 
 
+def block_linear_shapes(config: ModelConfig, rows: int = 1) -> dict[str, tuple[int, int, int]]:
+    """(M, K, N) of each per-token linear of a block at ``rows`` rows: A (M, K) @ W^T with W (N, K), M = rows x tokens.
+
+    Keys, the blocks' module names: "fc1", "fc2" (GELU MLP) or "w12", "w3" (SwiGLU; w3 takes one gate's
+    width), "qkv", "proj" (attention's out projection), ordered largest first (by K x N). These GEMMs carry
+    nearly all of a forward's FLOPs: depth x the sum of their 2 M K N is the breakdown's qkv + attn_proj +
+    mlp. ``igengine.bench`` times the largest three for the matmul peak.
+    """
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+        raise ValueError(f"rows must be an int >= 1, got {rows!r}")
+    c = config
+    d = c.hidden_size
+    m = rows * tokens_per_row(c)
+    width = mlp_input_width(c)
+    if c.use_swiglu:
+        shapes = {"w12": (m, d, width), "w3": (m, width // 2, d)}
+    else:
+        shapes = {"fc1": (m, d, width), "fc2": (m, width, d)}
+    shapes |= {"qkv": (m, d, 3 * d), "proj": (m, d, d)}
+    return dict(sorted(shapes.items(), key=lambda kv: -kv[1][1] * kv[1][2]))
+
+
 def forward_flops_breakdown(config: ModelConfig, rows: int = 1) -> dict[str, int]:
     """FLOPs of one forward of ``rows`` rows, by part (keys below); see the module docstring.
 

@@ -20,7 +20,13 @@ Method
   * The network's own time: a forward of N and of 2N rows timed alone; ``outside_network_share``
     = 1 - network time / step time, over the windows.
   * MFU = analytic FLOPs (``igengine.bench.flops``, 2 x multiply-adds) / time / the matmul peak
-    of the row's dtype measured in the same run (``igengine.bench.peak``).
+    of the row's dtype measured in the same run, the same way (``igengine.bench.peak.MatmulPeaks``):
+    in every repeat, after the rows, one pass of each dtype's products (``_time_peaks``), on a square
+    and on the model's three largest block GEMMs at every row count of the run
+    (``igengine.bench.flops.block_linear_shapes``), with the run's threads; the peak is the highest
+    median over shapes and kernels. A row whose FLOP rate exceeds that peak gets no MFU: its ``mfu``
+    is None and ``mfu_fault`` says why (the peak measurement is wrong, e.g. the machine was busy
+    while it was timed); ``network_flops_per_s`` and ``mfu_peak_flops`` keep both rates.
   * Accuracy: final latents after the first window against the anchor's at the same batch size
     (max abs and relative L2).
 
@@ -47,7 +53,7 @@ from igengine.backends import network
 from igengine.config import BackendName, ModelConfig, Precision, SamplerSettings
 from igengine.errors import BackendUnavailable, JobError, RunError
 from igengine.jobs.backend import build_backend, check_runtime
-from igengine.jobs.sample import resolve_device
+from igengine.jobs.sample import DEFAULT_CHECKPOINT, resolve_device
 from igengine.models import IGDiT, preset
 from igengine.models.checkpoint import LoadedCheckpoint, load_checkpoint
 from igengine.precision import NETWORK_DTYPE
@@ -88,8 +94,9 @@ class BenchJob:
         return [(p, b) for p in self.precisions for b in self.backends]
 
     def validate(self) -> None:
-        if (self.ckpt is None) == (self.model is None):
-            raise JobError("give exactly one of `ckpt` (a checkpoint) or `model` (a preset with random weights)")
+        if self.ckpt is not None and self.model is not None:
+            raise JobError("give `ckpt` (a checkpoint) or `model` (a preset with random weights), not both; "
+                           "without either, the embedded digits model is timed")
         for name in ("steps", "repeats"):
             if getattr(self, name) < 1:
                 raise JobError(f"`{name}` must be >= 1, got {getattr(self, name)}")
@@ -122,8 +129,9 @@ def random_model(name: str, seed: int = 0, **overrides) -> IGDiT:
 
 def load_workload(job: BenchJob) -> LoadedCheckpoint:
     overrides = {"encoder_depth": job.encoder_depth, "num_heads": job.num_heads}
-    if job.ckpt is not None:
-        return load_checkpoint(job.ckpt, model_name=None, overrides=overrides)
+    if job.model is None:  # a checkpoint; none given: the embedded digits model, as `igengine sample` takes
+        return load_checkpoint(job.ckpt if job.ckpt is not None else DEFAULT_CHECKPOINT, model_name=None,
+                               overrides=overrides)
     try:
         model = random_model(job.model, job.seed, **{k: v for k, v in overrides.items() if v is not None})
     except KeyError as e:
@@ -254,13 +262,16 @@ class BenchClock:
     timed alone is a unit of known network rows. A unit's seconds are estimated as its rows times its
     configuration's seconds per row, measured on that configuration's last unit (its first one, which
     may compile or capture, only until a later one is measured; a configuration not measured yet takes
-    the mean of those that are); the ETA is the sum over the units not done. The matmul peaks at the
-    end (about 2 s each) are not counted.
+    the mean of those that are); the ETA is the sum over the units not done, plus the matmul peak
+    passes still to come (one per repeat, ``tick_pass``) at the last pass's seconds (none counted before
+    the first: about 1.5% of a run).
     """
 
-    def __init__(self, rows: dict[int, int], units: int):
+    def __init__(self, rows: dict[int, int], units: int, passes: int = 0):
         self.remaining = dict(rows)  # configuration -> network rows still to run
-        self.units, self.done = units, 0
+        self.units, self.done = units + passes, 0
+        self.passes_left = passes
+        self._pass_s = 0.0  # seconds of the last matmul peak pass
         self._steady: dict[int, float] = {}  # seconds per row, from a unit after the first
         self._first: dict[int, float] = {}  # seconds per row, from the first unit (compile, capture)
 
@@ -270,13 +281,19 @@ class BenchClock:
         self.remaining[config] = max(0, self.remaining.get(config, 0) - rows)
         self.done += 1
 
+    def tick_pass(self, seconds: float) -> None:
+        """One pass of the matmul peaks took ``seconds``."""
+        self._pass_s = seconds
+        self.passes_left = max(0, self.passes_left - 1)
+        self.done += 1
+
     def eta(self) -> float | None:
         """Seconds left, or None before anything was measured."""
         rate = {**self._first, **self._steady}
         if not rate:
             return None
         mean = sum(rate.values()) / len(rate)
-        return sum(r * rate.get(c, mean) for c, r in self.remaining.items())
+        return sum(r * rate.get(c, mean) for c, r in self.remaining.items()) + self.passes_left * self._pass_s
 
     def eta_text(self) -> str:
         eta = self.eta()
@@ -376,9 +393,7 @@ def run_bench(job: BenchJob, log: Callable[[str], None] = lambda line: None,
 
 def _measure(job: BenchJob, device: torch.device, cfg: ModelConfig, classes: list[StepClass], configs: list[Config],
              peaks: dict, report, snapshot, log, clock=None) -> dict:
-    """Warm-up, interleaved timing, the network alone and peak memory, the matmul peaks (``run_bench``)."""
-    from igengine.bench.peak import matmul_peak
-
+    """Warm-up, interleaved timing with the matmul peaks, the network alone and peak memory (``run_bench``)."""
     idx_for = {n: torch.arange(n) for n in job.batch_sizes}
     labels_for = {n: torch.arange(n) % cfg.num_classes for n in job.batch_sizes}
     alone = sorted({r for sc in classes for r in sc.rows})  # the row multipliers timed alone
@@ -386,10 +401,13 @@ def _measure(job: BenchJob, device: torch.device, cfg: ModelConfig, classes: lis
     runs = max(1, job.warmup) + job.repeats  # window runs of each class, then one more for peak memory
     timer = BenchClock({i: c.batch_size * (runs * sum(window_rows.values()) + window_rows[classes[0].rows]
                                            + 4 * sum(alone)) for i, c in enumerate(configs)},
-                       units=len(configs) * (runs * len(classes) + 1 + len(alone)))
+                       units=len(configs) * (runs * len(classes) + 1 + len(alone)), passes=job.repeats)
 
-    def ticked(i: int, rows: int, t0: float) -> None:
-        timer.tick(i, rows, time.perf_counter() - t0)
+    def ticked(i: int | None, rows: int, t0: float) -> None:  # i None: a pass of the matmul peaks
+        if i is None:
+            timer.tick_pass(time.perf_counter() - t0)
+        else:
+            timer.tick(i, rows, time.perf_counter() - t0)
         if clock is not None:
             clock(timer.done, timer.units, timer.eta())
 
@@ -419,7 +437,8 @@ def _measure(job: BenchJob, device: torch.device, cfg: ModelConfig, classes: lis
         c.first_run_s = first
         snapshot([x for x in configs if x.latents is not None], f"warm-up {configs.index(c) + 1}/{len(configs)}")
 
-    # Interleaved timing: A B C A B C ...
+    peak_products = _peak_products(job, device, cfg, classes, configs, log)
+    # Interleaved timing: A B C A B C ..., each repeat followed by one pass of the matmul peaks.
     for r in range(job.repeats):
         log(f"repeat {r + 1}/{job.repeats}{timer.eta_text()}")
         for i, c in enumerate(configs):
@@ -428,7 +447,16 @@ def _measure(job: BenchJob, device: torch.device, cfg: ModelConfig, classes: lis
                 dt, _ = run_window(c, sc)
                 ticked(i, c.batch_size * window_rows[sc.rows], t0)
                 c.times.setdefault(sc.rows, []).append(dt)
+        t0 = time.perf_counter()
+        _time_peaks(peak_products)
+        ticked(None, 0, t0)
         snapshot(configs, f"repeat {r + 1}/{job.repeats}")
+
+    # The peaks over every repeat's pass (the rows' MFU needs them: it is reported at the end, like the
+    # network's own time); their operands are freed before the peak memory is measured.
+    for key, products in peak_products.items():
+        peaks[key] = products.result()
+        products.release()
 
     # The network alone, and the peak memory of each row.
     log(f"the network alone and each row's peak memory{timer.eta_text()}")
@@ -457,19 +485,40 @@ def _measure(job: BenchJob, device: torch.device, cfg: ModelConfig, classes: lis
         else:
             c.peak_memory = (peak, how)
 
-    # Peaks of the matmuls the rows run (dtype, and TF32 for tf32 rows), measured in this run.
-    for p in sorted({c.precision for c in configs}, key=lambda p: p.value):
-        key = _peak_key(p)
-        if key not in peaks:
-            log(f"matmul peak {_peak_name(key)} on {device}")
-            peaks[key] = matmul_peak(key[0], device, allow_tf32=key[1])
-
     final = report(configs, False, "done")
     bad = [r for r in final["rows"] if r["recompiles"]]
     if bad:
         final["error"] = "recompilation after warm-up: " + ", ".join(f"{r['precision']}/{r['backend']}/N={r['batch_size']}"
                                                                     for r in bad)
     return final
+
+
+def _peak_products(job: BenchJob, device: torch.device, cfg: ModelConfig, classes: list[StepClass],
+                   configs: list[Config], log) -> dict:
+    """The matmul products whose pass follows the rows in every repeat: per (dtype, tf32) the rows run, a
+    square and the model's three largest block GEMMs at every row count of the run (N and 2N rows)."""
+    from igengine.bench.flops import block_linear_shapes
+    from igengine.bench.peak import MatmulPeaks, square_size
+
+    model_shapes = {}
+    for rows in sorted({m * n for n in job.batch_sizes for sc in classes for m in sc.rows}):
+        for name, (m, k, n) in list(block_linear_shapes(cfg, rows).items())[:3]:
+            model_shapes.setdefault(f"{name} {m}x{k}x{n}", (m, k, n))
+    out = {}
+    for key in sorted({_peak_key(c.precision) for c in configs}, key=_peak_name):
+        size = square_size(key[0], device)
+        shapes = {f"square {size}": (size, size, size)} | model_shapes
+        out[key] = MatmulPeaks(key[0], device, shapes, allow_tf32=key[1])
+        log(f"matmul peak {_peak_name(key)} on {device}: {len(out[key].products)} products (shapes x kernels), "
+            "timed after the rows in every repeat")
+    return out
+
+
+def _time_peaks(peak_products: dict) -> None:
+    """One pass of every dtype's peak products: called once per repeat, after the rows, so the peak is timed
+    under the load the rows were timed under."""
+    for products in peak_products.values():
+        products.run_pass()
 
 
 def _peak_key(precision: Precision) -> tuple[torch.dtype, bool]:
@@ -512,8 +561,16 @@ def _row(c: Config, classes: list[StepClass], full: Plan, cfg: ModelConfig, peak
     net_s = (sum(c.net_times[m] for sc in classes for s in sc.window.steps for m in sc.rows)
              if all(m in c.net_times for sc in classes for m in sc.rows) else None)
     flops_full = sum(forward_flops(cfg, rows=(2 if ev.cfg else 1) * n) for s in full.steps for ev in s.evals)
+    rate = flops_full / full_s if full_s else None  # the row's FLOP/s over the full run
     peak = peaks.get(_peak_key(c.precision))
-    mfu = flops_full / full_s / peak["max_flops"] if full_s and peak else None
+    mfu = mfu_fault = None
+    if rate is not None and peak is not None:
+        if rate > peak["flop_per_s"]:
+            mfu_fault = (f"network rate {rate / 1e9:.4g} GFLOP/s exceeds the measured peak "
+                         f"{peak['flop_per_s'] / 1e9:.4g} GFLOP/s ({peak['shape']}, {peak['kernel']}): the peak "
+                         "measurement is wrong, e.g. the machine was busy while it was timed")
+        else:
+            mfu = rate / peak["flop_per_s"]
     anchor = next((a for a in configs if a.anchor and a.batch_size == n), None)
     max_abs = rel_l2 = None
     if anchor is not None and anchor.latents is not None and c.latents is not None:
@@ -541,8 +598,11 @@ def _row(c: Config, classes: list[StepClass], full: Plan, cfg: ModelConfig, peak
         "peak_memory_bytes": c.peak_memory[0] if c.peak_memory[1] else None,
         "peak_memory_how": c.peak_memory[1] or None,
         "flops_per_sample_full_run": flops_full / n,
+        "network_flops_per_s": rate,
         "mfu": mfu,
-        "mfu_peak_flops": peak["max_flops"] if peak else None,
+        "mfu_fault": mfu_fault,
+        "mfu_peak_flops": peak["flop_per_s"] if peak else None,
+        "mfu_peak_product": f"{peak['shape']}, {peak['kernel']}" if peak else None,
         "max_abs_vs_reference": max_abs,
         "rel_l2_vs_reference": rel_l2,
         "recompiles": int(getattr(backend, "recompiles", 0) or 0),

@@ -17,8 +17,13 @@ COLUMNS = [
 ]
 
 
+MFU_FAULT = "fault"  # the MFU cell of a row that ran faster than the measured peak (``mfu_fault``)
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
     v = row.get(key)
+    if key == "mfu" and (row.get("mfu_fault") or (v is not None and v > 1)):
+        return MFU_FAULT  # never a percentage above 100: the peak, not the row, is wrong
     if v is None:
         return "-"
     if key == "peak_memory_bytes":
@@ -41,7 +46,11 @@ def table(report: dict):
             cells[0] += "*"
         t.add_row(*cells)
     t.caption = ("* anchor of the accuracy columns. " + w["throughput_basis"] + ". MFU against the matmul peak "
-                 "of the row's dtype measured in this run.")
+                 "of the row's dtype measured in this run after the rows of every repeat (the best median over a "
+                 "square and the model's own GEMM shapes, and the kernels).")
+    if any(_cell(r, "mfu", "") == MFU_FAULT for r in report["rows"]):
+        t.caption += (f" {MFU_FAULT}: the row ran faster than the measured peak, so the peak measurement is wrong "
+                      "(e.g. the machine was busy while it was timed); no MFU is shown (mfu_fault in --json).")
     return t
 
 
@@ -69,7 +78,8 @@ def write_plot(report: dict, path: Path) -> None:
         rows = sorted(rows, key=lambda r: r["batch_size"])
         xs = [r["batch_size"] for r in rows]
         ax1.plot(xs, [r["samples_per_s"] for r in rows], marker="o", label=name)
-        ax2.plot(xs, [100 * r["mfu"] for r in rows], marker="o", label=name)
+        ax2.plot(xs, [100 * r["mfu"] if r.get("mfu") is not None else float("nan") for r in rows], marker="o",
+                 label=name)  # a row without MFU (mfu_fault) is a gap
     for ax, label in ((ax1, "samples/s (full run)"), (ax2, "MFU (%)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size N")

@@ -32,3 +32,27 @@ def to_unit(images_uint8: np.ndarray) -> np.ndarray:
     grey = images_uint8[..., 0].astype(np.float64)
     return (grey / 255.0 * 16.0).reshape(len(grey), -1)
 
+
+
+def write_reference_npz(path, which: str = "held") -> int:
+    """The digits as an `igengine evaluate` reference: ``arr_0`` uint8 [N, 8, 8, 3] through the same pixel
+    conversion as the model's samples (SiT's), and ``labels`` int64 [N]. ``which``: 'held' (the 600
+    held-out images the generator never saw), 'train' or 'all'. Returns N.
+
+        python -c "from igengine.digits.data import write_reference_npz as w; w('digits_ref.npz')"
+    """
+    import torch
+
+    from igengine.config import Family
+    from igengine.vae.pixels import to_uint8
+
+    split = load_split()
+    if which not in ("held", "train", "all"):
+        raise ValueError(f"which must be held, train or all, got {which!r}")
+    parts = {"held": ["held"], "train": ["train"], "all": ["train", "held"]}[which]
+    x = np.concatenate([split[f"{p}_x"] for p in parts])
+    y = np.concatenate([split[f"{p}_y"] for p in parts])
+    pixels = to_uint8(torch.from_numpy(x), Family.SIT)  # uint8 [N, 8, 8, 3]
+    with open(path, "wb") as f:
+        np.savez(f, arr_0=pixels, labels=y)
+    return len(y)

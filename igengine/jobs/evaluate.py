@@ -345,6 +345,13 @@ def run_evaluate(job: EvaluateJob, progress: EvaluateProgress | None = None,
         raise EvaluateError(str(e)) from None
     timing["metrics_s"] = round(time.perf_counter() - t, 3)
     smp_pool, smp_spatial = smp.pool_moments.result(), smp.spatial_moments.result()
+    if metrics["fid"] is not None:
+        ref_n = ref_set.n if (ref_set is not None and ref.pool is None) else (
+            ref.meta.get("n") if ref.kind == "igengine-stats" and isinstance(ref.meta, dict) else None)
+        warned = small_sample_warnings(smp.n, smp_pool.mu.shape[0], ref_n if isinstance(ref_n, int) else None)
+        notes.extend(warned)
+        for line in warned:
+            progress.log(f"warning: {line}")
 
     record = {
         "format": METRICS_FORMAT,
@@ -390,6 +397,21 @@ def run_evaluate(job: EvaluateJob, progress: EvaluateProgress | None = None,
     if is_output_folder(Path(job.samples)) and ref is not None:
         _record_in_manifest(Path(job.samples), record)
     return record
+
+
+def small_sample_warnings(n: int, width: int, ref_n: int | None = None) -> list[str]:
+    """Warnings for FID from too few images: the covariance of n images has rank at most n - 1, so with
+    n <= width (2,048 pool_3 features) it is rank-deficient, and FID (biased upward at any finite n, the
+    more so the smaller n) is far above its large-sample value. ``ref_n``: the reference's image count
+    where its statistics come from its images (None: precomputed, e.g. ADM's batch of 10,000 with
+    statistics of far more)."""
+    found = []
+    for what, count in (("SAMPLES", n), ("REF", ref_n)):
+        if count is not None and count <= width:
+            found.append(f"FID of {what} from {count} images: their covariance has rank at most {count - 1}, below the "
+                         f"{width} features, so it is rank-deficient and FID is biased upward (more so with fewer "
+                         f"images); compare FIDs only at equal counts (published ImageNet FIDs use 50,000 samples)")
+    return found
 
 
 def _same_width(stats: FIDStats, width: int, what: str, ref: Reference) -> FIDStats:

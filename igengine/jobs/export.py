@@ -23,8 +23,8 @@ from igengine.errors import ExportError
 class ExportJob:
     """Everything `igengine export` was asked for. None means: the checkpoint's own value."""
 
-    ckpt: Path
     out: Path
+    ckpt: Path | None = None  # None: the embedded digits model, as `igengine sample` takes
     model: str | None = None
     encoder_depth: int | None = None
     num_heads: int | None = None
@@ -57,7 +57,10 @@ def run_export(job: ExportJob, log: Callable[[str], None] | None = None) -> dict
     from igengine.export.onnx import export_onnx, make_record, prepare_export_folder
 
     overrides = {"encoder_depth": job.encoder_depth, "num_heads": job.num_heads}
-    loaded = load_checkpoint(job.ckpt, model_name=job.model, overrides=overrides)
+    from igengine.jobs.sample import DEFAULT_CHECKPOINT
+
+    ckpt = Path(job.ckpt) if job.ckpt is not None else DEFAULT_CHECKPOINT
+    loaded = load_checkpoint(ckpt, model_name=job.model, overrides=overrides)
     prepare_export_folder(Path(job.out), make_record(loaded, config), job.overwrite)  # refusals before the line
     setup = SetupLog(log)
     with setup.exporting(loaded.config.name, config.precision.value, str(job.out)):

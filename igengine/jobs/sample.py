@@ -32,8 +32,9 @@ import igengine
 from igengine.backends.cpu_linear import routes as cpu_routes
 from igengine.config import BackendName
 from igengine.config import Family, ModelConfig, Precision, SamplerConfig, SamplerSettings, Solver
-from igengine.errors import ConfigError, Interrupted, JobError
+from igengine.errors import ConfigError, Interrupted, JobError, OutputError
 from igengine.export.cache import SetupLog
+from igengine.jobs.advice import choice_warnings
 from igengine.jobs.backend import build_backend, check_runtime, with_eager_fallback
 from igengine.jobs.bulk import BulkSampler, Progress, SampleMaker
 from igengine.jobs.launch import RankInfo
@@ -49,6 +50,7 @@ from igengine.sampling import ModelFacts, Sampler, build_plan, resolve_sampler
 from igengine.sampling.sampler import CAPTURE_CHOICES
 from igengine.store.atomic import atomic_write_json
 from igengine.store.chunks import CHUNKS_DIR, DEFAULT_CHUNK_SIZE, coalesce
+from igengine.store.clean import clear_removed, packed_files_match, read_removed, remove_chunks, restore_chunks
 from igengine.store.locks import rank_lock
 from igengine.store.manifest import MANIFEST, SAMPLES, igengine_commit, prepare_output_folder, read_manifest
 from igengine.store.pack import BulkLayout, pack_folder
@@ -96,6 +98,7 @@ class SampleJob:
     capture: str = "auto"  # CUDA graphs of whole steps where the backend allows them ('auto'), or never ('off')
     preflight: str = "auto"  # compare the fast rungs with the reference before the first chunk ('auto'), or not ('off')
     threads: int | None = None  # CPU threads; None: OMP_NUM_THREADS, else the cores not busy (igengine.jobs.threads)
+    keep_chunks: bool = True  # False: remove the chunks once samples.npz is verified (igengine.store.clean)
 
     def validate(self) -> None:
         """The checks that need no file: counts, the seed, the output names. Sampler settings are
@@ -194,6 +197,36 @@ def is_class_spec(text: str) -> bool:
     return bool(_CLASS_SPEC.match(text))
 
 
+_CLASS_LIKE = re.compile(r"^[\d\s,+-]*$")  # only what a class list is made of (and signs): meant as one
+
+
+def class_spec_problem(text: str) -> str | None:
+    """What is wrong with a `labels` value written as a class list ('-1', '0-9,,', '1-'), or None when it
+    does not look like one (a file name, a label mode) or is a good one."""
+    if is_class_spec(text) or not _CLASS_LIKE.match(text):
+        return None
+    if not text.strip():
+        return "`labels` is empty: give random, balanced, classes such as 207, 0-9 or 1,5,9, or a file"
+    for part in text.split(","):
+        entry = part.strip()
+        if not entry:
+            return (f"`labels` {text.strip()!r} has an empty entry (two commas in a row, or one at an end): "
+                    "write classes as 207, 0-9 or 1,5,9")
+        compact = re.sub(r"\s+", "", entry)
+        if re.fullmatch(r"\d+(-\d+)?", compact) and not re.fullmatch(r"\d+\s+\d+", entry):
+            continue
+        if compact.startswith("+"):
+            return f"`labels` {entry}: write class ids without a sign ({compact.lstrip('+')})"
+        if compact.startswith("-") or "--" in compact:
+            return f"`labels` {entry}: class ids are whole numbers >= 0 (a range is LOW-HIGH, e.g. 0-9)"
+        if compact.endswith("-"):
+            return f"`labels` range {entry} has no end: write LOW-HIGH, e.g. 0-9"
+        if re.fullmatch(r"\d+(\s+\d+)+", entry):
+            return f"`labels` {entry!r}: separate class ids with commas ({','.join(entry.split())})"
+        return f"`labels` entry {entry!r} is neither a class id nor a range LOW-HIGH (e.g. 207 or 0-9)"
+    return None
+
+
 def parse_classes(text: str, num_classes: int) -> list[int]:
     """'0-9,20' -> [0, 1, ..., 9, 20]: ranges inclusive (as EDM2's --seeds), in the order given,
     repeats kept. Each class must lie in [0, num_classes)."""
@@ -229,6 +262,8 @@ def resolve_labels(job: SampleJob, num_classes: int) -> tuple[torch.Tensor, dict
         info["classes"] = classes if len(classes) <= 10_000 else hashlib.sha256(
             np.asarray(classes, dtype=np.int64).tobytes()).hexdigest()
         return torch.from_numpy(values), info
+    if not Path(job.labels).is_file() and (problem := class_spec_problem(job.labels)) is not None:
+        raise JobError(problem)  # meant as classes ('-1', '0-9,,'): say what is wrong with them, not "file not found"
     values = load_label_file(Path(job.labels), job.n, num_classes)
     digest = hashlib.sha256(values.tobytes()).hexdigest()
     return torch.from_numpy(values), {"mode": "file", "file": str(job.labels), "sha256": digest}
@@ -288,20 +323,28 @@ def resolve_chunk_size(asked: int | None, out: Path, run_key: dict, existing: di
     """The chunk size of a run and, when it was not asked for, a note saying where it came from.
 
     Asked for: that. Otherwise the chunk size of the run already in ``out`` (``existing``, its
-    manifest) when it is this run with another or the same ``n`` (its run key equal but for the
-    chunk size), so that a rerun without the flag resumes or extends it whatever the default was
-    then; else ``DEFAULT_CHUNK_SIZE``.
+    manifest), whatever that run is (README: "the default chunk size is that of the run already in
+    OUT, else 256"): a rerun without the flag then resumes or extends it whatever the default was
+    then, a refusal names only the settings that were given (never a chunk size nobody asked for),
+    and `overwrite` keeps the folder's unit of output. Else ``DEFAULT_CHUNK_SIZE``.
     """
     if asked is not None:
         return asked, None
     old_key = existing.get("run_key") if existing else None
     if isinstance(old_key, dict) and isinstance(old_key.get("chunk_size"), int) and old_key["chunk_size"] >= 1:
-        if {k: v for k, v in old_key.items() if k != "chunk_size"} == json.loads(json.dumps(run_key)):
-            size = old_key["chunk_size"]
-            if size != DEFAULT_CHUNK_SIZE:
-                return size, f"chunk size {size}, that of the run already in {out} (choose with `chunk_size`)"
-            return size, None
+        size = old_key["chunk_size"]
+        if size != DEFAULT_CHUNK_SIZE:
+            return size, f"chunk size {size}, that of the run already in {out} (choose with `chunk_size`)"
+        return size, None
     return DEFAULT_CHUNK_SIZE, None
+
+
+def _manifest_if_readable(out: Path) -> dict | None:
+    """The manifest in ``out`` for `overwrite` runs, which replace it: None where there is none or it is unreadable."""
+    try:
+        return read_manifest(out)
+    except OutputError:
+        return None
 
 
 def make_backend(job: SampleJob, loaded: LoadedCheckpoint, device: torch.device, setup: SetupLog | None = None):
@@ -390,6 +433,7 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
         job = dataclasses.replace(job, precision=default_precision(device))
         chosen.append(default_precision_note(device, cpu_routes() if device.type == "cpu" else None))
     check_runtime(job.backend, job.precision, device)  # and before making the output folder or an export
+    warned = choice_warnings(job.precision, device, job.backend, threads)  # slow or meaningless: said, not refused
     loaded = load_checkpoint(ckpt_path, model_name=job.model, overrides=overrides)
     cfg = loaded.config
     if threads.source == "auto" and device.type == "cpu":
@@ -412,7 +456,8 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
     # The run already in `out` (None with `overwrite`): a foreign or unreadable manifest is refused
     # here with the message prepare_output_folder would give.
     previous = read_manifest(out) if not job.overwrite else None
-    chunk_size, chunk_note = resolve_chunk_size(job.chunk_size, out, run_key, previous)
+    chunk_size, chunk_note = resolve_chunk_size(job.chunk_size, out, run_key,
+                                                previous if not job.overwrite else _manifest_if_readable(out))
     job = dataclasses.replace(job, chunk_size=chunk_size)
     run_key["chunk_size"] = chunk_size
     if chunk_note:
@@ -432,8 +477,12 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
         pixels=(cfg.input_size * factor, cfg.input_size * factor, 3) if decode else None,
         latents=cfg.latent_shape if keep_latents else None, latents_path=latents_path,
     )
+    removed = _removed_chunks(layout, out, job.n)  # this run's chunks removed after an earlier pack, or None
     with rank_lock(out, rank.rank, rank.world_size) as lock_note:
         store = layout.store(out)
+        if removed is not None and int(removed["n"]) == job.n:  # complete in samples.npz: nothing to compute
+            return _already_packed(job, out, removed, rank, chosen + list(loaded.notes), started, device, progress,
+                                   store, layout)
         store.folder.mkdir(parents=True, exist_ok=True)
         if rank.is_main and job.overwrite:  # chunks of other configurations can never be reused
             for other in (out / CHUNKS_DIR).iterdir():
@@ -457,9 +506,13 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
             decoder.to(device)
         for line in chosen:  # only once the request is known to be good: a refusal stays one line
             progress.log(line)
+        for line in warned if rank.is_main else ():
+            progress.log(f"warning: {line}")
         manifest = _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, sampler, backend, run_key, label_info, labels,
                              decoder, layout, rank, png_dir is not None, threads)
         manifest["preflight"] = preflight
+        if warned:
+            manifest["warnings"] = warned
         if rank.is_main:
             atomic_write_json(out / MANIFEST, manifest)
         make = SampleMaker(sampler, job.seed, labels, decoder, cfg.family, pixels=decode)
@@ -468,6 +521,8 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
         t0 = time.perf_counter()
         setup_s = time.time() - started  # checkpoint, backend (an export into the cache) before the loop
         try:
+            if removed is not None:  # a larger n: first the earlier run's chunks this rank needs, from samples.npz
+                _rebuild_chunks(store, layout, rank, removed, labels, progress)
             report = bulk.run_rank()
             if rank.is_main:
                 bulk.wait_for_all()
@@ -492,7 +547,11 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
                 if sampler.fallbacks:
                     manifest["fallbacks"] = [f.to_dict() for f in sampler.fallbacks]
                 manifest["notes"] = notes
-                manifest = pack_folder(out, manifest)
+                if removed is not None:  # every chunk is here again (rebuilt, grown): they are the record, not
+                    clear_removed(store)  # the samples.npz the pack is about to replace
+                manifest = pack_folder(out, manifest, digest=not job.keep_chunks)
+                if not job.keep_chunks:  # only now: samples.npz written, fsynced, read back and checked
+                    manifest = remove_chunks(out, manifest, layout, log=progress.log)
                 if job.grid and decode:
                     manifest = write_run_grid(out, manifest, label_info, cfg.num_classes)
         except (Interrupted, KeyboardInterrupt) as e:
@@ -506,6 +565,61 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
                                   f"are complete in {out / SAMPLES}; to evaluate them, run `igengine evaluate "
                                   f"{out} --ref {job.evaluate}`") from None
     return RunResult(manifest, out, wall, rate, notes, report.computed, report.reused, rank)
+
+
+def _removed_chunks(layout: BulkLayout, out: Path, n: int) -> dict | None:
+    """``removed.json`` of this run's chunk folder (its chunks were removed after packing), or None; checked
+    before anything runs: a smaller `n` is refused (packing its first samples would replace the only copy of
+    the others), and so is a run whose packed files are no longer those the record describes."""
+    store = layout.store(out)
+    removed = read_removed(store) if store.folder.is_dir() else None
+    if removed is None:
+        return None
+    if int(removed["n"]) > n:
+        raise JobError(f"{out} holds a run of {removed['n']} samples whose chunks were removed after packing "
+                       f"(`keep_chunks` off): `n` {n} would replace its samples.npz with the first {n}, losing the "
+                       f"others; take them from samples.npz (arr_0[:{n}]), or sample into another `out`")
+    if (why := packed_files_match(removed)) is not None:
+        raise OutputError(f"the chunks of the run in {out} were removed after packing (`keep_chunks` off) and {why}: "
+                          "they cannot be rebuilt nor the run taken as complete; put the packed file back, or sample "
+                          "into another `out`")
+    return removed
+
+
+def _already_packed(job: SampleJob, out: Path, removed: dict, rank: RankInfo, notes: list[str], started: float,
+                    device: torch.device, progress: Progress, store, layout: BulkLayout) -> RunResult:
+    """The same `n` as a run whose chunks were removed after packing: its packed files (checked by
+    ``_removed_chunks``) hold every sample. With `keep_chunks` off, chunk files a removal stopped half-way
+    left are removed too (the record was written before the first went)."""
+    if rank.is_main and not job.keep_chunks:
+        for c in layout.plan.chunks:
+            store.path(c).unlink(missing_ok=True)
+    names = ", ".join(Path(f["path"]).name for f in removed["files"].values())
+    notes = notes + [f"all {job.n} samples are complete in {names} (its chunks were removed after it was verified "
+                     "against them); nothing to compute"]
+    manifest = read_manifest(out) or {}
+    if rank.is_main:
+        manifest["timing"] = {**manifest.get("timing", {}), "wall_s": 0.0, "samples_per_s": 0.0,
+                              "computed_this_session": 0, "already_complete": job.n,
+                              "setup_s": round(time.time() - started, 3)}
+        manifest["notes"] = notes
+        atomic_write_json(out / MANIFEST, manifest)
+        for line in notes[-1:]:
+            progress.log(line)
+        if job.evaluate is not None and not job.no_decode:
+            manifest = _evaluate(out, job, device, manifest, progress)
+    return RunResult(manifest, out, 0.0, 0.0, notes, 0, job.n, rank)
+
+
+def _rebuild_chunks(store, layout: BulkLayout, rank: RankInfo, removed: dict, labels: torch.Tensor,
+                    progress: Progress) -> None:
+    """This rank's chunks of the earlier, smaller run, rebuilt from its packed files (``restore_chunks``)."""
+    rebuilt = restore_chunks(store, layout.plan.for_rank(rank.rank, rank.world_size), removed, labels.numpy(),
+                             checked=True)  # by _removed_chunks
+    if rebuilt:
+        scope = f"{rank}: " if rank.world_size > 1 else ""
+        progress.log(f"{scope}rebuilt {len(rebuilt)} chunk file(s) of the earlier {removed['n']}-sample run from its "
+                     "packed files (its chunks were removed after packing)")
 
 
 def _evaluate(out: Path, job: SampleJob, device: torch.device, manifest: dict, progress: Progress) -> dict:
