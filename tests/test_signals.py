@@ -283,3 +283,26 @@ def test_the_compiled_backend_does_not_give_way_to_the_eager_one_on_an_interrupt
     with pytest.raises(Interrupted):
         net(x, torch.zeros(1), torch.zeros(1, dtype=torch.int64))
     assert net.eager is None and net.name == "compiled"
+
+
+def test_a_stop_while_evaluating_says_the_samples_are_complete(tmp_path, capsys, monkeypatch):
+    """`sample --evaluate`: a stop during the evaluation is not 'before sampling started' (the samples are
+    packed): the one line says where they are and how to evaluate them."""
+    import igengine.jobs.evaluate as evaluate_job
+    from igengine.cli import main
+
+    def stopped_while_loading(job, device):
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(evaluate_job, "_network", stopped_while_loading)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(["sample", "--n", "2", "--steps", "2", "--seed", "1", "--threads", "1", "--out", str(ref)]) == 0
+    capsys.readouterr()
+    code = main(["sample", "--n", "2", "--steps", "2", "--threads", "1", "--out", str(out), "--evaluate",
+                 str(ref / "samples.npz")])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 143
+    assert_one_stop_line(lines, f"igengine: interrupted by SIGTERM while evaluating: the 2 samples are complete in "
+                                f"{out / 'samples.npz'}; to evaluate them, run `igengine evaluate {out} --ref "
+                                f"{ref / 'samples.npz'}`")
+    assert (out / "samples.npz").is_file() and not (out / "metrics.json").exists()

@@ -558,12 +558,7 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
             progress.finish()
             raise _interrupted(e, out, manifest, layout, store, rank) from None
         if rank.is_main and job.evaluate is not None and decode:
-            try:
-                manifest = _evaluate(out, job, device, manifest, progress)
-            except Interrupted as e:
-                raise Interrupted(e.signum, f"interrupted by {e.signal_name} while evaluating: the {job.n} samples "
-                                  f"are complete in {out / SAMPLES}; to evaluate them, run `igengine evaluate "
-                                  f"{out} --ref {job.evaluate}`") from None
+            manifest = _evaluate(out, job, device, manifest, progress)
     return RunResult(manifest, out, wall, rate, notes, report.computed, report.reused, rank)
 
 
@@ -627,7 +622,12 @@ def _evaluate(out: Path, job: SampleJob, device: torch.device, manifest: dict, p
     from igengine.jobs.evaluate import evaluate_samples, manifest_entry
 
     progress.log(f"evaluating {out / SAMPLES} against {job.evaluate}")
-    record = evaluate_samples(out / SAMPLES, Path(job.evaluate), device=str(device), batch_size=job.batch_size)
+    try:
+        record = evaluate_samples(out / SAMPLES, Path(job.evaluate), device=str(device), batch_size=job.batch_size)
+    except Interrupted as e:  # not "before sampling started": the samples are there
+        raise Interrupted(e.signum, f"interrupted by {e.signal_name} while evaluating: the {job.n} samples are "
+                          f"complete in {out / SAMPLES}; to evaluate them, run `igengine evaluate {out} --ref "
+                          f"{job.evaluate}`") from None
     shown = ", ".join(f"{k} {v:.6g}" for k, v in record["metrics"].items()
                       if k in ("fid", "sfid", "kid", "inception_score", "precision", "recall") and v is not None)
     progress.log(f"{shown or 'no metric could be computed'} against {job.evaluate} "
