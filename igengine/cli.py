@@ -330,21 +330,21 @@ def _run_app(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script: turns every known failure into one line on stderr."""
     from igengine.errors import IgengineError, Interrupted
-    from igengine.jobs.signals import report_then_exit_at_once  # no torch
+    from igengine.jobs.signals import end_stopped_process, report_then_exit_at_once  # no torch
 
-    def stopped(status: int, line: str) -> int:
-        if argv is None:  # the process is the command: a further signal while it exits ends it at once
-            report_then_exit_at_once(status, line)
-        else:  # called from Python: the caller's signal handlers stay
-            typer.echo(line, err=True)
+    def stopped(status: int, message: str, with_flags=lambda text: text) -> int:
+        if argv is None:  # the process is the command: it ends now, with `status` (a further signal: at once)
+            report_then_exit_at_once(status, lambda: f"igengine: {with_flags(message)}", f"igengine: {message}")
+            end_stopped_process(status)
+        typer.echo(f"igengine: {with_flags(message)}", err=True)  # called from Python: the caller's handlers stay
         return status
 
     try:
         code = _run_app(argv)
         if code == 130:  # typer turns a KeyboardInterrupt outside a run into Exit(130) and returns its code
-            return stopped(130, "igengine: interrupted")
+            return stopped(130, "interrupted")
     except Interrupted as e:  # SIGINT / SIGTERM during a run: where it stands, how to resume; 130 / 143
-        return stopped(e.exit_code, f"igengine: {flagify(str(e), _command_flags(argv))}")
+        return stopped(e.exit_code, str(e), lambda text: flagify(text, _command_flags(argv)))
     except _NO_ARGS_HELP as e:
         typer.echo(e.ctx.get_help() if e.ctx else str(e))
         return 0

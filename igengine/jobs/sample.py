@@ -40,7 +40,7 @@ from igengine.jobs.bulk import BulkSampler, Progress, SampleMaker
 from igengine.jobs.launch import RankInfo
 from igengine.jobs.preflight import PREFLIGHT_CHOICES, preflight_sampler
 from igengine.jobs.preview import prepare_png_dir, write_run_grid
-from igengine.jobs.signals import stop_on_signals
+from igengine.jobs.signals import stop_on_signals, stop_received
 from igengine.jobs.threads import ENV as THREADS_ENV
 from igengine.jobs.threads import ThreadChoice, choose_threads, using_threads
 from igengine.models.checkpoint import LoadedCheckpoint, load_checkpoint
@@ -555,6 +555,7 @@ def _run_sample(job: SampleJob, progress: Progress | None, threads: ThreadChoice
                 if job.grid and decode:
                     manifest = write_run_grid(out, manifest, label_info, cfg.num_classes)
         except (Interrupted, KeyboardInterrupt) as e:
+            stop_received()  # not raised again while the manifest records where the run stands
             progress.finish()
             raise _interrupted(e, out, manifest, layout, store, rank) from None
         if rank.is_main and job.evaluate is not None and decode:
