@@ -79,18 +79,34 @@ def descendants(pid: int | None = None) -> list[int]:
     return found[::-1]
 
 
-def kill_descendants(spare: frozenset[int] = frozenset()) -> None:
-    """SIGKILL the processes this one started (``descendants``) but those in ``spare``: none is left
-    holding the terminal or the output folder after ``os._exit``. Inductor's compile workers ignore
-    SIGINT by design and would otherwise live on until their watchdog notices the parent is gone (up
-    to a minute)."""
-    for pid in descendants():
-        if pid in spare:
-            continue
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is there and not a zombie (a child that ended and waits for its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] != b"Z"
+
+
+def kill_descendants(spare: frozenset[int] = frozenset(), grace_s: float = 0.3) -> None:
+    """End the processes this one started (``descendants``) but those in ``spare``: none is left holding
+    the terminal or the output folder after ``os._exit``. SIGTERM first, so that a C++ compiler removes its
+    temporary files (SIGKILL would leave them in /tmp), then SIGKILL for what is still there after
+    ``grace_s``: Inductor's compile workers ignore SIGINT by design and would otherwise live on until their
+    watchdog notices the parent is gone (up to a minute)."""
+    pids = [pid for pid in descendants() if pid not in spare]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 0.0)
+        while (pids := [pid for pid in pids if _running(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not pids:
+            return
 
 
 def cancel_pending_compiles() -> None:
