@@ -267,8 +267,9 @@ def test_a_row_faster_than_its_peak_is_a_measurement_fault_never_an_mfu(busy_bf1
     for (precision, _), cell in cells.items():
         if precision == "bf16":
             assert cell == "fault"
-        else:
-            assert cell.endswith("%") and 0 < float(cell[:-1]) <= 100
+        else:  # a tiny model's MFU may print as 0.0% on a busy machine: its value is checked in the JSON
+            assert cell.endswith("%") and 0 <= float(cell[:-1]) <= 100
+    assert all(0 < r["mfu"] <= 1 for r in report["rows"] if r["precision"] != "bf16")
     assert "fault: the row ran faster than the measured peak" in " ".join(text.split())
 
 

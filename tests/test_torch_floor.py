@@ -67,6 +67,8 @@ APIS = [
     ("torch.ops.mkldnn._reorder_linear_weight", None, "igengine/backends/cpu_linear.py", True, "getattr"),
     ("torch._utils._element_size", None, "igengine/safeload.py", True, "try/except ImportError"),
     ("torch._weights_only_unpickler.Unpickler", None, "igengine/safeload.py", True, "try/except ImportError"),
+    ("torch._inductor.async_compile.AsyncCompile", None, "igengine/jobs/signals.py", True,
+     "sys.modules and getattr: a stop cancels Inductor's queued compiles; without it the exit only waits for them"),
 ]
 # Names the scan below finds that are not calls into torch: a metadata key and a docstring's example.
 NOT_CALLS = {"torch.onnx.name_scopes", "torch.nn.attention.sdpa_kernel"}
