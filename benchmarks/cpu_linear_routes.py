@@ -20,6 +20,7 @@ each route's ratio to the chosen one, paired per repeat, and which route the CPU
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -60,8 +61,7 @@ def build(model: IGDiT, precision: Precision, route: str, real: cl.CpuFeatures):
     if features is None:
         return None
     cl.cpu_features = lambda: features  # read by linear_route at construction and at every call
-    backend = TorchBackend(model, precision=precision)
-    return backend
+    return TorchBackend(model, precision=precision)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     t = torch.rand(args.rows, generator=g)
     y = torch.randint(0, cfg.num_classes, (args.rows,), generator=g)
 
-    import copy
     rows = {}
     for precision, routes in ((Precision.FP32, ("onednn", "aten")), (Precision.BF16, ("onednn", "fp32-gemm", "aten"))):
         for route in routes:

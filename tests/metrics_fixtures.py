@@ -63,3 +63,13 @@ def random_images(seed: int, n: int, size: int = 16, low: int = 0, high: int = 2
 def save_npz(path: Path, compressed: bool = False, **arrays) -> Path:
     (np.savez_compressed if compressed else np.savez)(path, **arrays)
     return path
+
+
+def assert_one_line_exit_2(code, err, *needles):
+    """A CLI refusal: exit status 2 and one `igengine: error:` line holding every needle, no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("igengine: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]

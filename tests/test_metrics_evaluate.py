@@ -24,7 +24,7 @@ from igengine.metrics.kid import kernel_inception_distance
 from igengine.metrics.precision_recall import precision_recall
 from igengine.metrics.reader import ImageFormatError, NpzImages
 from igengine.metrics.stats import read_stats
-from tests.metrics_fixtures import StandInNetwork, random_images, save_npz, stand_in
+from tests.metrics_fixtures import StandInNetwork, assert_one_line_exit_2, random_images, save_npz, stand_in
 
 
 # ---------------------------------------------------------------- reader
@@ -235,15 +235,6 @@ def cli(capsys, *args) -> tuple[int, str]:
     code = main(list(args))
     err = capsys.readouterr().err
     return code, err
-
-
-def assert_one_line_exit_2(code, err, *needles):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("igengine: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture

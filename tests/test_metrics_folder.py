@@ -19,7 +19,7 @@ from igengine.jobs import evaluate as evaluate_mod
 from igengine.jobs.evaluate import EvaluateError, EvaluateJob, run_evaluate
 from igengine.metrics.reader import FolderImages, ImageFormatError, find_images
 from igengine.metrics.stats import read_features
-from tests.metrics_fixtures import random_images, save_npz, stand_in
+from tests.metrics_fixtures import assert_one_line_exit_2, random_images, save_npz, stand_in
 
 
 def write_png(path, pixels) -> None:
@@ -211,15 +211,6 @@ def cli(capsys, *args) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def assert_one_line_exit_2(code, err, *needles):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("igengine: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture
