@@ -235,7 +235,11 @@ def fp32_gemm_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                activation: str = "none") -> torch.Tensor:
     """``F.linear(x, weight, bias)`` then ``activation``, on the route ``linear_route(weight.dtype)`` picks."""
-    route = linear_route(weight.dtype)
+    return _linear_on(linear_route(weight.dtype), x, weight, bias, activation)
+
+
+def _linear_on(route: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               activation: str = "none") -> torch.Tensor:
     if route == ROUTE_ONEDNN:
         return onednn_linear(x, weight, bias, activation)
     if route == ROUTE_FP32_GEMM:
@@ -255,16 +259,21 @@ def routed(dtype: torch.dtype) -> bool:
     return linear_route(dtype) != ROUTE_ATEN
 
 
-def _routable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == weight.dtype and routed(weight.dtype)
+def _route_of(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """The route of a call of a routed linear, decided once per call; None where plain ``nn.Linear`` runs."""
+    if x.device.type != "cpu" or x.dtype != weight.dtype:
+        return None
+    route = linear_route(weight.dtype)
+    return None if route == ROUTE_ATEN else route
 
 
 class CpuLinear(nn.Linear):
     """An ``nn.Linear`` whose forward takes its dtype's CPU route (``cpu_linear``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _routable(x, self.weight):
-            return cpu_linear(x, self.weight, self.bias)
+        route = _route_of(x, self.weight)
+        if route is not None:
+            return _linear_on(route, x, self.weight, self.bias)
         return super().forward(x)
 
 
@@ -272,8 +281,9 @@ class CpuMlp(Mlp):
     """An ``Mlp`` whose fc1 -> GELU(tanh) is one routed call (GELU fused before the output's rounding)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(self.fc1) is CpuLinear and _routable(x, self.fc1.weight):
-            return self.fc2(cpu_linear(x, self.fc1.weight, self.fc1.bias, "gelu_tanh"))
+        route = _route_of(x, self.fc1.weight) if type(self.fc1) is CpuLinear else None
+        if route is not None:
+            return self.fc2(_linear_on(route, x, self.fc1.weight, self.fc1.bias, "gelu_tanh"))
         return super().forward(x)
 
 
