@@ -33,10 +33,13 @@ class Family(str, enum.Enum):
 
     SIT: t = 1 is noise, t = 0 is data, v = eps - x0 (SiT/samplers.py).
     LIGHTNINGDIT: t = 0 is noise, t = 1 is data, v = x1 - eps (LightningDiT/transport).
+    RAEV2: t = 1 is noise, t = 0 is data, x_t = (1 - t) x + t eps; the network predicts x and
+    v = (x_t - x_hat) / max(t, 0.05) (RAEv2 src/stage2/transport).
     """
 
     SIT = "sit"
     LIGHTNINGDIT = "lightningdit"
+    RAEV2 = "raev2"
 
 
 class Precision(str, enum.Enum):
@@ -60,7 +63,7 @@ class Precision(str, enum.Enum):
 
 class Solver(str, enum.Enum):
     """Integrators. SiT: sde (Euler-Maruyama, default), ode-euler, ode-heun.
-    LightningDiT: heun2 (torchdiffeq fixed-grid Heun, default), euler."""
+    LightningDiT: heun2 (torchdiffeq fixed-grid Heun, default), euler. RAEv2: euler (on x-predictions)."""
 
     SDE = "sde"
     ODE_EULER = "ode-euler"
@@ -86,7 +89,16 @@ class BackendName(str, enum.Enum):
 SOLVERS_BY_FAMILY: dict[Family, tuple[Solver, ...]] = {
     Family.SIT: (Solver.SDE, Solver.ODE_EULER, Solver.ODE_HEUN),
     Family.LIGHTNINGDIT: (Solver.HEUN2, Solver.EULER),
+    Family.RAEV2: (Solver.EULER,),
 }
+
+# RAEv2-only fields of ModelConfig and GuidanceConfig: left out of ``to_dict`` while None, so that the
+# records (and run keys) of the other families are the ones earlier versions wrote.
+_OPTIONAL_WHEN_NONE = frozenset({"head_depth", "head_num_heads", "time_tokens", "class_tokens", "ig_scale_uncond"})
+
+
+def _without_unset(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if not (k in _OPTIONAL_WHEN_NONE and v is None)}
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,12 @@ class ModelConfig:
     ``encoder_depth`` is the number of blocks after which the intermediate IG head
     (``final_layer_xr``) reads the token stream. It cannot be recovered from tensor shapes, so
     ``encoder_depth_source`` records where the value came from (flag, checkpoint args, preset).
+
+    RAEv2 (a DiT trunk with in-context condition tokens plus a DDT head): ``hidden_size``, ``depth``
+    and ``num_heads`` describe the trunk, ``decoder_hidden_size``, ``head_depth`` and
+    ``head_num_heads`` the DDT head, ``encoder_depth`` is the official ``base_model_depth`` (the
+    trunk block whose image tokens feed ``base_final_layer``), and ``time_tokens`` / ``class_tokens``
+    count the condition tokens appended to the image tokens (official ``cond_arch``).
     """
 
     family: Family
@@ -110,7 +128,7 @@ class ModelConfig:
     num_classes: int = 1000
     mlp_ratio: float = 4.0
     class_dropout_prob: float = 0.1  # > 0 means the label table has a null-class row
-    decoder_hidden_size: int | None = None  # SiT only; None = hidden_size
+    decoder_hidden_size: int | None = None  # SiT's decoder / RAEv2's DDT-head width; None = hidden_size
     qk_norm: bool = False
     use_swiglu: bool = False
     use_rope: bool = False
@@ -120,6 +138,10 @@ class ModelConfig:
     pixel_space: bool = False  # True: x is an image in [-1, 1], no VAE needed
     encoder_depth_source: str = "unspecified"
     num_heads_source: str = "unspecified"
+    head_depth: int | None = None  # RAEv2: blocks of the DDT head
+    head_num_heads: int | None = None  # RAEv2: attention heads of the DDT head
+    time_tokens: int | None = None  # RAEv2: in-context time tokens
+    class_tokens: int | None = None  # RAEv2: in-context class tokens
 
     def __post_init__(self) -> None:
         problems = []
@@ -133,6 +155,18 @@ class ModelConfig:
             problems.append("RoPE needs a head dimension divisible by 4")
         if self.family == Family.SIT and (self.use_swiglu or self.use_rope or self.use_rmsnorm or self.wo_shift):
             problems.append("SwiGLU, RoPE, RMSNorm and no-shift adaLN are LightningDiT options")
+        raev2 = ("head_depth", "head_num_heads", "time_tokens", "class_tokens")
+        if self.family == Family.RAEV2:
+            unset = [k for k in raev2 + ("decoder_hidden_size",) if getattr(self, k) is None]
+            if unset:
+                problems.append(f"a RAEv2 model needs {', '.join(unset)}")
+            elif self.decoder_hidden_size % self.head_num_heads:
+                problems.append(f"the DDT head's width {self.decoder_hidden_size} is not divisible by its "
+                                f"{self.head_num_heads} heads")
+            elif (self.decoder_hidden_size // self.head_num_heads) % 4:
+                problems.append("RoPE needs a DDT-head head dimension divisible by 4")
+        elif any(getattr(self, k) is not None for k in raev2):
+            problems.append(f"{', '.join(raev2)} are RAEv2 fields")
         if problems:
             raise ValueError(f"invalid model config {self.name}: " + "; ".join(problems))
 
@@ -161,7 +195,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        return _without_unset(_jsonable(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "model config") -> "ModelConfig":
@@ -177,17 +211,26 @@ class GuidanceConfig:
     IG is active at time t when ``ig_scale > 1`` and ``ig_interval[0] <= t <= ig_interval[1]``.
     CFG is active when ``cfg_scale > 1`` and ``cfg_interval[0] <= t <= cfg_interval[1]``.
     For SiT, t = 1 is noise (paper: CFG for t <= 0.7, i.e. interval (0, 0.7)); for LightningDiT,
-    t = 0 is noise (paper: CFG for t >= 0.19, i.e. interval (0.19, 1)).
+    t = 0 is noise (paper: CFG for t >= 0.19, i.e. interval (0.19, 1)); for RAEv2, t = 1 is noise
+    (paper: IG 1.78 for t >= 0.10, CFG off).
+
+    ``ig_scale_uncond`` (RAEv2 only): the IG scale of the unconditional rows of a CFG call, None =
+    ``ig_scale`` (the official ``guidance.ig.unconditional_scale``). RAEv2's IG is on when
+    ``ig_scale > 1`` or ``ig_scale_uncond`` is set and not 1 (``GuidanceConfig.use_ig`` of
+    src/configs/stage2.py), and then extrapolates with the scales as given.
     """
 
     ig_scale: float = 1.0
     ig_interval: tuple[float, float] = (0.0, 1.0)
     cfg_scale: float = 1.0
     cfg_interval: tuple[float, float] = (0.0, 1.0)
+    ig_scale_uncond: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("ig_scale", "cfg_scale"):
+        for name in ("ig_scale", "cfg_scale", "ig_scale_uncond"):
             v = getattr(self, name)
+            if v is None and name == "ig_scale_uncond":
+                continue
             if not (v >= 0.0) or v != v or v == float("inf"):
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {v}")
         for name in ("ig_interval", "cfg_interval"):
@@ -205,8 +248,18 @@ class GuidanceConfig:
     def uses_cfg(self) -> bool:
         return self.cfg_scale > 1.0
 
+    @property
+    def uncond_ig_scale(self) -> float:
+        """The IG scale of the unconditional rows: ``ig_scale_uncond``, else ``ig_scale``."""
+        return self.ig_scale if self.ig_scale_uncond is None else self.ig_scale_uncond
+
+    @property
+    def raev2_ig_on(self) -> bool:
+        """RAEv2's rule (src/configs/stage2.py ``use_ig``): a scale above 1, or an unconditional scale other than 1."""
+        return self.ig_scale > 1.0 or (self.ig_scale_uncond is not None and self.ig_scale_uncond != 1.0)
+
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        return _without_unset(_jsonable(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "guidance config") -> "GuidanceConfig":
@@ -224,7 +277,7 @@ class SamplerConfig:
     solver: Solver
     steps: int
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
-    timestep_shift: float = 0.0  # LightningDiT only: t' = s t / (1 + (s - 1) t) when s > 0
+    timestep_shift: float = 0.0  # LightningDiT, RAEv2: t' = s t / (1 + (s - 1) t) when s > 0
     precision: Precision = Precision.REFERENCE
 
     def __post_init__(self) -> None:
@@ -238,7 +291,9 @@ class SamplerConfig:
             raise ValueError(f"`timestep_shift` must be a finite number >= 0, got {self.timestep_shift}")
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        d = _jsonable(dataclasses.asdict(self))
+        d["guidance"] = _without_unset(d["guidance"])
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "sampler config") -> "SamplerConfig":
@@ -270,6 +325,7 @@ class SamplerSettings:
     ig_scale: float | None = None
     ig_interval: tuple[float, float] | None = None
     timestep_shift: float | None = None
+    ig_scale_uncond: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "sampler settings") -> "SamplerSettings":
@@ -281,7 +337,7 @@ class SamplerSettings:
                 if isinstance(d["steps"], bool) or float(d["steps"]) != int(d["steps"]):
                     raise ValueError
                 d["steps"] = int(d["steps"])
-            for key in ("cfg_scale", "ig_scale", "timestep_shift"):
+            for key in ("cfg_scale", "ig_scale", "timestep_shift", "ig_scale_uncond"):
                 if d.get(key) is not None:
                     d[key] = float(d[key])
         except (TypeError, ValueError):
@@ -298,7 +354,7 @@ class SamplerSettings:
         """``base`` with every given field of these settings replacing its own."""
         g = base.guidance
         guidance = {k: getattr(self, k) if getattr(self, k) is not None else getattr(g, k)
-                    for k in ("ig_scale", "ig_interval", "cfg_scale", "cfg_interval")}
+                    for k in ("ig_scale", "ig_interval", "cfg_scale", "cfg_interval", "ig_scale_uncond")}
         top = {k: getattr(self, k) if getattr(self, k) is not None else getattr(base, k)
                for k in ("solver", "steps", "timestep_shift")}
         return _build(SamplerConfig, source, guidance=_build(GuidanceConfig, source, **guidance),
