@@ -318,7 +318,8 @@ def run_bench(job: BenchJob, log: Callable[[str], None] = lambda line: None,
     device = resolve_device(job.device)
     loaded = load_workload(job)
     cfg: ModelConfig = loaded.config
-    sampler_cfg = resolve_sampler(cfg.family, Precision.REFERENCE, loaded.sampler_settings, job.settings)
+    sampler_cfg = resolve_sampler(cfg.family, Precision.REFERENCE, loaded.sampler_settings, job.settings,
+                                  cfg.latent_shape)
     full = build_plan(cfg.family, sampler_cfg)
     classes = step_classes(full, job.steps)
     facts = ModelFacts.of(cfg)

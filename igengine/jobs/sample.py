@@ -152,7 +152,7 @@ def resolve_sampler_config(job: SampleJob, loaded: LoadedCheckpoint) -> SamplerC
     against the model: the solver must belong to its family, CFG needs its null-class row."""
     cfg = loaded.config
     try:
-        sampler = resolve_sampler(cfg.family, job.precision, loaded.sampler_settings, job.settings)
+        sampler = resolve_sampler(cfg.family, job.precision, loaded.sampler_settings, job.settings, cfg.latent_shape)
         plan = build_plan(cfg.family, sampler)
     except ConfigError as e:
         raise JobError(str(e)) from None

@@ -8,6 +8,9 @@ The two families write the IG extrapolation in different but algebraically equal
 reference path keeps each family's own form so that its rounding matches the official code:
     SiT (samplers.py):           v_inter + w (v_final - v_inter)        in the state dtype (float64)
     LightningDiT (forward_with_*): v_final + (w - 1) (v_final - v_inter)  in the network dtype (fp32)
+    RAEv2 (utils/guidance_utils.py): base + w (full - base) on the x-predictions (fp32 in ``reference``),
+        the unconditional rows with their own scale (``GuidanceConfig.uncond_ig_scale``); CFG then mixes
+        the guided x-predictions, and only then are they turned into a velocity.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from igengine.config import Family
 
 def ig_combine(v_final: torch.Tensor, v_inter: torch.Tensor, scale: float, family: Family) -> torch.Tensor:
     """Extrapolate from the intermediate output through the final one by ``scale``."""
-    if family == Family.SIT:
+    if family in (Family.SIT, Family.RAEV2):
         return v_inter + scale * (v_final - v_inter)
     return v_final + (scale - 1.0) * (v_final - v_inter)
 

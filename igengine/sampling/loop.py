@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from igengine.config import Family, ModelConfig
+from igengine.config import Family, GuidanceConfig, ModelConfig
 from igengine.errors import ConfigError, NonFiniteError
 from igengine.noise import STREAM_INITIAL
 from igengine.sampling.guidance import cfg_combine, ig_combine
-from igengine.sampling.plan import Evaluation, Plan, Step, StepKind
+from igengine.sampling.plan import Evaluation, Plan, Step, StepKind, raev2_t_safe
 from igengine.sampling.randomness import Randn
-from igengine.sampling.updates import euler_update, heun_correct, heun_predict, sde_update, sit_drift
+from igengine.sampling.updates import euler_update, heun_correct, heun_predict, sde_update, sit_drift, xpred_velocity
 
 Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 OnStep = Callable[[int, int], None]
@@ -74,6 +74,8 @@ def guided_field(net: Network, plan: Plan, facts: ModelFacts, x: torch.Tensor, y
     g = plan.guidance
     rows, labels = (torch.cat([x, x]), cfg_labels(y, facts.null_class)) if ev.cfg else (x, y)
     v_final, v_inter = net(rows.float(), time_column(ev.t, rows.shape[0], x.device), labels)
+    if facts.family == Family.RAEV2:
+        return raev2_velocity(v_final.to(x.dtype), v_inter.to(x.dtype), x, g, ev)
     if facts.family == Family.SIT:
         v_final = v_final.to(x.dtype)
         v = ig_combine(v_final, v_inter.to(x.dtype), g.ig_scale, facts.family) if ev.ig else v_final
@@ -82,6 +84,22 @@ def guided_field(net: Network, plan: Plan, facts: ModelFacts, x: torch.Tensor, y
         v = ig_combine(v_final.float(), v_inter.float(), g.ig_scale, facts.family) if ev.ig else v_final.float()
         f = v.to(x.dtype)
     return cfg_combine(f[:n], f[n:], g.cfg_scale) if ev.cfg else f
+
+
+def raev2_velocity(x_full: torch.Tensor, x_base: torch.Tensor, x: torch.Tensor, g: GuidanceConfig,
+                   ev: Evaluation) -> torch.Tensor:
+    """RAEv2: the guided x-prediction (IG on each half with its scale, then CFG), as a velocity at state x (N, ...).
+
+    x_full / x_base: (R, C, H, W), R = 2N under CFG (conditional rows, then unconditional).
+    """
+    n = x.shape[0]
+    if ev.ig:
+        cond = ig_combine(x_full[:n], x_base[:n], g.ig_scale, Family.RAEV2)
+        uncond = ig_combine(x_full[n:], x_base[n:], g.uncond_ig_scale, Family.RAEV2) if ev.cfg else None
+    else:
+        cond, uncond = x_full[:n], x_full[n:]
+    x_hat = cfg_combine(cond, uncond, g.cfg_scale) if ev.cfg else cond
+    return xpred_velocity(x, x_hat, raev2_t_safe(ev.t))
 
 
 def reference_step(net: Network, plan: Plan, facts: ModelFacts, step: Step, x: torch.Tensor, y: torch.Tensor,
@@ -141,5 +159,5 @@ def run_reference(net: Network, plan: Plan, facts: ModelFacts, seed: int, indice
     return x.float()
 
 
-__all__ = ["ModelFacts", "Network", "OnStep", "cfg_labels", "guided_field", "mark_nonfinite", "raise_if_nonfinite",
+__all__ = ["ModelFacts", "Network", "OnStep", "cfg_labels", "guided_field", "raev2_velocity", "mark_nonfinite", "raise_if_nonfinite",
            "reference_step", "run_reference", "time_column"]

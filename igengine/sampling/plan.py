@@ -20,6 +20,12 @@ LightningDiT family (t = 0 noise, t = 1 data; official transport + torchdiffeq, 
     x + dt (k1/2 + k2/2); 2 evaluations on each of the N - 1 intervals (the last one included).
   * ``euler``: x + dt f(t0, x).
   Each evaluation decides CFG with its own time (float32 comparison, as ``t[0] < start``).
+RAEv2 family (t = 1 noise, t = 0 data; official src/stage2/transport/sampler.py, fp32 state):
+  * grid linspace(1, 0, N + 1) in float32, shifted t' = s t / (1 + (s - 1) t) (s = sqrt(latent
+    numel / 4096) by default: 8 for 1024 x 16 x 16), plain Euler x <- x - (t_i - t_{i+1}) v with
+    v = (x - x_hat) / max(t_i, 0.05) on the guided x-prediction x_hat; no special last step.
+  * guidance decided per evaluation with float32 comparisons, intervals inclusive; IG on when
+    ``GuidanceConfig.raev2_ig_on`` (a scale above 1, or an unconditional scale other than 1).
 """
 
 from __future__ import annotations
@@ -30,11 +36,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import math
+
 from igengine.config import SOLVERS_BY_FAMILY, Family, GuidanceConfig, SamplerConfig, Solver
 from igengine.errors import ConfigError
 from igengine.noise import sde_stream
 
 SDE_T_END = 0.04  # the last stochastic time of the official SiT SDE grid
+RAEV2_T_EPS = 0.05  # RAEv2's Transport.t_eps: v = (x_t - x_hat) / max(t, t_eps)
+RAEV2_SHIFT_BASE = 4096  # RAEv2's misc.time_dist_shift_base: shift = sqrt(latent numel / base)
 
 
 class StepKind(str, enum.Enum):
@@ -109,16 +119,25 @@ class Plan:
         return any(ev.cfg for s in self.steps for ev in s.evals)
 
 
+def raev2_default_shift(latent_shape: tuple[int, int, int]) -> float:
+    """RAEv2's timestep shift sqrt(C H W / 4096) (src/offline_eval.py): 8.0 for DINOv3-L latents 1024 x 16 x 16."""
+    return math.sqrt(math.prod(latent_shape) / RAEV2_SHIFT_BASE)
+
+
 def shift_grid(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """LightningDiT's timestep shift t' = s t / (1 + (s - 1) t), in the grid's dtype (float32)."""
+    """The timestep shift t' = s t / (1 + (s - 1) t) of LightningDiT and RAEv2, in the grid's dtype (float32)."""
     if shift <= 0:
         return t
     return torch.stack([(shift * tn) / (1 + (shift - 1) * tn) for tn in t])
 
 
+def _inside(t32: np.float32, interval: tuple[float, float]) -> bool:
+    """lo <= t <= hi in float32, as a float32 time tensor compares with Python bounds (each rounded to float32)."""
+    return bool(np.float32(interval[0]) <= t32 <= np.float32(interval[1]))
+
+
 def _lightning_active(t32: np.float32, interval: tuple[float, float], scale: float) -> bool:
-    lo, hi = np.float32(interval[0]), np.float32(interval[1])
-    return bool(scale > 1.0 and lo <= t32 <= hi)
+    return scale > 1.0 and _inside(t32, interval)
 
 
 def build_plan(family: Family, cfg: SamplerConfig) -> Plan:
@@ -128,11 +147,16 @@ def build_plan(family: Family, cfg: SamplerConfig) -> Plan:
         allowed = ", ".join(s.value for s in SOLVERS_BY_FAMILY[family])
         raise ConfigError(f"`solver` {cfg.solver.value!r} is not a {family.value} solver (choose from {allowed})")
     if family == Family.SIT and cfg.timestep_shift not in (0, 0.0):
-        raise ConfigError("`timestep_shift` applies to LightningDiT models only")
+        raise ConfigError("`timestep_shift` applies to LightningDiT and RAEv2 models only")
     g = cfg.guidance
+    if family != Family.RAEV2 and g.ig_scale_uncond is not None:
+        raise ConfigError("`ig_scale_uncond` (a separate IG scale for the unconditional rows) applies to RAEv2 "
+                          "models only: SiT and LightningDiT apply `ig_scale` to both halves")
     n = cfg.steps
     if family == Family.SIT:
         return Plan(family, cfg.solver, g, tuple(_sit_steps(cfg.solver, n, g)))
+    if family == Family.RAEV2:
+        return Plan(family, cfg.solver, g, tuple(_raev2_steps(n, cfg.timestep_shift, g)))
     return Plan(family, cfg.solver, g, tuple(_lightning_steps(cfg.solver, n, cfg.timestep_shift, g)))
 
 
@@ -196,3 +220,22 @@ def _lightning_steps(solver: Solver, n: int, shift: float, g: GuidanceConfig):
             evals = (first,)
             kind = StepKind.EULER
         yield Step(index=i, kind=kind, t_cur=float(t0), t_next=float(t1), dt=float(dt), evals=evals)
+
+
+def _raev2_steps(n: int, shift: float, g: GuidanceConfig):
+    grid = shift_grid(torch.linspace(1.0, 0.0, n + 1), shift).numpy().astype(np.float32)
+    ig_on = g.raev2_ig_on
+    for i in range(n):
+        t0, t1 = grid[i], grid[i + 1]
+        h = np.float32(t0 - t1)  # the official step size, a float32 tensor; x - h v == x + (-h) v bit for bit
+        ev = Evaluation(
+            t=float(t0),
+            ig=ig_on and _inside(t0, g.ig_interval),
+            cfg=_lightning_active(t0, g.cfg_interval, g.cfg_scale),
+        )
+        yield Step(index=i, kind=StepKind.EULER, t_cur=float(t0), t_next=float(t1), dt=-float(h), evals=(ev,))
+
+
+def raev2_t_safe(t: float) -> float:
+    """max(t, 0.05) as the official float32 ``clamp_min`` forms it (the divisor of v = (x_t - x_hat) / t)."""
+    return float(max(np.float32(t), np.float32(RAEV2_T_EPS)))

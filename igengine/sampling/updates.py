@@ -55,6 +55,16 @@ def sde_update(x: torch.Tensor, d: torch.Tensor, step: Step, noise: torch.Tensor
     return x + d * step.dt + sqrt_g2 * (noise * sqrt_dt)
 
 
+def xpred_velocity(x: torch.Tensor, x_hat: torch.Tensor, t_safe: float) -> torch.Tensor:
+    """RAEv2's velocity from an x-prediction: (x_t - x_hat) / max(t, 0.05) (``Transport.convert_model_pred``).
+
+    ``t_safe`` is ``plan.raev2_t_safe(t)``. The official code divides by a float32 tensor of the batch's
+    times; so does this (a Python scalar divisor becomes a multiplication by its reciprocal on CUDA,
+    which can differ in the last bit).
+    """
+    return (x - x_hat) / torch.full((x.shape[0],) + (1,) * (x.dim() - 1), t_safe, dtype=x.dtype, device=x.device)
+
+
 def euler_update(x: torch.Tensor, v: torch.Tensor, dt: float) -> torch.Tensor:
     return x + dt * v
 
@@ -70,4 +80,4 @@ def heun_correct(x: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, dt: float)
 
 
 __all__ = ["ScoreCoefficients", "euler_update", "heun_correct", "heun_predict", "sde_noise_scales", "sde_update",
-           "sit_drift", "sit_score_coefficients"]
+           "sit_drift", "sit_score_coefficients", "xpred_velocity"]
