@@ -1,5 +1,9 @@
 """Compare igengine with the official IG code (CVL-UESTC/Internal-Guidance), same weights, same noise.
 
+RAEv2 (``--raev2-repo``, a snapshot of nanovisionx/RAEv2; needs timm, einops, omegaconf and
+transformers 4.57 besides): RAEv2-B's forward (both outputs), its Euler sampler through the official
+guidance functions, and the RAE decoder (benchmarks/official_raev2*.py), at ``reference`` (bound 1e-5).
+
 Not a test: it needs a checkout of the official repository and its dependencies (timm, einops,
 fairscale, torchdiffeq, scipy; timm imports torchvision, stubbed where its wheel cannot load), which
 igengine itself does not use. The virtual environment of benchmarks/official_speed.py serves. Run:
@@ -311,23 +315,108 @@ def check_lightningdit(repo: Path, report: dict) -> None:
     report["lightningdit"] = results
 
 
+def import_raev2(repo: Path):
+    """The official RAEv2 model, transport, guidance and config modules from a snapshot of nanovisionx/RAEv2."""
+    src = str(repo / "src")
+    if src not in sys.path:
+        sys.path.insert(0, src)
+    from configs.stage2 import CFGConfig, GuidanceConfig as OfficialGuidance, IGConfig  # type: ignore
+    from stage2.models.DDT import DiTwDDTHeadIG  # type: ignore
+    from stage2.transport import Transport, create_sampler  # type: ignore
+    from utils.guidance_utils import get_model_forward_fn  # type: ignore
+
+    return DiTwDDTHeadIG, Transport, create_sampler, get_model_forward_fn, OfficialGuidance, IGConfig, CFGConfig
+
+
+def check_raev2(repo: Path, report: dict, steps: int = 10) -> None:
+    """RAEv2-B (10 classes) with random weights: the official forward (both outputs), the official
+    Euler sampler through its guidance functions (IG only; IG + CFG + a separate unconditional IG scale;
+    the rule that an unconditional scale alone turns IG on), and the official decoder path."""
+    from types import SimpleNamespace
+
+    from benchmarks.official_raev2 import forward_parity
+    from benchmarks.official_raev2_decoder import decoder_parity
+    from igengine.models import build_model
+    from igengine.sampling.plan import raev2_default_shift
+
+    DiTwDDTHeadIG, Transport, create_sampler, get_model_forward_fn, OfficialGuidance, IGConfig, CFGConfig = \
+        import_raev2(repo)
+    results: list[dict] = [{"check": "forward", **forward_parity(repo)}, {"check": "decoder", **decoder_parity(repo)}]
+    cfg = preset("RAEv2-B", num_classes=10)
+    official = DiTwDDTHeadIG(
+        base_model_depth=cfg.encoder_depth, input_size=cfg.input_size, in_channels=cfg.in_channels,
+        patch_size=[1, 1], hidden_size=[cfg.hidden_size, cfg.decoder_hidden_size], depth=[cfg.depth, cfg.head_depth],
+        num_heads=[cfg.num_heads, cfg.head_num_heads], mlp_ratio=cfg.mlp_ratio, num_classes=cfg.num_classes,
+        cond_arch=SimpleNamespace(num_t_tokens=cfg.time_tokens, num_c_tokens=cfg.class_tokens),
+    ).eval()
+    randomize_(official, 5)
+    ours = build_model(cfg)
+    ours.load_state_dict(official.state_dict(), strict=True)
+    seed, indices = 13, torch.arange(2)
+    labels = torch.tensor([3, 7])
+    z = gaussian(seed, indices, STREAM_INITIAL, cfg.latent_shape)
+    shift = raev2_default_shift(cfg.latent_shape)
+    cases = [
+        ("IG 1.78 on [0.10, 1], CFG off (paper)", dict(ig_scale=1.78, ig_interval=(0.10, 1.0))),
+        ("IG 1.5 on [0.5, 0.95], uncond IG 1.2, CFG 1.6 on [0.6, 0.98]",
+         dict(ig_scale=1.5, ig_interval=(0.5, 0.95), ig_scale_uncond=1.2, cfg_scale=1.6, cfg_interval=(0.6, 0.98))),
+        ("IG 1.0 with uncond IG 1.3 (IG on by the unconditional scale), CFG 1.4",
+         dict(ig_scale=1.0, ig_scale_uncond=1.3, cfg_scale=1.4)),
+    ]
+    for name, g in cases:
+        guidance = GuidanceConfig(**g)
+        og = OfficialGuidance(
+            cfg=CFGConfig(scale=guidance.cfg_scale, t_min=guidance.cfg_interval[0], t_max=guidance.cfg_interval[1]),
+            ig=IGConfig(scale=guidance.ig_scale, t_min=guidance.ig_interval[0], t_max=guidance.ig_interval[1],
+                        unconditional_scale=guidance.ig_scale_uncond),
+        )
+        transport = Transport(prediction="x", time_dist_shift=shift, t_eps=0.05)
+        sample_fn = create_sampler(transport, og).sample_ode(num_steps=steps)
+        model_fn, kwargs = get_model_forward_fn(official, og)
+        with torch.no_grad():
+            if og.any_guidance_active:  # the official generation loop doubles the batch whenever a guidance is on
+                zz = torch.cat([z, z])
+                ctx = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
+            else:
+                zz, ctx = z.clone(), labels
+            ref = sample_fn(zz, model_fn, context=ctx, attn_mask=None, **kwargs)[-1][: len(labels)]
+        row = {"check": f"sample {steps} Euler steps, shift {shift:g}: {name}"}
+        for precision in (Precision.REFERENCE, Precision.FP32):
+            sc = SamplerConfig(solver=Solver.EULER, steps=steps, guidance=guidance, timestep_shift=shift,
+                               precision=precision)
+            row[precision.value] = max_abs(ours_run(ours, sc, seed, indices, labels), ref)
+        row["bound_reference"], row["bound_fp32"] = 1e-5, 1e-4
+        results.append(row)
+    report["raev2"] = results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--official-repo", type=Path, required=True, help="checkout of CVL-UESTC/Internal-Guidance")
+    parser.add_argument("--official-repo", type=Path, help="checkout of CVL-UESTC/Internal-Guidance (SiT, LightningDiT)")
+    parser.add_argument("--raev2-repo", type=Path, help="snapshot of nanovisionx/RAEv2 (its src/ and configs/)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "official_parity.json")
     args = parser.parse_args()
+    if args.official_repo is None and args.raev2_repo is None:
+        parser.error("give --official-repo, --raev2-repo or both")
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
     report: dict = {"provenance": provenance(), "official_repo": str(args.official_repo),
-                    "torchvision": stub_torchvision_if_broken()}
+                    "raev2_repo": str(args.raev2_repo), "torchvision": stub_torchvision_if_broken()}
     t0 = time.time()
-    check_sit(args.official_repo, report)
-    check_lightningdit(args.official_repo, report)
+    families = []
+    if args.official_repo is not None:
+        check_sit(args.official_repo, report)
+        check_lightningdit(args.official_repo, report)
+        families += ["sit", "lightningdit"]
+    if args.raev2_repo is not None:
+        check_raev2(args.raev2_repo, report)
+        families.append("raev2")
     report["wall_s"] = round(time.time() - t0, 1)
     failures = [
-        r["check"] for fam in ("sit", "lightningdit") for r in report[fam]
+        r["check"] for fam in families for r in report[fam]
         if ("reference" in r and (r["reference"] > r["bound_reference"] or r["fp32"] > r["bound_fp32"]))
         or ("v_final" in r and max(r["v_final"], r["v_inter"]) > 1e-5)
+        or (not r.get("passed", True))
     ]
     report["failures"] = failures
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -191,13 +191,14 @@ def load(ckpt: str | Path | None = None, *, model: str | None = None, precision:
          batch_size: int = 64, solver: Solver | str | None = None, steps: int | None = None,
          cfg_scale: float | None = None, cfg_interval: tuple[float, float] | None = None,
          ig_scale: float | None = None, ig_interval: tuple[float, float] | None = None,
-         timestep_shift: float | None = None, capture: str = "auto", preflight: str = "auto") -> Pipeline:
+         timestep_shift: float | None = None, ig_scale_uncond: float | None = None, capture: str = "auto",
+         preflight: str = "auto") -> Pipeline:
     """Load a checkpoint (default: the embedded digits model) into a ``Pipeline``.
 
     Every argument means what the `igengine sample` flag of the same name means, and None means the
     same default: the checkpoint's own sampler settings (``solver`` ... ``timestep_shift``) over the
-    paper's; ``precision`` None: ``reference`` on the CPU, ``bf16`` on CUDA; ``vae`` (and, for VA-VAE,
-    ``latent_stats``) for latent models whose images you want. ``batch_size`` bounds the samples per
+    paper's; ``precision`` None: ``reference`` on the CPU, ``bf16`` on CUDA; ``vae`` (and, for VA-VAE and
+    the RAE decoder, ``latent_stats``) for latent models whose images you want. ``batch_size`` bounds the samples per
     network batch (results do not depend on it beyond floating-point reassociation). ``capture``:
     'auto' replays whole steps from CUDA graphs on a GPU where the backend allows it, 'off' never.
     A fast loop (or a compiled backend) that fails falls back to a slower one with the same results
@@ -210,6 +211,7 @@ def load(ckpt: str | Path | None = None, *, model: str | None = None, precision:
         "solver": _enum(Solver, solver, "solver"), "steps": steps, "cfg_scale": cfg_scale,
         "cfg_interval": _interval(cfg_interval, "cfg_interval"), "ig_scale": ig_scale,
         "ig_interval": _interval(ig_interval, "ig_interval"), "timestep_shift": timestep_shift,
+        "ig_scale_uncond": ig_scale_uncond,
     }
     # The request as `igengine sample` would get it, resolved by the same functions below. `out` is
     # never used (nothing is written); n only sizes a compiled backend's row counts.
@@ -223,7 +225,7 @@ def load(ckpt: str | Path | None = None, *, model: str | None = None, precision:
                     latent_multiplier=latent_multiplier, capture=capture, **overrides)
     job.validate()
     if job.vae is None and job.latent_stats is not None:
-        raise JobError("`latent_stats` belongs to a VA-VAE: pass the `vae` it goes with, or drop it")
+        raise JobError("`latent_stats` belongs to a VA-VAE or an RAE decoder: pass the `vae` it goes with, or drop it")
     ckpt_path = job.ckpt if job.ckpt is not None else DEFAULT_CHECKPOINT
     dev = resolve_device(job.device)
     loaded = load_checkpoint(ckpt_path, model_name=model, overrides={"encoder_depth": encoder_depth,

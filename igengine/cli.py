@@ -90,6 +90,7 @@ class VAEKindChoice(str, enum.Enum):
     auto = "auto"
     sd = "sd"
     vavae = "vavae"
+    rae = "rae"
 
 
 class CaptureChoice(str, enum.Enum):  # igengine.sampling.sampler.CAPTURE_CHOICES (pinned by a test)
@@ -134,13 +135,14 @@ def sample(
     labels: str = typer.Option("random", "--labels", "--class", help="random | balanced | classes: 207, 0-9, 1,5,9 "
                                "(sample i gets the (i mod count)-th class given) | FILE (.npy or text of class ids, "
                                "one per sample; write ./3 for a file named 3)."),
-    solver: Optional[Solver] = typer.Option(None, "--solver", help="SiT: sde | ode-euler | ode-heun; LightningDiT: heun2 | euler."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Solver steps (SiT) / grid points (LightningDiT)."),
+    solver: Optional[Solver] = typer.Option(None, "--solver", help="SiT: sde | ode-euler | ode-heun; LightningDiT: heun2 | euler; RAEv2: euler."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Solver steps (SiT, RAEv2: Euler steps) / grid points (LightningDiT)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="CFG scale (1 = off)."),
     cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="LOW,HIGH in the family's time (SiT: t=1 noise)."),
     ig_scale: Optional[float] = typer.Option(None, "--ig-scale", help="Internal Guidance scale (1 = off)."),
     ig_interval: Optional[str] = typer.Option(None, "--ig-interval", help="LOW,HIGH in the family's time."),
-    timestep_shift: Optional[float] = typer.Option(None, "--timestep-shift", help="LightningDiT timestep shift s (0 = none)."),
+    ig_scale_uncond: Optional[float] = typer.Option(None, "--ig-scale-uncond", help="RAEv2: IG scale of the unconditional rows under CFG (default: --ig-scale)."),
+    timestep_shift: Optional[float] = typer.Option(None, "--timestep-shift", help="Timestep shift s (0 = none): LightningDiT (paper 0.3), RAEv2 (default sqrt(latent numel / 4096) = 8)."),
     precision: PrecisionChoice = typer.Option("auto", "--precision", help="Numerics of the run (README, Precision modes); auto: bf16 on CUDA, reference on the CPU."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     backend: BackendName = typer.Option(BackendName.TORCH, "--backend", help="Network backend (tensorrt: CUDA only)."),
@@ -151,9 +153,9 @@ def sample(
     save_latents: Optional[Path] = typer.Option(None, "--save-latents", help="Also write the final latents to FILE.npy."),
     no_decode: bool = typer.Option(False, "--no-decode", help="Write latents only (OUT/latents.npy), no pixels."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different run's outputs in OUT."),
-    vae: Optional[Path] = typer.Option(None, "--vae", help="VAE for latent models: SD-VAE diffusers folder or LDM file (SiT), VA-VAE f16d32 checkpoint (LightningDiT)."),
-    vae_kind: VAEKindChoice = typer.Option(VAEKindChoice.auto, "--vae-kind", help="auto: SiT -> sd, LightningDiT -> vavae."),
-    latent_stats: Optional[Path] = typer.Option(None, "--latent-stats", help="VA-VAE: latents_stats.pt ({'mean','std'}, [1,C,1,1])."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="Decoder of latent models: SD-VAE diffusers folder or LDM file (SiT), VA-VAE f16d32 checkpoint (LightningDiT), RAE decoder.pt (RAEv2)."),
+    vae_kind: VAEKindChoice = typer.Option(VAEKindChoice.auto, "--vae-kind", help="auto: SiT -> sd, LightningDiT -> vavae, RAEv2 -> rae."),
+    latent_stats: Optional[Path] = typer.Option(None, "--latent-stats", help="VA-VAE: latents_stats.pt ({'mean','std'}, [1,C,1,1]); RAE: stats.pt ({'mean','var'}, [C,16,16])."),
     latent_multiplier: float = typer.Option(1.0, "--latent-multiplier", help="VA-VAE: x * std / multiplier + mean (released config: 1.0)."),
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Samples per chunk file (the unit of output and resume; part of the run's identity); default: that of the run already in OUT, else 256."),
     evaluate_ref: Optional[Path] = typer.Option(None, "--evaluate", help="After packing, run `igengine evaluate` against REF (metrics.json beside samples.npz)."),
@@ -175,6 +177,7 @@ def sample(
         cfg_scale=cfg_scale,
         cfg_interval=parse_interval(cfg_interval, "cfg_interval") if cfg_interval is not None else None,
         ig_scale=ig_scale, ig_interval=parse_interval(ig_interval, "ig_interval") if ig_interval is not None else None,
+        ig_scale_uncond=ig_scale_uncond,
         timestep_shift=timestep_shift, precision=None if precision.value == "auto" else Precision(precision.value), device=device,
         backend=backend, onnx=onnx, png=png, grid=grid, save_latents=save_latents, no_decode=no_decode,
         overwrite=overwrite, vae=vae, vae_kind=vae_kind.value, latent_stats=latent_stats,
@@ -293,7 +296,23 @@ def info() -> None:
     facts.update(native_low_precision())  # native_bf16, native_fp16: bf16 / fp16 arithmetic in this CPU's hardware
     facts["cpu_linear"] = routes()  # the GEMM each linear dtype takes on this CPU (fp32, bf16 precisions)
     facts["kernels"] = kernels_describe()
+    facts["families"] = _families()
     typer.echo(json.dumps(facts, indent=2))
+
+
+def _families() -> dict:
+    """Per model family: its presets, solvers, decoder and paper sampler settings (what `sample` defaults to)."""
+    from igengine.config import SOLVERS_BY_FAMILY, Family
+    from igengine.jobs.sample import FAMILY_VAE, TIME_CONVENTION
+    from igengine.models import MODEL_NAMES, family_of
+    from igengine.sampling import paper_sampler
+
+    return {f.value: {"models": [m for m in MODEL_NAMES if family_of(m) == f],
+                      "solvers": [s.value for s in SOLVERS_BY_FAMILY[f]],
+                      "decoder": FAMILY_VAE[f].value,
+                      "time_convention": TIME_CONVENTION[f],
+                      "paper_sampler": {k: v for k, v in paper_sampler(f).to_dict().items() if k != "precision"}}
+            for f in Family}
 
 
 def _flags_of(command: str) -> dict[str, str]:
@@ -599,7 +618,8 @@ def sweep(
     cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="LOW,HIGH interval(s), ';'-separated: 0,0.7;0,1."),
     ig_scale: Optional[str] = typer.Option(None, "--ig-scale", help="IG scale(s), e.g. 1,1.2,1.4,1.6."),
     ig_interval: Optional[str] = typer.Option(None, "--ig-interval", help="LOW,HIGH interval(s), ';'-separated."),
-    timestep_shift: Optional[str] = typer.Option(None, "--timestep-shift", help="LightningDiT timestep shift(s)."),
+    timestep_shift: Optional[str] = typer.Option(None, "--timestep-shift", help="Timestep shift(s) (LightningDiT, RAEv2)."),
+    ig_scale_uncond: Optional[str] = typer.Option(None, "--ig-scale-uncond", help="RAEv2: unconditional IG scale(s) under CFG."),
     points: Optional[Path] = typer.Option(None, "--points", help="JSON list of named points instead of a grid, e.g. [{\"name\": \"a\", \"ig_scale\": 1.4}]."),
     ref: Optional[Path] = typer.Option(None, "--ref", help="Reference for `igengine evaluate` (ADM batch, samples .npz, --save-stats file or image folder)."),
     inception: Optional[Path] = typer.Option(None, "--inception", help="FID Inception weights, as for `igengine evaluate`."),
@@ -608,8 +628,8 @@ def sweep(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     backend: BackendName = typer.Option(BackendName.TORCH, "--backend", help="Network backend."),
     vae: Optional[Path] = typer.Option(None, "--vae", help="VAE for latent models, as for `igengine sample`."),
-    vae_kind: VAEKindChoice = typer.Option(VAEKindChoice.auto, "--vae-kind", help="auto: SiT -> sd, LightningDiT -> vavae."),
-    latent_stats: Optional[Path] = typer.Option(None, "--latent-stats", help="VA-VAE: latents_stats.pt."),
+    vae_kind: VAEKindChoice = typer.Option(VAEKindChoice.auto, "--vae-kind", help="auto: SiT -> sd, LightningDiT -> vavae, RAEv2 -> rae."),
+    latent_stats: Optional[Path] = typer.Option(None, "--latent-stats", help="VA-VAE: latents_stats.pt; RAE: stats.pt."),
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Samples per chunk file (default 256)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
     latent_multiplier: float = typer.Option(1.0, "--latent-multiplier", help="VA-VAE: x * std / multiplier + mean."),
@@ -627,7 +647,8 @@ def sweep(
                                      split_list, table_rows, write_plot)
 
     given = {"solver": solver, "steps": steps, "cfg_scale": cfg_scale, "cfg_interval": cfg_interval,
-             "ig_scale": ig_scale, "ig_interval": ig_interval, "timestep_shift": timestep_shift}
+             "ig_scale": ig_scale, "ig_interval": ig_interval, "timestep_shift": timestep_shift,
+             "ig_scale_uncond": ig_scale_uncond}
     axes = {k: split_list(v, k) for k, v in given.items() if v is not None}
     if points is not None:
         if axes:

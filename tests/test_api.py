@@ -114,7 +114,7 @@ def test_bad_requests_are_one_line_job_errors(pipe, call, expect):
     ({"batch_size": 0}, JobError, "`batch_size` must be >= 1"),
     ({"device": "mps"}, JobError, "`device` 'mps' is not supported"),
     ({"ckpt": "no/such.pt"}, CheckpointError, "no/such.pt"),
-    ({"latent_stats": "s.pt"}, JobError, "`latent_stats` belongs to a VA-VAE: pass the `vae`"),
+    ({"latent_stats": "s.pt"}, JobError, "`latent_stats` belongs to a VA-VAE or an RAE decoder: pass the `vae`"),
     ({"vae": "vae.pt"}, JobError, "`vae` / `latent_stats` were given but SiT-digits samples pixels"),
 ])
 def test_bad_load_arguments_are_one_line_errors(kwargs, kind, expect):

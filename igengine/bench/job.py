@@ -54,7 +54,7 @@ from igengine.config import BackendName, ModelConfig, Precision, SamplerSettings
 from igengine.errors import BackendUnavailable, JobError, RunError
 from igengine.jobs.backend import build_backend, check_runtime
 from igengine.jobs.sample import DEFAULT_CHECKPOINT, resolve_device
-from igengine.models import IGDiT, preset
+from igengine.models import build_model, preset
 from igengine.models.checkpoint import LoadedCheckpoint, load_checkpoint
 from igengine.precision import NETWORK_DTYPE
 from igengine.sampling import ModelFacts, Plan, Sampler, build_plan, resolve_sampler
@@ -114,15 +114,15 @@ class BenchJob:
 # ----------------------------------------------------------------------------------------------
 
 
-def random_model(name: str, seed: int = 0, **overrides) -> IGDiT:
+def random_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A named preset with every parameter random (std 0.02 around 0, norms around 1): no identity paths."""
-    model = IGDiT(preset(name, **overrides))
+    model = build_model(preset(name, **overrides))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname == "pos_embed":
                 continue
-            base = 1.0 if pname.endswith("norm.weight") or pname.endswith("norm1.weight") else 0.0
+            base = 1.0 if pname.endswith(("norm.weight", "norm1.weight", "norm2.weight")) else 0.0
             p.copy_(base + 0.02 * torch.randn(p.shape, generator=gen))
     return model.eval()
 

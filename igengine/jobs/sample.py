@@ -80,6 +80,7 @@ class SampleJob:
     ig_scale: float | None = None
     ig_interval: tuple[float, float] | None = None
     timestep_shift: float | None = None
+    ig_scale_uncond: float | None = None  # RAEv2: IG scale of the unconditional rows (None: ig_scale)
     precision: Precision | None = None  # None: precision.default_precision(device)
     device: str = "auto"
     backend: BackendName = BackendName.TORCH
@@ -89,9 +90,9 @@ class SampleJob:
     save_latents: Path | None = None
     no_decode: bool = False
     overwrite: bool = False
-    vae: Path | None = None  # SD-VAE diffusers folder / LDM file, or VA-VAE checkpoint
-    vae_kind: str = "auto"  # 'auto' (by model family: SiT -> sd, LightningDiT -> vavae), 'sd', 'vavae'
-    latent_stats: Path | None = None  # VA-VAE: latents_stats.pt ({'mean', 'std'}, [1, C, 1, 1])
+    vae: Path | None = None  # SD-VAE diffusers folder / LDM file, VA-VAE checkpoint, or RAE decoder.pt
+    vae_kind: str = "auto"  # 'auto' (by family: SiT -> sd, LightningDiT -> vavae, RAEv2 -> rae), 'sd', 'vavae', 'rae'
+    latent_stats: Path | None = None  # VA-VAE latents_stats.pt ({'mean', 'std'}, [1, C, 1, 1]); RAE stats.pt ({'mean', 'var'})
     latent_multiplier: float = 1.0  # VA-VAE: x * std / multiplier + mean (1.0 in the released config)
     chunk_size: int | None = None  # samples per chunk file (the unit of output and resume); None: see resolve_chunk_size
     evaluate: Path | None = None  # a reference for `igengine evaluate`, run after packing (metrics.json)
@@ -111,7 +112,8 @@ class SampleJob:
         if self.preflight not in PREFLIGHT_CHOICES:
             raise JobError(f"unknown `preflight` {self.preflight!r}; choose {' or '.join(PREFLIGHT_CHOICES)}")
         if self.vae_kind not in ("auto", *(k.value for k in VAEKind)):
-            raise JobError(f"unknown `vae_kind` {self.vae_kind!r}; choose auto, sd or vavae")
+            raise JobError(f"unknown `vae_kind` {self.vae_kind!r}; choose auto, "
+                           + ", ".join(k.value for k in VAEKind))
         try:
             check_seed(self.seed)
         except ValueError as e:
@@ -299,7 +301,12 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-FAMILY_VAE = {Family.SIT: VAEKind.SD, Family.LIGHTNINGDIT: VAEKind.VAVAE}
+FAMILY_VAE = {Family.SIT: VAEKind.SD, Family.LIGHTNINGDIT: VAEKind.VAVAE, Family.RAEV2: VAEKind.RAE}
+VAE_HINT = {Family.SIT: "sd-vae-ft-ema folder or file",
+            Family.LIGHTNINGDIT: "VA-VAE f16d32 checkpoint and `latent_stats` latents_stats.pt",
+            Family.RAEV2: "RAE decoder.pt and `latent_stats` stats.pt"}
+TIME_CONVENTION = {Family.SIT: "t=1 noise, t=0 data", Family.LIGHTNINGDIT: "t=0 noise, t=1 data",
+                   Family.RAEV2: "t=1 noise, t=0 data; x-prediction, v = (x_t - x_hat) / max(t, 0.05)"}
 
 
 def resolve_decoder(job: SampleJob, cfg: ModelConfig) -> LatentDecoder | None:
@@ -310,7 +317,7 @@ def resolve_decoder(job: SampleJob, cfg: ModelConfig) -> LatentDecoder | None:
             raise JobError(f"`vae` / `latent_stats` were given but {why}: drop them")
         return None
     if job.vae is None:
-        hint = "sd-vae-ft-ema folder or file" if cfg.family == Family.SIT else "VA-VAE f16d32 checkpoint and `latent_stats` latents_stats.pt"
+        hint = VAE_HINT[cfg.family]
         raise JobError(
             f"{cfg.name} samples VAE latents ({cfg.in_channels}x{cfg.input_size}x{cfg.input_size}): pass `vae` PATH "
             f"(the {hint}) to decode them, or `no_decode` to write latents only"
@@ -660,7 +667,7 @@ def _manifest(job, loaded, ckpt_path, cfg, sampler_cfg, sampler, backend, run_ke
                        "resolution_notes": loaded.notes},
         "model": cfg.to_dict(),
         "sampler": {**sampler_cfg.to_dict(), "nfe_per_sample": sampler.plan.nfe,
-                    "time_convention": "t=1 noise, t=0 data" if cfg.family == Family.SIT else "t=0 noise, t=1 data"},
+                    "time_convention": TIME_CONVENTION[cfg.family]},
         "seed": job.seed,
         "labels": label_info,
         "n": job.n,

@@ -50,7 +50,7 @@ FORMAT = "igengine-sweep/1"
 
 # The settings a sweep can vary, in the order a point's id names them, with their short id names.
 SWEPT: dict[str, str] = {"solver": "", "steps": "steps", "ig_scale": "ig", "ig_interval": "igi", "cfg_scale": "cfg",
-                         "cfg_interval": "cfgi", "timestep_shift": "shift"}
+                         "cfg_interval": "cfgi", "timestep_shift": "shift", "ig_scale_uncond": "igu"}
 INTERVALS = ("cfg_interval", "ig_interval")
 # Shared SampleJob fields that do not change a sample (left out of the sweep's identity).
 NOT_IDENTITY = ("out", "n", "batch_size", "device", "png", "grid", "overwrite", "evaluate", "capture", "preflight",
@@ -530,7 +530,7 @@ def write_plot(record: dict, path: Path) -> str:
     if not pts:
         return "no sweep.png: no point has an FID (give a reference)"
     varying = [k for k in SWEPT if len({json.dumps(p["settings"].get(k)) for p in pts}) > 1]
-    numeric = [k for k in ("ig_scale", "cfg_scale", "steps", "timestep_shift") if k in varying]
+    numeric = [k for k in ("ig_scale", "cfg_scale", "steps", "timestep_shift", "ig_scale_uncond") if k in varying]
     if not numeric:
         return "no sweep.png: no numeric setting varies between the evaluated points"
     x_key = numeric[0]

@@ -1,5 +1,8 @@
 """IG DiT checkpoints: model-config resolution and loading (the files are read by ``igengine.safeload``).
 
+RAEv2 state dicts (recognised by their own tensors) are resolved by ``igengine.models.raev2_checkpoint``;
+what follows is about SiT and LightningDiT, whose tensors say less.
+
 Formats: the official training dict or a bare state dict (``.pt`` / ``.pth``), or ``.safetensors``
 with optional igengine metadata (``igengine.model_config`` JSON, and ``igengine.sampler_defaults``
 for checkpoints that recommend their own sampler settings, validated by ``SamplerSettings``).
@@ -41,6 +44,8 @@ import torch
 from igengine.config import Family, ModelConfig, SamplerSettings
 from igengine.errors import CheckpointError
 from igengine.models.dit import IGDiT
+from igengine.models import build_model
+from igengine.models.raev2_checkpoint import is_raev2_state, resolve_raev2_config
 from igengine.models.registry import MODEL_NAMES, family_of, preset
 from igengine.safeload import check_state_dict, file_sha256, read_checkpoint
 
@@ -50,7 +55,7 @@ META_SAMPLER = "igengine.sampler_defaults"
 
 @dataclass
 class LoadedCheckpoint:
-    model: IGDiT
+    model: torch.nn.Module  # IGDiT (SiT, LightningDiT) or RAEv2DiT
     config: ModelConfig
     path: Path
     weights: str  # which entry the weights came from: 'ema', 'model', 'state_dict', 'safetensors'
@@ -519,8 +524,19 @@ def load_checkpoint(
     """Load an IG DiT checkpoint safely and build its model (fp32, eval mode, CPU)."""
     path = Path(path)
     state, entry, record, meta = read_checkpoint(path)
-    cfg, notes = resolve_config(state, path, record, meta, model_name=model_name, overrides=overrides)
-    model = IGDiT(cfg)
+    if is_raev2_state(state):
+        cfg, notes = resolve_raev2_config(state, path, meta, model_name=model_name, overrides=overrides)
+    else:
+        if model_name is not None and model_name in MODEL_NAMES and family_of(model_name) == Family.RAEV2:
+            facts = shape_facts(state, path)
+            ldit, _ = _tensor_layers(state, facts, path)
+            raise CheckpointError(
+                f"`model` {model_name} is a RAEv2 model but {path} is "
+                f"{_shape_name(Family.LIGHTNINGDIT if ldit else Family.SIT, facts)} (no RAEv2 tensors such as "
+                "s_embedder, ctx_embedder, base_final_layer): pass the SiT or LightningDiT `model` it is, or none"
+            )
+        cfg, notes = resolve_config(state, path, record, meta, model_name=model_name, overrides=overrides)
+    model = build_model(cfg)
     check_state_dict(model, state, f"{path} does not match {cfg.name}")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
     model.eval()
