@@ -102,7 +102,8 @@ def official_decode(official_rae, decoder, stats_path: Path, z: torch.Tensor) ->
     model = official_rae.RAE.__new__(official_rae.RAE)
     torch.nn.Module.__init__(model)
     model.decoder = decoder.eval()
-    model.latent_mean, model.latent_var, model.do_normalization = official_rae._load_normalization_stats(str(stats_path))
+    stats = official_rae._load_normalization_stats(str(stats_path))
+    model.latent_mean, model.latent_var, model.do_normalization = stats
     model.eps = 1e-5  # RAE.__init__'s default, not overridden by the released configs
     return model.decode(z)
 

@@ -7,6 +7,7 @@ table, added to it for the test (``HEADS_BY_WIDTH``), as the loader takes heads 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -40,7 +41,8 @@ def random_decoder(cfg: ViTMAEDecoderConfig = TINY, seed: int = 0) -> ViTMAEDeco
             if name == "decoder_pos_embed":
                 continue
             scale = 0.2 if p.ndim > 1 else 0.1
-            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name and name.endswith("weight") else 0))
+            one = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            p.copy_(torch.randn(p.shape, generator=g) * scale + one)
     return net.eval()
 
 
@@ -257,16 +259,17 @@ def test_bad_decoder_files(tmp_path):
         refused(p, stats, f"1 missing keys: {key}", p)
     p = variant("no_pos.pt", lambda s: s.pop("decoder_pos_embed"))
     refused(p, stats, "not a RAE decoder state dict (missing decoder_pos_embed)", p)
-    p = variant("extra.pt", lambda s: s.__setitem__("decoder_layers.0.attention.attention.qk_norm.weight", torch.ones(48)))
+    extra_key = "decoder_layers.0.attention.attention.qk_norm.weight"
+    p = variant("extra.pt", lambda s: s.__setitem__(extra_key, torch.ones(48)))
     refused(p, stats, "1 unexpected keys: decoder_layers.0.attention.attention.qk_norm.weight", p)
     p = variant("misshaped.pt", lambda s: s.__setitem__("decoder_layers.1.output.dense.weight", torch.zeros(48, 64)))
     refused(p, stats, "mis-shaped keys: decoder_layers.1.output.dense.weight (48, 64) != (48, 96)", p)
     p = variant("ints.pt", lambda s: s.__setitem__("trainable_cls_token", torch.zeros(1, 1, 48, dtype=torch.long)))
     refused(p, stats, "not floating point (trainable_cls_token)", p)
 
-    wider = save_decoder(tmp_path / "c16.pt", random_decoder(ViTMAEDecoderConfig(**{**TINY.to_dict(), "latent_channels": 16})))
+    wider = save_decoder(tmp_path / "c16.pt", random_decoder(dataclasses.replace(TINY, latent_channels=16)))
     refused(wider, stats, "is a decoder of another width: it decodes 16-channel latents", wider)
-    unknown = save_decoder(tmp_path / "w40.pt", random_decoder(ViTMAEDecoderConfig(**{**TINY.to_dict(), "width": 40})))
+    unknown = save_decoder(tmp_path / "w40.pt", random_decoder(dataclasses.replace(TINY, width=40)))
     refused(unknown, stats, "decoder width 40 is not that of an official RAEv2 decoder (768 ViTB, 1024 ViTL, "
             "1152 ViTSO/ViTXL)", unknown)
     training = tmp_path / "stage1.pt"

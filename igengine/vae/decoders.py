@@ -15,10 +15,10 @@ RAE (RAEv2, src/stage1/rae.py ``RAE.decode``): the ViT decoder of ``igengine.vae
     ``igengine.vae.pixels`` converts by the family's rule.
 
 Strict loading: every ``decoder.*`` and ``post_quant_conv.*`` tensor the architecture needs must be
-present with its exact shape and nothing else may stand under those names (for RAE: exactly the
-decoder's ``state_dict()`` keys). The other parts of a
+present with its exact shape and nothing else may stand under those names. The other parts of a
 training checkpoint (encoder, ``quant_conv``, ``loss.*``, ``foundation_model.*``, ...) are dropped
-explicitly and counted in ``describe()``, which goes into the manifest.
+explicitly and counted in ``describe()``, which goes into the manifest. A RAE decoder.pt must hold
+exactly the decoder's ``state_dict()`` keys.
 """
 
 from __future__ import annotations
