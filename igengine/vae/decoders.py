@@ -1,4 +1,4 @@
-"""Latents of an IG DiT -> images in [-1, 1], for both families, from local files only.
+"""Latents of an IG DiT -> images, for the three families, from local files only.
 
 SD-VAE (SiT, SiT/generate.py): ``vae.decode(z / 0.18215).sample`` with sd-vae-ft-ema / -mse.
     * a diffusers folder (config.json + weights): ``diffusers.AutoencoderKL.from_pretrained(...,
@@ -9,11 +9,16 @@ SD-VAE (SiT, SiT/generate.py): ``vae.decode(z / 0.18215).sample`` with sd-vae-ft
 VA-VAE f16d32 (LightningDiT, inference.py + tokenizer/vavae.py): an LDM ``AutoencoderKL`` file, plain
     or Lightning-style ``{'state_dict': ...}``; ``decode(z * std / multiplier + mean)`` with ``mean`` and
     ``std`` ([1, 32, 1, 1]) from ``latents_stats.pt`` and ``multiplier`` 1.0 (the released config).
+RAE (RAEv2, src/stage1/rae.py ``RAE.decode``): the ViT decoder of ``igengine.vae.rae`` on
+    ``z * sqrt(var + 1e-5) + mean``, ``mean`` and ``var`` ([1024, 16, 16]) from ``stats.pt``, the weights a
+    plain state dict ``decoder.pt``; its images are in about [0, 1] (the others': about [-1, 1]), which
+    ``igengine.vae.pixels`` converts by the family's rule.
 
 Strict loading: every ``decoder.*`` and ``post_quant_conv.*`` tensor the architecture needs must be
 present with its exact shape and nothing else may stand under those names. The other parts of a
 training checkpoint (encoder, ``quant_conv``, ``loss.*``, ``foundation_model.*``, ...) are dropped
-explicitly and counted in ``describe()``, which goes into the manifest.
+explicitly and counted in ``describe()``, which goes into the manifest. A RAE decoder.pt must hold
+exactly the decoder's ``state_dict()`` keys.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ import torch
 
 from igengine.errors import CheckpointError, VAEError
 from igengine.safeload import check_state_dict, file_sha256, read_checkpoint
+from igengine.vae import rae
 from igengine.vae.ldm import DECODER_PREFIXES, SD_KL_F8, VAVAE_F16D32, LayoutError, LDMDecoder, infer_config
 
 SD_LATENT_SCALE = 0.18215  # SiT/generate.py: samples / 0.18215 before vae.decode
+RAE_STATS_EPS = 1e-5  # RAEv2 src/stage1/rae.py: RAE(eps=1e-5), not overridden by the released configs
 
 # Why the non-decoder parts of a checkpoint are dropped (reported in the manifest).
 DROP_REASONS = {
@@ -42,20 +49,24 @@ DROP_REASONS = {
 
 
 class VAEKind(str, enum.Enum):
-    """Which latent convention: ``sd`` (SiT, latents * 0.18215) or ``vavae`` (LightningDiT, mean/std)."""
+    """Which latent convention: ``sd`` (SiT, latents * 0.18215), ``vavae`` (LightningDiT, mean/std) or
+    ``rae`` (RAEv2: DINOv3 tokens normalised by a per-position mean/var, decoded by a ViT)."""
 
     SD = "sd"
     VAVAE = "vavae"
+    RAE = "rae"
 
 
 class LatentDecoder:
     """Decodes a batch of DiT latents to images.
 
     ``decode``: (N, C, h, w) float32 latents as the DiT produces them -> (N, 3, H, W) float32 images in
-    about [-1, 1], on the decoder's device. ``identity`` goes into the run key (it changes every
-    pixel), ``describe`` into the manifest.
+    about ``image_range`` ([-1, 1] for SD-VAE and VA-VAE, [0, 1] for RAE), on the decoder's device,
+    not clamped: ``igengine.vae.pixels`` turns them into uint8 by the family's rule. ``identity`` goes
+    into the run key (it changes every pixel), ``describe`` into the manifest.
     """
 
+    image_range: tuple[float, float] = (-1.0, 1.0)
     kind: VAEKind
     latent_channels: int
     upsample_factor: int
@@ -120,6 +131,27 @@ class VAVAEDecoder(LatentDecoder):
         return z * self.std / self.multiplier + self.mean
 
 
+class RAEDecoder(LatentDecoder):
+    """RAE: the ViT decoder on ``z * sqrt(var + 1e-5) + mean`` (RAEv2 src/stage1/rae.py ``RAE.decode``).
+
+    ``mean`` and ``var`` are [C, h, w] (one value per channel and token position); images in about [0, 1].
+    """
+
+    image_range = (0.0, 1.0)
+
+    def __init__(self, *args, mean: torch.Tensor, var: torch.Tensor, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mean, self.var = mean, var
+
+    def to(self, device):
+        super().to(device)
+        self.mean, self.var = self.mean.to(self.device), self.var.to(self.device)
+        return self
+
+    def prepare(self, z: torch.Tensor) -> torch.Tensor:  # (N, C, h, w) -> (N, C, h, w)
+        return z * torch.sqrt(self.var + RAE_STATS_EPS) + self.mean
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading files
 # ----------------------------------------------------------------------------------------------
@@ -164,6 +196,49 @@ def build_ldm_decoder(path: Path) -> tuple[LDMDecoder, dict]:
         "architecture": cfg.to_dict(),
         "dropped_keys": {f"{p}.*": {"tensors": n, "why": DROP_REASONS.get(p, "not part of the decoder")}
                          for p, n in sorted(dropped.items())},
+    }
+    return net, facts
+
+
+def build_rae_decoder(path: Path) -> tuple[rae.ViTMAEDecoder, dict]:
+    """Read a RAE ``decoder.pt`` (the decoder's plain state dict) and build the decoder strictly; (decoder, facts).
+
+    The released file is ``GeneralDecoder.state_dict()`` (RAEv2 scripts/stage1/extract_decoder.py, fp32
+    or cast to fp16 / bf16): every parameter, the CLS token and the fixed ``decoder_pos_embed`` included.
+    The official loader uses ``strict=False`` and only prints missing keys; here a file missing any
+    tensor is refused (a missing CLS token or layer would decode with its initial values).
+    """
+    try:
+        state, entry, _, _ = read_checkpoint(path)
+    except CheckpointError as e:
+        raise VAEError(f"`vae`: {e}") from None
+    try:
+        cfg = rae.infer_config(state)
+    except rae.LayoutError as e:
+        raise VAEError(
+            f"`vae` {path} is not a RAE decoder state dict ({e}); igengine expects the decoder.pt of RAEv2 "
+            "(GeneralDecoder.state_dict(), as scripts/stage1/extract_decoder.py writes it)"
+        ) from None
+    net = rae.ViTMAEDecoder(cfg)
+    try:
+        check_state_dict(net, state, f"`vae` {path}: RAE decoder of {cfg.to_dict()} does not load")
+    except CheckpointError as e:
+        raise VAEError(f"{e}; pass the complete decoder.pt") from None
+    odd = sorted(k for k, v in state.items() if not v.is_floating_point())
+    if odd:
+        raise VAEError(f"`vae` {path}: {len(odd)} decoder tensors are not floating point ({', '.join(odd[:4])}): "
+                       "not a RAE decoder's weights")
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})
+    net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    sincos = rae.sincos_pos_embed(cfg.width, cfg.grid)[None]
+    facts = {
+        "loader": "igengine.vae.rae",
+        "weights_entry": entry,
+        "weights_dtype": dtypes,
+        "architecture": cfg.to_dict(),
+        "official_configs": rae.official_names(cfg),
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "pos_embed_max_abs_from_sincos": float((net.decoder_pos_embed - sincos).abs().max()),
     }
     return net, facts
 
@@ -232,21 +307,69 @@ def load_latent_stats(path: Path, channels: int) -> tuple[torch.Tensor, torch.Te
     return out[0], out[1], file_sha256(path)
 
 
+def _rae_stats_file(path: Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise VAEError(f"`latent_stats` {path} not found: RAE decoding needs the stats.pt ({{'mean', 'var'}}) of the "
+                       "decoder the model was trained with")
+    return path
+
+
+def load_rae_stats(path: Path, channels: int, grid: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(mean, var, sha256) from RAEv2's ``stats.pt``: ``{'mean', 'var'}``, each float [channels, grid, grid].
+
+    Exactly that shape: it is what the official statistics script (scripts/stage1/compute_encoder_stats.py)
+    writes, one value per channel and token position. ``RAE.decode`` would also broadcast other shapes
+    ([C, 1, 1], a scalar, [1, C, h, w]), but no released file has them, and accepting them would let the
+    [1, C, 1, 1] ``latents_stats.pt`` of another family's VAE pass. Both entries are required: the
+    official code would silently use mean 0 / var 1 for a missing one.
+    """
+    path = _rae_stats_file(path)
+    try:
+        obj, _, _, _ = read_checkpoint(path)  # safe: weights_only for .pt, or safetensors
+    except CheckpointError as e:
+        raise VAEError(f"`latent_stats`: {e}") from None
+    missing = [k for k in ("mean", "var") if k not in obj]
+    if missing:
+        raise VAEError(f"`latent_stats` {path} must hold {{'mean', 'var'}} (RAEv2's stats.pt) but has no "
+                       f"{' or '.join(repr(k) for k in missing)} (found {sorted(map(str, obj))})")
+    want = (channels, grid, grid)
+    out = []
+    for name in ("mean", "var"):
+        t = obj[name]
+        if tuple(t.shape) != want or not t.is_floating_point():
+            raise VAEError(f"`latent_stats` {path}: '{name}' is {str(t.dtype).removeprefix('torch.')} "
+                           f"{list(t.shape)}, expected float {list(want)} for {channels}-channel latents on a "
+                           f"{grid}x{grid} grid: pass the stats.pt of the model's decoder")
+        out.append(t.float().clone())
+    mean, var = out
+    if not bool(torch.isfinite(mean).all() and torch.isfinite(var).all() and (var >= 0).all()):
+        raise VAEError(f"`latent_stats` {path}: 'mean' must be finite and 'var' finite and >= 0")
+    return mean, var, file_sha256(path)
+
+
 def resolve_kind(kind: str, family_kind: VAEKind) -> VAEKind:
     if kind == "auto":
         return family_kind
     try:
         return VAEKind(kind)
     except ValueError:
-        raise VAEError(f"unknown `vae_kind` {kind!r}; choose auto, sd or vavae") from None
+        raise VAEError(f"unknown `vae_kind` {kind!r}; choose auto, {', '.join(k.value for k in VAEKind)}") from None
 
 
 def load_vae(path: Path, kind: VAEKind, latent_channels: int, latent_stats: Path | None = None,
-             latent_multiplier: float = 1.0) -> LatentDecoder:
-    """Build the decoder for ``kind`` from ``path`` and check it fits a model with ``latent_channels``."""
+             latent_multiplier: float = 1.0, latent_size: int | None = None) -> LatentDecoder:
+    """Build the decoder for ``kind`` from ``path`` and check it fits a model with ``latent_channels``.
+
+    ``latent_size``: the side of the model's latent grid (``ModelConfig.input_size``), if known. The RAE
+    decoder is built for one grid (its ``decoder_pos_embed``) and is refused for another; the
+    convolutional VAEs decode any size.
+    """
     path = Path(path)
     if not path.exists():
-        raise VAEError(f"`vae` {path} not found (a VAE file, or a diffusers folder for SD-VAE)")
+        raise VAEError(f"`vae` {path} not found (a VAE file, a diffusers folder for SD-VAE, or RAEv2's decoder.pt)")
+    if kind == VAEKind.RAE:
+        return load_rae(path, latent_channels, latent_stats, latent_multiplier, latent_size)
     if kind == VAEKind.SD and latent_stats is not None:
         raise VAEError("`latent_stats` applies to VA-VAE (`vae_kind` vavae) only; SD-VAE latents use the fixed 0.18215")
     if kind == VAEKind.VAVAE and latent_stats is None:
@@ -283,3 +406,32 @@ def load_vae(path: Path, kind: VAEKind, latent_channels: int, latent_stats: Path
                     normalisation="x * std / multiplier + mean")
     facts["latent_stats"] = str(latent_stats)
     return VAVAEDecoder(net, kind, channels, factor, identity, facts, mean=mean, std=std, multiplier=latent_multiplier)
+
+
+def load_rae(path: Path, latent_channels: int, latent_stats: Path | None, latent_multiplier: float = 1.0,
+             latent_size: int | None = None) -> RAEDecoder:
+    """RAEv2's decoder: ``path`` its decoder.pt, ``latent_stats`` its stats.pt (see ``load_vae``)."""
+    if latent_stats is None:
+        raise VAEError("RAE decoding needs the latent statistics the model was trained with: pass `latent_stats` "
+                       "PATH/stats.pt (beside RAEv2's decoder.pt)")
+    if latent_multiplier != 1.0:
+        raise VAEError(f"`latent_multiplier` applies to VA-VAE only; RAE latents are de-normalised by stats.pt alone "
+                       f"(got {latent_multiplier}): drop it")
+    if path.is_dir():
+        raise VAEError(f"`vae` {path} is a folder; the RAE decoder is a single file (RAEv2's decoder.pt)")
+    latent_stats = _rae_stats_file(latent_stats)  # before reading a decoder of 1.7 GB
+    net, facts = build_rae_decoder(path)
+    cfg = net.config
+    facts["path"] = str(path)
+    if cfg.latent_channels != latent_channels:
+        raise VAEError(f"`vae` {path} is a decoder of another width: it decodes {cfg.latent_channels}-channel latents "
+                       f"(decoder_embed) but the model samples {latent_channels} channels: pass the decoder.pt the "
+                       "model was trained with")
+    if latent_size is not None and cfg.grid != latent_size:
+        raise VAEError(f"`vae` {path} decodes a {cfg.grid}x{cfg.grid} latent grid but the model samples "
+                       f"{latent_size}x{latent_size}: pass the decoder.pt of the model's resolution")
+    mean, var, stats_sha = load_rae_stats(latent_stats, cfg.latent_channels, cfg.grid)
+    identity = {"kind": VAEKind.RAE.value, "sha256": file_sha256(path), "latent_stats_sha256": stats_sha,
+                "normalisation": f"z * sqrt(var + {RAE_STATS_EPS:g}) + mean"}
+    facts.update(latent_stats=str(latent_stats), image_range=list(RAEDecoder.image_range))
+    return RAEDecoder(net, VAEKind.RAE, cfg.latent_channels, cfg.patch_size, identity, facts, mean=mean, var=var)
