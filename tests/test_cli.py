@@ -146,7 +146,7 @@ BAD_INPUTS = [
     (["--steps", 0], "--steps must be >= 1"),
     (["--solver", "heun2"], "not a sit solver"),
     (["--solver", "rk4"], "'rk4' is not one of"),
-    (["--timestep-shift", 0.3], "--timestep-shift applies to LightningDiT models only"),
+    (["--timestep-shift", 0.3], "--timestep-shift applies to LightningDiT and RAEv2 models only"),
     (["--precision", "fp8"], "'fp8' is not one of"),
     (["--backend", "jax"], "'jax' is not one of"),
     (["--onnx", "{tmp}/g.onnx"], "--onnx only applies to the onnxruntime and tensorrt backends"),

@@ -323,7 +323,12 @@ def resolve_decoder(job: SampleJob, cfg: ModelConfig) -> LatentDecoder | None:
             f"(the {hint}) to decode them, or `no_decode` to write latents only"
         )
     kind = resolve_kind(job.vae_kind, FAMILY_VAE[cfg.family])
-    return load_vae(Path(job.vae), kind, cfg.in_channels, job.latent_stats, job.latent_multiplier)
+    if (kind == VAEKind.RAE) != (cfg.family == Family.RAEV2):
+        # The decoders' image ranges and the families' pixel rules go together ([0, 1] for RAE, [-1, 1] else).
+        raise JobError(f"`vae_kind` {kind.value} does not decode {cfg.name} latents: {cfg.family.value} models decode "
+                       f"with {FAMILY_VAE[cfg.family].value} (`vae_kind` auto)")
+    return load_vae(Path(job.vae), kind, cfg.in_channels, job.latent_stats, job.latent_multiplier,
+                    latent_size=cfg.input_size)
 
 
 def resolve_chunk_size(asked: int | None, out: Path, run_key: dict, existing: dict | None) -> tuple[int, str | None]:
