@@ -37,7 +37,7 @@ typedef unsigned long long uintptr_t;
 extern "C" {
 #endif
 
-#define IGK_ABI_VERSION 2
+#define IGK_ABI_VERSION 3
 
 #if defined(_WIN32)
 #define IGK_EXPORT __declspec(dllexport)
@@ -49,12 +49,14 @@ extern "C" {
 enum igk_kind {
     IGK_KIND_SDE = 0,          /* SiT Euler-Maruyama: x + d dt + sqrt(2t) (eps sqrt|dt|), in-kernel Philox eps */
     IGK_KIND_SDE_LAST = 1,     /* SiT last SDE step, mean only: x + dt d */
-    IGK_KIND_EULER = 2,        /* x + dt v (SiT ode-euler, LightningDiT euler) */
+    IGK_KIND_EULER = 2,        /* x + dt v (SiT ode-euler, LightningDiT euler, RAEv2: v from the x-prediction) */
     IGK_KIND_HEUN_PREDICT = 3, /* k1 = v; x_pred = x + dt k1 (writes k1_out, net_out = x_pred rows) */
     IGK_KIND_HEUN_CORRECT = 4  /* k2 = v; x + dt (k1/2 + k2/2) in the family's order of operations */
 };
 
-enum igk_family { IGK_FAMILY_SIT = 0, IGK_FAMILY_LIGHTNINGDIT = 1 };
+/* The model family: selects the IG form, whether the guided field is an x-prediction (RAEv2) and the
+ * kinds a launch may have (the SDE drift is SiT's; RAEv2 steps are Euler steps). */
+enum igk_family { IGK_FAMILY_SIT = 0, IGK_FAMILY_LIGHTNINGDIT = 1, IGK_FAMILY_RAEV2 = 2 };
 
 /* Element type of the network outputs v_final / v_inter (upcast to float32 on load). */
 enum igk_dtype { IGK_DTYPE_F32 = 0, IGK_DTYPE_BF16 = 1, IGK_DTYPE_F16 = 2 };
@@ -86,7 +88,7 @@ enum igk_fault {
  */
 typedef struct igk_step_params {
     int32_t kind;           /* enum igk_kind */
-    int32_t family;         /* enum igk_family: selects the IG form and the corrector's order */
+    int32_t family;         /* enum igk_family: the IG form, RAEv2's x-prediction velocity, the kinds allowed */
     int32_t ig;             /* 1: IG is active at this evaluation */
     int32_t cfg;            /* 1: v has 2N rows and CFG mixes them */
     int32_t drift;          /* 1: SiT SDE, the field is the drift v - t score (uses the row's x) */
@@ -95,7 +97,10 @@ typedef struct igk_step_params {
     uint32_t noise_stream;  /* Philox stream of this step's noise (IGK_KIND_SDE only) */
     uint32_t seed_lo;       /* seed mod 2^32 */
     uint32_t seed_hi;       /* seed div 2^32 */
-    float ig_w;             /* SiT: w_ig (v_i + w (v_f - v_i)); LightningDiT: w_ig - 1 (v_f + (w-1)(v_f - v_i)) */
+    float ig_w;             /* IG weight of the conditional rows (of every row without CFG). SiT, RAEv2: w_ig
+                             * (v_i + w (v_f - v_i)); LightningDiT: w_ig - 1 (v_f + (w-1)(v_f - v_i)) */
+    float ig_w_uncond;      /* IG weight of the unconditional rows N..2N-1 under CFG, in ig_w's form. RAEv2: its
+                             * unconditional scale; SiT, LightningDiT: the host sets it equal to ig_w */
     float cfg_w;            /* w_cfg: u + w (c - u) */
     float score_ratio;      /* SiT score: (ratio v - x) / var, ratio = (1 - t) / -1 */
     float score_var;        /* var = t^2 - ratio t */
@@ -103,13 +108,15 @@ typedef struct igk_step_params {
     float dt;               /* t_next - t_cur */
     float sqrt_abs_dt;      /* sqrt(|dt|) */
     float sqrt_diffusion;   /* sqrt(2 t) */
+    float t_safe;           /* RAEv2: v = (x - x_hat) / t_safe, t_safe = max(t, 0.05) in float32 (a true
+                             * division); 0 for the other families (unused) */
 } igk_step_params;
 
 /*
  * Buffers of one launch. x_out may equal x (in-place update); no other two buffers may overlap.
  *   x          float32 [N, E]   state at t_cur (required)
- *   v_final    v_dtype [R, E]   network output (required), R = 2N if cfg else N
- *   v_inter    v_dtype [R, E]   intermediate (IG) output; read only when ig
+ *   v_final    v_dtype [R, E]   network output (required), R = 2N if cfg else N (RAEv2: the full x-prediction)
+ *   v_inter    v_dtype [R, E]   intermediate (IG) output; read only when ig (RAEv2: the base x-prediction)
  *   k1_in      float32 [N, E]   predictor slope; required by HEUN_CORRECT
  *   indices    int64   [N]      sample index of each row; required by SDE
  *   x_out      float32 [N, E]   next state; required except by HEUN_PREDICT (there: x_pred, optional)

@@ -40,11 +40,13 @@ inline int validate(const igk_step_params* p, const igk_step_buffers* b) {
         return fail(IGK_ERR_SIZE, "n = %lld or e = %lld too large", (long long)b->n, (long long)b->e);
     if (b->v_dtype < IGK_DTYPE_F32 || b->v_dtype > IGK_DTYPE_F16) return fail(IGK_ERR_DTYPE, "unknown v_dtype %d", b->v_dtype);
     if (p->kind < IGK_KIND_SDE || p->kind > IGK_KIND_HEUN_CORRECT) return fail(IGK_ERR_KIND, "unknown kind %d", p->kind);
-    if (p->family != IGK_FAMILY_SIT && p->family != IGK_FAMILY_LIGHTNINGDIT)
+    if (p->family < IGK_FAMILY_SIT || p->family > IGK_FAMILY_RAEV2)
         return fail(IGK_ERR_KIND, "unknown family %d", p->family);
     const bool sde = p->kind == IGK_KIND_SDE || p->kind == IGK_KIND_SDE_LAST;
     if (sde != (p->drift != 0)) return fail(IGK_ERR_KIND, "drift must be set exactly for the SDE kinds");
     if (p->drift && p->family != IGK_FAMILY_SIT) return fail(IGK_ERR_KIND, "the SDE drift is a SiT-family field");
+    if (p->family == IGK_FAMILY_RAEV2 && p->kind != IGK_KIND_EULER)
+        return fail(IGK_ERR_KIND, "a RAEv2 launch is an Euler step (kind %d given)", p->kind);
     if (!b->x) return fail(IGK_ERR_NULL, "x is NULL");
     if (!b->v_final) return fail(IGK_ERR_NULL, "v_final is NULL");
     if (p->ig && !b->v_inter) return fail(IGK_ERR_NULL, "IG is active but v_inter is NULL");

@@ -10,7 +10,7 @@
  * Contents
  *   Philox4x32-10 and the Box-Muller of the noise contract (igengine/noise.py);
  *   bf16 / fp16 -> float32 conversion (exact);
- *   IG, the SiT SDE drift, CFG and the solver updates, on one element;
+ *   IG, the SiT SDE drift, CFG, RAEv2's x-prediction velocity and the solver updates, on one element;
  *   igk_step_block: one 4-element block of one row = one Philox call, loads, maths, stores;
  *   igk_launch_fault / igk_select_buffers: the checks and per-kind buffers of an indexed launch.
  */
@@ -183,10 +183,11 @@ IGK_HD inline void igk_store4(float* base, int64_t i, int m, const float v[4]) {
  * Guidance and solver maths on one element, float32, the reference's order of operations.
  * ------------------------------------------------------------------------------------------- */
 
-/* IG (guidance.ig_combine): SiT v_i + w (v_f - v_i); LightningDiT v_f + (w - 1)(v_f - v_i), ig_w = w - 1. */
-IGK_HD inline float igk_ig(float vf, float vi, const igk_step_params& p) {
-    if (p.family == IGK_FAMILY_SIT) return vi + p.ig_w * (vf - vi);
-    return vf + p.ig_w * (vf - vi);
+/* IG (guidance.ig_combine) with weight w of the row's half (ig_w, or ig_w_uncond for rows N..2N-1):
+ * SiT and RAEv2 v_i + w (v_f - v_i); LightningDiT v_f + w (v_f - v_i), its w being w_ig - 1. */
+IGK_HD inline float igk_ig(float vf, float vi, float w, const igk_step_params& p) {
+    if (p.family == IGK_FAMILY_LIGHTNINGDIT) return vf + w * (vf - vi);
+    return vi + w * (vf - vi);
 }
 
 /* SiT SDE drift (updates.sit_drift): score = (ratio v - x) / var; d = v - (0.5 g^2) score. */
@@ -195,14 +196,21 @@ IGK_HD inline float igk_sit_drift(float v, float x, const igk_step_params& p) {
     return v - p.drift_t * score;
 }
 
-/* The guided field of one network row: IG (if active), then the drift (SiT SDE) or v itself. */
-IGK_HD inline float igk_row_field(float vf, float vi, float x, const igk_step_params& p) {
-    const float v = p.ig ? igk_ig(vf, vi, p) : vf;
+/* The guided field of one network row: IG with the half's weight w (if active), then the drift (SiT
+ * SDE) or the row itself (v; RAEv2: the guided x-prediction, made a velocity after CFG). */
+IGK_HD inline float igk_row_field(float vf, float vi, float x, float w, const igk_step_params& p) {
+    const float v = p.ig ? igk_ig(vf, vi, w, p) : vf;
     return p.drift ? igk_sit_drift(v, x, p) : v;
 }
 
 /* CFG (guidance.cfg_combine): u + w (c - u). */
 IGK_HD inline float igk_cfg(float c, float u, float w) { return u + w * (c - u); }
+
+/* RAEv2 (updates.xpred_velocity): v = (x - x_hat) / t_safe, an IEEE division as the reference's
+ * tensor division (not a multiplication by 1 / t_safe, which can differ in the last bit). */
+IGK_HD inline float igk_xpred_velocity(float x, float x_hat, const igk_step_params& p) {
+    return (x - x_hat) / p.t_safe;
+}
 
 /* updates.sde_update, stochastic step: (x + d dt) + sqrt(2t) (eps sqrt|dt|). */
 IGK_HD inline float igk_sde(float x, float d, float eps, const igk_step_params& p) {
@@ -232,14 +240,16 @@ IGK_HD inline void igk_step_block(const igk_step_params& p, const igk_step_buffe
     igk_load4<IGK_DTYPE_F32, VEC>(b.x, ic, m, x);
     igk_load4<DT, VEC>(b.v_final, ic, m, vf);
     if (p.ig) igk_load4<DT, VEC>(b.v_inter, ic, m, vi);
-    for (int j = 0; j < 4; ++j) f[j] = igk_row_field(vf[j], vi[j], x[j], p);
+    for (int j = 0; j < 4; ++j) f[j] = igk_row_field(vf[j], vi[j], x[j], p.ig_w, p);
 
-    if (p.cfg) {  /* unconditional row N + n, same x (the network saw x twice) */
+    if (p.cfg) {  /* unconditional row N + n, same x (the network saw x twice), its own IG weight */
         const int64_t iu = (b.n + n) * E + e0;
         igk_load4<DT, VEC>(b.v_final, iu, m, vf);
         if (p.ig) igk_load4<DT, VEC>(b.v_inter, iu, m, vi);
-        for (int j = 0; j < 4; ++j) f[j] = igk_cfg(f[j], igk_row_field(vf[j], vi[j], x[j], p), p.cfg_w);
+        for (int j = 0; j < 4; ++j) f[j] = igk_cfg(f[j], igk_row_field(vf[j], vi[j], x[j], p.ig_w_uncond, p), p.cfg_w);
     }
+    if (p.family == IGK_FAMILY_RAEV2)  /* f is the guided x-prediction: the velocity at x */
+        for (int j = 0; j < 4; ++j) f[j] = igk_xpred_velocity(x[j], f[j], p);
 
     float xn[4];
     switch (p.kind) {
@@ -288,9 +298,10 @@ IGK_HD inline void igk_step_block(const igk_step_params& p, const igk_step_buffe
 IGK_HD inline int igk_launch_fault(const igk_step_params& p, const igk_step_buffers& b, int64_t v_rows,
                                    int64_t net_rows) {
     if (p.kind < IGK_KIND_SDE || p.kind > IGK_KIND_HEUN_CORRECT) return IGK_FAULT_KIND;
-    if (p.family != IGK_FAMILY_SIT && p.family != IGK_FAMILY_LIGHTNINGDIT) return IGK_FAULT_KIND;
+    if (p.family < IGK_FAMILY_SIT || p.family > IGK_FAMILY_RAEV2) return IGK_FAULT_KIND;
     const bool sde = p.kind == IGK_KIND_SDE || p.kind == IGK_KIND_SDE_LAST;
     if (sde != (p.drift != 0) || (p.drift && p.family != IGK_FAMILY_SIT)) return IGK_FAULT_KIND;
+    if (p.family == IGK_FAMILY_RAEV2 && p.kind != IGK_KIND_EULER) return IGK_FAULT_KIND;
     if (v_rows != (p.cfg ? 2 * b.n : b.n)) return IGK_FAULT_ROWS;
     if (p.dup_next && b.net_out && net_rows < 2 * b.n) return IGK_FAULT_ROWS;
     if ((p.ig && !b.v_inter) || (p.kind == IGK_KIND_SDE && !b.indices) || (p.dup_next && !b.net_out))

@@ -35,6 +35,7 @@ TWIN_BUILD = ROOT / "build" / "kernels-test-cpu"
 
 IG_SCALE = 1.4
 CFG_SCALE = 1.5
+RAEV2_IG_SCALE_UNCOND = 1.9  # RAEv2's unconditional rows extrapolate with their own scale (the others use IG_SCALE)
 # docs/CONTRACTS.md, tolerances, kernels: |fused - reference| <= KERNEL_RTOL * max(1, |reference|) elementwise.
 KERNEL_RTOL = 1e-6
 
@@ -83,14 +84,18 @@ class Case:
     seed: int = 20240917
     step_index: int = 3
     x_offset: int = 0  # > 0: x lives at this element offset of a larger buffer (misaligned rows)
+    t: float | None = None  # RAEv2 cases: the step's time (None: drawn at random from the case's id)
+    ig_scale_uncond: float | None = RAEV2_IG_SCALE_UNCOND  # RAEv2 cases: GuidanceConfig.ig_scale_uncond
 
     @property
     def id(self) -> str:
         dt = str(self.vdtype).replace("torch.", "")
         c2 = f"-cfg2{int(self.cfg2)}" if self.kind == "heun" else ""
         off = f"-off{self.x_offset}" if self.x_offset else ""
+        at = f"-t{self.t:g}" if self.t is not None else ""
+        uncond = f"-uncond{self.ig_scale_uncond}" if self.ig_scale_uncond != RAEV2_IG_SCALE_UNCOND else ""
         return (f"{self.family.value}-{self.kind}-ig{int(self.ig)}-cfg{int(self.cfg)}{c2}-dup{int(self.dup_next)}-"
-                f"{dt}-n{self.n}-{'x'.join(map(str, self.shape))}{off}")
+                f"{dt}-n{self.n}-{'x'.join(map(str, self.shape))}{off}{at}{uncond}")
 
 
 def model_config(case: Case) -> ModelConfig:
@@ -98,12 +103,20 @@ def model_config(case: Case) -> ModelConfig:
     c, h, w = case.shape
     if h != w:
         raise ValueError("latent shapes are square (C, S, S)")
+    if case.family == Family.RAEV2:
+        return preset("RAEv2-B", input_size=h, in_channels=c, depth=1, hidden_size=64, num_heads=4, encoder_depth=1,
+                      decoder_hidden_size=64, head_num_heads=4, num_classes=10)
     name = "SiT-S/2" if case.family == Family.SIT else "LightningDiT-B/1"
     return preset(name, input_size=h, patch_size=1, in_channels=c, depth=1, hidden_size=64, num_heads=4,
                   encoder_depth=1, num_classes=10)
 
 
 def sampler_config(case: Case) -> SamplerConfig:
+    if case.family == Family.RAEV2:
+        if case.kind != "euler":
+            raise ValueError("RAEv2 steps are Euler steps")
+        g = GuidanceConfig(ig_scale=IG_SCALE, cfg_scale=CFG_SCALE, ig_scale_uncond=case.ig_scale_uncond)
+        return SamplerConfig(solver=Solver.EULER, steps=10, guidance=g, precision=Precision.FP32)
     if case.family == Family.SIT:
         solver = {"sde": Solver.SDE, "sde-last": Solver.SDE, "euler": Solver.ODE_EULER, "heun": Solver.ODE_HEUN}[case.kind]
     else:
@@ -115,8 +128,15 @@ def sampler_config(case: Case) -> SamplerConfig:
 
 
 def make_step(case: Case, rng: np.random.Generator) -> Step:
-    """A plan step of the case's kind at a random time (SiT: t from 1 down; LightningDiT: 0 up)."""
+    """A plan step of the case's kind at a random time, or at ``case.t`` (SiT and RAEv2: t from 1 down,
+    RAEv2's times float32 like its grid; LightningDiT: 0 up)."""
     k = case.step_index
+    if case.family == Family.RAEV2:
+        t0 = np.float32(case.t if case.t is not None else rng.uniform(0.01, 1.0))
+        t1 = np.float32(max(0.0, float(t0) - rng.uniform(0.005, 0.2)))
+        ev = Evaluation(t=float(t0), ig=case.ig, cfg=case.cfg)
+        return Step(index=k, kind=StepKind.EULER, t_cur=float(t0), t_next=float(t1), dt=-float(np.float32(t0 - t1)),
+                    evals=(ev,))
     if case.family == Family.SIT:
         if case.kind == "sde-last":
             t_cur, t_next = SDE_T_END, 0.0
@@ -347,7 +367,7 @@ def compare(case: Case, got: dict[str, torch.Tensor], ref: dict[str, torch.Tenso
 # ------------------------------------------------------------------------------------------------
 
 KINDS = ((Family.SIT, "sde"), (Family.SIT, "sde-last"), (Family.SIT, "euler"), (Family.SIT, "heun"),
-         (Family.LIGHTNINGDIT, "euler"), (Family.LIGHTNINGDIT, "heun"))
+         (Family.LIGHTNINGDIT, "euler"), (Family.LIGHTNINGDIT, "heun"), (Family.RAEV2, "euler"))
 # batch 1 with E = 27 (a tail of 3); E = 64 (whole blocks: the vectorised path); E = 1 (one partial
 # block); E = 147 (tail of 3, several blocks).
 SIZES = ((1, (3, 3, 3)), (3, (4, 4, 4)), (2, (1, 1, 1)), (2, (3, 7, 7)))
@@ -402,6 +422,43 @@ def e2e_sampler(solver: Solver, cfg_interval, shift: float, precision: Precision
                 steps: int = 10) -> SamplerConfig:
     g = GuidanceConfig(ig_scale=1.4, ig_interval=(0.0, 0.8), cfg_scale=1.5, cfg_interval=tuple(cfg_interval))
     return SamplerConfig(solver=solver, steps=steps, guidance=g, timestep_shift=shift, precision=precision)
+
+
+class XPredictionNet:
+    """A deterministic stand-in for a RAEv2 network: ``(x, t, y) -> (full, base)``, two distinct
+    x-predictions of x's shape in ``dtype``, smooth in x, t and the label (the null class included).
+
+    Torch operations on the device only (no host synchronisation, no Python decision per call), so it
+    is capturable like the torch backend.
+    """
+
+    capturable = True
+    precision = None
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        self.dtype = dtype
+        self.calls = 0
+
+    def __call__(self, x, t, y):
+        self.calls += 1
+        tt = t.view(-1, *([1] * (x.dim() - 1)))
+        yy = y.to(x.dtype).view_as(tt) * 0.1
+        full = 0.8 * x * (1.0 - tt) + 0.3 * torch.sin(3.0 * x + yy)
+        base = 0.6 * x - 0.2 * tt * torch.cos(2.0 * x - yy)
+        return full.to(self.dtype), base.to(self.dtype)
+
+
+def raev2_facts(shape: tuple[int, int, int] = (3, 5, 5)) -> ModelFacts:
+    """A RAEv2 model's facts for ``XPredictionNet`` (labels 0..9, null class 10)."""
+    return ModelFacts(Family.RAEV2, tuple(shape), null_class=10)
+
+
+def raev2_sampler(steps: int = 12, shift: float = 0.5, ig_scale_uncond: float | None = 1.2) -> SamplerConfig:
+    """A short RAEv2 run in which IG (on [0.3, 1]) and CFG (on [0, 0.6]) both switch; with 12 steps and
+    shift 0.5 its last evaluations are below t = 0.05, where the velocity divides by 0.05."""
+    g = GuidanceConfig(ig_scale=1.6, ig_interval=(0.3, 1.0), cfg_scale=1.5, cfg_interval=(0.0, 0.6),
+                       ig_scale_uncond=ig_scale_uncond)
+    return SamplerConfig(solver=Solver.EULER, steps=steps, guidance=g, timestep_shift=shift, precision=Precision.FP32)
 
 
 def twin_tools_missing() -> str | None:

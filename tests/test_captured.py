@@ -181,11 +181,14 @@ def _indexed_args():
                 first_bad=torch.full((2,), -1), fault=torch.zeros(2, dtype=torch.int64))
 
 
+_W = ctypes.sizeof(abi.StepParams)  # bytes of one launch-table row
+
+
 @pytest.mark.parametrize("mutate, message", [
-    (lambda a: a.update(table=a["table"].float()), r"table must be uint8 \(L, 72\)"),
-    (lambda a: a.update(table=a["table"][:, :36]), r"table must be uint8 \(L, 72\).*\(1, 36\)"),
+    (lambda a: a.update(table=a["table"].float()), rf"table must be uint8 \(L, {_W}\)"),
+    (lambda a: a.update(table=a["table"][:, :36]), rf"table must be uint8 \(L, {_W}\).*\(1, 36\)"),
     (lambda a: a.update(table=a["table"].to("meta")), "table is on meta"),
-    (lambda a: a.update(table=torch.cat([torch.zeros(1, dtype=torch.uint8), a["table"].flatten()])[1:].view(1, 72)),
+    (lambda a: a.update(table=torch.cat([torch.zeros(1, dtype=torch.uint8), a["table"].flatten()])[1:].view(1, _W)),
      "table is not 4-byte aligned"),
     (lambda a: a.update(counter=a["counter"].int()), "counter has dtype int32"),
     (lambda a: a.update(counter=torch.zeros(2, dtype=torch.int64)), r"counter has shape \(2,\)"),

@@ -128,6 +128,8 @@ def test_cuda_fused_step_matches_planrunner_step(cuda_lib, case):
     P.Case(Family.SIT, "sde", True, True, True, torch.bfloat16, n=3, shape=(4, 32, 32), x_offset=1),
     P.Case(Family.LIGHTNINGDIT, "heun", True, True, True, torch.float16, n=4, shape=(32, 16, 16), cfg2=True),
     P.Case(Family.LIGHTNINGDIT, "heun", True, False, True, torch.float32, n=2, shape=(32, 15, 15), cfg2=True),
+    P.Case(Family.RAEV2, "euler", True, True, True, torch.bfloat16, n=2, shape=(1024, 16, 16)),
+    P.Case(Family.RAEV2, "euler", True, True, False, torch.float32, n=3, shape=(3, 15, 15), t=0.03),
 ], ids=lambda c: c.id)
 def test_cuda_fused_step_matches_reference_at_latent_sizes(cuda_lib, case):
     inp = P.make_inputs(case, device="cuda")
@@ -282,6 +284,30 @@ def test_cuda_captured_loop_equals_the_reference_loop(cuda_discovered, name, sol
     assert got.device.type == "cuda"
     assert P.rel_err(got, ref) <= P.E2E_RTOL, P.rel_err(got, ref)
     assert P.rel_err(got, fused) <= P.E2E_RTOL, P.rel_err(got, fused)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_raev2_fused_and_captured_loops_equal_the_reference_loop(cuda_discovered, dtype):
+    """A short RAEv2 plan (IG and CFG switching, an unconditional IG scale of its own, times below
+    t_eps) through a deterministic x-prediction network: fused and captured loops on CUDA against the
+    reference loop on CUDA. The velocity divides by a float32 tensor on both sides (no reciprocal)."""
+    from igengine.sampling import Sampler
+    from igengine.sampling.plan import build_plan
+
+    plan = build_plan(Family.RAEV2, P.raev2_sampler())
+    facts = P.raev2_facts((4, 16, 16))
+    captured = Sampler(P.XPredictionNet(dtype), plan, facts, Precision.FP32, "cuda")
+    assert captured.path == "cuda-graph"
+    indices, labels = torch.tensor([3, 2**33 + 1, 11]), torch.tensor([1, 2, 9])
+    ref = replace(captured, kernels="off")(5, indices, labels)
+    fused = replace(captured, capture="off")
+    assert fused.path == "cuda"
+    got_fused = fused(5, indices, labels)
+    got = captured(5, indices, labels)
+    assert captured.fallbacks == (), "; ".join(f.message for f in captured.fallbacks)
+    assert P.rel_err(got_fused, ref) <= P.E2E_RTOL, P.rel_err(got_fused, ref)
+    assert P.rel_err(got, ref) <= P.E2E_RTOL, P.rel_err(got, ref)
+    assert P.rel_err(got, got_fused) <= P.E2E_RTOL, P.rel_err(got, got_fused)
 
 
 def test_cuda_sampler_captures_once_per_batch_size_and_resets_in_place(cuda_discovered, monkeypatch):

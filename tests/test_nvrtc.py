@@ -385,6 +385,9 @@ class _Skewed:
         if self.what == "step":
             params = type(params).from_buffer_copy(params)
             params.dt *= 2  # a scalar passed wrongly
+        if self.what == "uncond" and params.family == abi.FamilyCode.RAEV2:
+            params = type(params).from_buffer_copy(params)
+            params.ig_w_uncond = params.ig_w  # RAEv2's unconditional IG weight lost (a launcher of the old ABI)
         if self.what == "bf16" and buffers.v_dtype == abi.DType.BF16:
             buffers = type(buffers).from_buffer_copy(buffers)
             buffers.v_dtype = abi.DType.F16  # bf16 outputs read as fp16: a dtype dispatched wrongly
@@ -409,8 +412,9 @@ def test_the_self_test_passes_a_correct_build_and_catches_wrong_noise_or_steps()
         pytest.skip("the CPU twin is not built (python -m igengine.kernels.build)")
     notes = selftest.check_against_reference(cpu, torch.device("cpu"), cpu)
     assert notes[0] == "noise: bit-equal to the contract"
-    assert notes[1].startswith("by-value steps (f32/bf16/f16 outputs, 72 and 75 elements): within 0 ")
-    assert notes[2].startswith("indexed launches (4, counter and fault word): within 0 ")
+    assert notes[1].startswith("by-value steps (SiT SDE and RAEv2 Euler, f32/bf16/f16 outputs, 72 and 75 elements): "
+                               "within 0 ")
+    assert notes[2].startswith("indexed launches (5, counter and fault word): within 0 ")
     assert len(notes) == 3, "CUDA-graph capture is checked on CUDA devices only"
     assert selftest.check_against_reference(cpu, torch.device("cpu"))[1] == \
         "fused steps: not checked (no CPU twin to compare with)"
@@ -424,9 +428,11 @@ def test_the_self_test_passes_a_correct_build_and_catches_wrong_noise_or_steps()
 @pytest.mark.parametrize("what, message", [
     ("tail", r"its fused SDE step \(float32 outputs, 75 elements: scalar, with a partial last block\) differs .*x by 0.5"),
     ("bf16", r"its fused SDE step \(bfloat16 outputs, 72 elements: vectorised\) differs from the CPU twin's"),
-    ("counter", r"its indexed launches were refused: .*launch 0 of a table of 4"),
+    ("counter", r"its indexed launches were refused: .*launch 0 of a table of 5"),
+    ("uncond", r"its fused RAEv2 Euler step \(float32 outputs, 72 elements: vectorised\) differs from the CPU "
+               r"twin's: x"),
 ])
-def test_the_self_test_catches_a_wrong_tail_dtype_or_counter(what, message):
+def test_the_self_test_catches_a_wrong_tail_dtype_counter_or_ig_weight(what, message):
     """Each check the self-test grew fails on the fault it is there for (the twin, skewed in one way)."""
     cpu = library.cpu_library()
     if cpu is None:
@@ -557,6 +563,9 @@ REFUSED = [
     ("drift without SDE", _params(drift=1), _buffers()),
     ("SDE without drift", _params(kind=int(abi.Kind.SDE)), _buffers()),
     ("LightningDiT drift", _params(kind=int(abi.Kind.SDE_LAST), drift=1, family=1), _buffers()),
+    ("RAEv2 drift", _params(kind=int(abi.Kind.SDE_LAST), drift=1, family=2), _buffers()),
+    ("RAEv2 Heun", _params(kind=int(abi.Kind.HEUN_PREDICT), family=2), _buffers()),
+    ("family 3", _params(family=3), _buffers()),
     ("x", _params(), _buffers(x=None)),
     ("v_final", _params(), _buffers(v_final=None)),
     ("v_inter", _params(ig=1), _buffers(v_inter=None)),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import enum
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 
 class KernelError(RuntimeError):
@@ -30,8 +30,11 @@ class Kind(enum.IntEnum):
 
 
 class FamilyCode(enum.IntEnum):
+    """The model family of a launch (``enum igk_family``): its IG form, RAEv2's x-prediction velocity, its kinds."""
+
     SIT = 0
     LIGHTNINGDIT = 1
+    RAEV2 = 2  # Euler only: v = (x - x_hat) / t_safe on the guided x-prediction x_hat
 
 
 class DType(enum.IntEnum):
@@ -77,6 +80,7 @@ class StepParams(ctypes.Structure):
         ("seed_lo", ctypes.c_uint32),
         ("seed_hi", ctypes.c_uint32),
         ("ig_w", ctypes.c_float),
+        ("ig_w_uncond", ctypes.c_float),  # the IG weight of the unconditional rows (= ig_w but for RAEv2)
         ("cfg_w", ctypes.c_float),
         ("score_ratio", ctypes.c_float),
         ("score_var", ctypes.c_float),
@@ -84,6 +88,7 @@ class StepParams(ctypes.Structure):
         ("dt", ctypes.c_float),
         ("sqrt_abs_dt", ctypes.c_float),
         ("sqrt_diffusion", ctypes.c_float),
+        ("t_safe", ctypes.c_float),  # RAEv2: the divisor max(t, 0.05) of v = (x - x_hat) / t_safe
     ]
 
     def __repr__(self) -> str:

@@ -168,9 +168,13 @@ def _check_params(p: abi.StepParams, name: str) -> None:
     """The host's share of the C side's checks of one launch's scalars (igk_launch_fault)."""
     _need(isinstance(p, abi.StepParams), f"{name} must be an igengine.kernels.abi.StepParams, got {type(p).__name__}")
     _need(p.kind in tuple(abi.Kind), f"{name}.kind = {p.kind} is not a kind ({', '.join(k.name for k in abi.Kind)})")
-    _need(p.family in tuple(abi.FamilyCode), f"{name}.family = {p.family} is not a family code (0 SiT, 1 LightningDiT)")
+    _need(p.family in tuple(abi.FamilyCode),
+          f"{name}.family = {p.family} is not a family code (0 SiT, 1 LightningDiT, 2 RAEv2)")
     _need((abi.Kind(p.kind) in _SDE_KINDS) == bool(p.drift), f"{name}.drift must be set exactly for the SDE kinds")
     _need(not p.drift or p.family == abi.FamilyCode.SIT, f"{name}: the SDE drift is a SiT-family field")
+    if p.family == abi.FamilyCode.RAEV2:
+        _need(p.kind == abi.Kind.EULER, f"{name}: a RAEv2 launch is an Euler step, got kind {abi.Kind(p.kind).name}")
+        _need(p.t_safe > 0.0, f"{name}.t_safe = {p.t_safe}: RAEv2 divides by max(t, 0.05), which is > 0")
 
 
 def pack_table(params: Sequence[abi.StepParams], device="cpu") -> torch.Tensor:

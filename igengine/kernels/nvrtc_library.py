@@ -237,13 +237,15 @@ def _validate(p: abi.StepParams, b: abi.StepBuffers) -> tuple[int, str] | None:
     K = abi.Kind
     if not K.SDE <= p.kind <= K.HEUN_CORRECT:
         return abi.Status.ERR_KIND, f"unknown kind {p.kind}"
-    if p.family not in (abi.FamilyCode.SIT, abi.FamilyCode.LIGHTNINGDIT):
+    if not abi.FamilyCode.SIT <= p.family <= abi.FamilyCode.RAEV2:
         return abi.Status.ERR_KIND, f"unknown family {p.family}"
     sde = p.kind in (K.SDE, K.SDE_LAST)
     if sde != bool(p.drift):
         return abi.Status.ERR_KIND, "drift must be set exactly for the SDE kinds"
     if p.drift and p.family != abi.FamilyCode.SIT:
         return abi.Status.ERR_KIND, "the SDE drift is a SiT-family field"
+    if p.family == abi.FamilyCode.RAEV2 and p.kind != K.EULER:
+        return abi.Status.ERR_KIND, f"a RAEv2 launch is an Euler step (kind {p.kind} given)"
     checks = ((not b.x, "x is NULL"), (not b.v_final, "v_final is NULL"),
               (p.ig and not b.v_inter, "IG is active but v_inter is NULL"),
               (p.kind == K.SDE and not b.indices, "the SDE step needs the sample indices"),

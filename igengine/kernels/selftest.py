@@ -7,13 +7,16 @@ GPU, each compared with what the same maths gives elsewhere:
   * noise: the contract's Gaussians (seed > 2^32, a stream, scattered indices, 105 elements per
     sample, so the last Philox block is partial) against ``igengine.noise.gaussian``: bit for bit;
   * by-value steps: a SiT SDE step with IG, CFG, in-kernel noise, the duplicated next network
-    input and the non-finite flags, with float32, bfloat16 and float16 network outputs, at 72
-    elements per row (the vectorised kernels) and 75 (the scalar kernels, whose last 4-element
-    block is partial: the tail), against the CPU twin (``libigengine_kernels_cpu``) on the same inputs;
-  * indexed launches: a table of four launches (SDE without CFG, the Heun predictor and corrector
-    with CFG, the deterministic last SDE step), run one by one with ``fused_step_indexed`` in the
-    vectorised float32 and the scalar bfloat16 configuration: state, slope, next input and flags
-    against the twin, the launch counter advanced once per launch and the fault word clear;
+    input and the non-finite flags, and a RAEv2 Euler step (IG on both halves, the unconditional
+    one with its own scale, CFG on the x-predictions, the division by t_safe), with float32,
+    bfloat16 and float16 network outputs, at 72 elements per row (the vectorised kernels) and 75
+    (the scalar kernels, whose last 4-element block is partial: the tail), against the CPU twin
+    (``libigengine_kernels_cpu``) on the same inputs;
+  * indexed launches: a table of five launches (SDE without CFG, the Heun predictor and corrector
+    with CFG, a RAEv2 Euler step with CFG, the deterministic last SDE step), run one by one with
+    ``fused_step_indexed`` in the vectorised float32 and the scalar bfloat16 configuration: state,
+    slope, next input and flags against the twin, the launch counter advanced once per launch and
+    the fault word clear;
   * capture (CUDA devices): the same launches replayed from CUDA graphs, one per network row
     count, each graph reading its launch's outputs at the device-side counter as the captured loop
     (``igengine.sampling.captured``) does: the same checks after the replays.
@@ -53,19 +56,26 @@ V_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _params(kind: abi.Kind, *, cfg: bool, ig: bool = True, dup_next: bool = False, step: int = 3,
-            dt: float = -0.004) -> abi.StepParams:
-    """SiT-family scalars with every field of the kind set to a distinct, plausible value."""
+            dt: float = -0.004, family: abi.FamilyCode = abi.FamilyCode.SIT) -> abi.StepParams:
+    """Scalars of the family (SiT, or RAEv2 for its Euler step) with every field of the kind set to a
+    distinct, plausible value (RAEv2: an unconditional IG weight other than the conditional one)."""
     p = abi.StepParams()
     sde = kind in (abi.Kind.SDE, abi.Kind.SDE_LAST)
-    p.kind, p.family = kind, abi.FamilyCode.SIT
+    p.kind, p.family = kind, family
     p.ig, p.cfg, p.drift, p.dup_next = int(ig), int(cfg), int(sde), int(dup_next)
     p.step_index, p.noise_stream = step, (STREAM + step if kind == abi.Kind.SDE else 0)
     p.seed_lo, p.seed_hi = SEED & 0xFFFFFFFF, SEED >> 32
     p.ig_w, p.cfg_w = 1.4, 1.35
+    p.ig_w_uncond = 2.1 if family == abi.FamilyCode.RAEV2 else p.ig_w
     p.score_ratio, p.score_var, p.drift_t = 0.8, 0.3, 0.6
     p.dt, p.sqrt_abs_dt = dt, abs(dt) ** 0.5
     p.sqrt_diffusion = 0.9 if kind == abi.Kind.SDE else 0.0
+    p.t_safe = 0.3 if family == abi.FamilyCode.RAEV2 else 0.0
     return p
+
+
+def _raev2_params(*, cfg: bool = True, dup_next: bool = False, step: int = 3, dt: float = -0.004) -> abi.StepParams:
+    return _params(abi.Kind.EULER, cfg=cfg, dup_next=dup_next, step=step, dt=dt, family=abi.FamilyCode.RAEV2)
 
 
 # The indexed table: (params, network rows as a multiple of N).
@@ -74,7 +84,8 @@ def _table_launches() -> list[tuple[abi.StepParams, int]]:
         (_params(abi.Kind.SDE, cfg=False, dup_next=True, step=0), 1),
         (_params(abi.Kind.HEUN_PREDICT, cfg=True, dup_next=True, step=1, dt=-0.25), 2),
         (_params(abi.Kind.HEUN_CORRECT, cfg=True, dup_next=True, step=1, dt=-0.25), 2),
-        (_params(abi.Kind.SDE_LAST, cfg=True, step=2, dt=-0.04), 2),
+        (_raev2_params(dup_next=True, step=2, dt=-0.0625), 2),
+        (_params(abi.Kind.SDE_LAST, cfg=True, step=3, dt=-0.04), 2),
     ]
 
 
@@ -113,8 +124,8 @@ def check_against_reference(lib, device: int | torch.device, cpu_lib=None) -> li
     for dtype in V_DTYPES:
         for e in ROW_LENGTHS:
             worst = max(worst, _check_by_value(lib, dev, cpu_lib, dtype, e))
-    notes.append(f"by-value steps (f32/bf16/f16 outputs, {ROW_LENGTHS[0]} and {ROW_LENGTHS[1]} elements): "
-                 f"within {worst:.2g} of the CPU twin")
+    notes.append(f"by-value steps (SiT SDE and RAEv2 Euler, f32/bf16/f16 outputs, {ROW_LENGTHS[0]} and "
+                 f"{ROW_LENGTHS[1]} elements): within {worst:.2g} of the CPU twin")
     worst = max(_check_indexed(lib, dev, cpu_lib, dtype, e, capture=False)
                 for dtype, e in ((torch.float32, 72), (torch.bfloat16, 75)))
     launches = len(_table_launches())
@@ -149,25 +160,30 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _check_by_value(lib, dev: torch.device, cpu_lib, dtype: torch.dtype, e: int) -> float:
-    """One SDE step with IG, CFG, noise, the duplicated next input and the flags, on both libraries."""
+    """On both libraries: one SiT SDE step with IG, CFG, noise, the duplicated next input and the
+    flags; one RAEv2 Euler step with IG (its own unconditional weight), CFG and the next input."""
     g = torch.Generator().manual_seed(e)
     n = 2
     x = torch.randn(n, e, generator=g)
     v_final = torch.randn(2 * n, e, generator=g).to(dtype)
     v_inter = torch.randn(2 * n, e, generator=g).to(dtype)
     idx = torch.tensor(INDICES[:n], dtype=torch.int64)
-    p = _params(abi.Kind.SDE, cfg=True, dup_next=True)
-    results = []
-    for target, library in ((torch.device("cpu"), cpu_lib), (dev, lib)):
-        out = torch.empty(n, e, device=target)
-        net = torch.empty(2 * n, e, device=target)
-        first_bad = torch.full((n,), -1, dtype=torch.int64, device=target)
-        fused_step(p, x.to(target), v_final.to(target), v_inter.to(target), indices=idx.to(target), x_out=out,
-                   net_out=net, first_bad=first_bad, library=library)
-        results.append({"x": out.cpu(), "net_out": net.cpu(), "first_bad": first_bad.cpu()})
-    want, got = results
     path = "vectorised" if e % 4 == 0 else "scalar, with a partial last block"
-    return _compare(f"its fused SDE step ({_dtype_name(dtype)} outputs, {e} elements: {path})", got, want)
+    worst = 0.0
+    steps = (("SDE", _params(abi.Kind.SDE, cfg=True, dup_next=True)), ("RAEv2 Euler", _raev2_params(dup_next=True)))
+    for what, p in steps:
+        results = []
+        for target, library in ((torch.device("cpu"), cpu_lib), (dev, lib)):
+            out = torch.empty(n, e, device=target)
+            net = torch.empty(2 * n, e, device=target)
+            first_bad = torch.full((n,), -1, dtype=torch.int64, device=target)
+            fused_step(p, x.to(target), v_final.to(target), v_inter.to(target), indices=idx.to(target), x_out=out,
+                       net_out=net, first_bad=first_bad, library=library)
+            results.append({"x": out.cpu(), "net_out": net.cpu(), "first_bad": first_bad.cpu()})
+        want, got = results
+        worst = max(worst, _compare(f"its fused {what} step ({_dtype_name(dtype)} outputs, {e} elements: {path})",
+                                    got, want))
+    return worst
 
 
 def _indexed_inputs(dtype: torch.dtype, e: int, n: int = 2):

@@ -2,9 +2,9 @@
 
 ``library`` only finds, opens and probes the libraries. Here, the first time a CUDA build is asked
 for on a device, it runs ``selftest.check_against_reference`` there (noise, by-value and indexed
-steps with every output dtype, the scalar tail, the counter, CUDA-graph capture: a few ms), once
-per (device, build). A build that fails is refused on that device (``library.refuse``) with one
-warning naming the check, and the loader's next build (CMake -> NVRTC under
+steps of SiT and RAEv2 with every output dtype, the scalar tail, the counter, CUDA-graph capture: a
+few ms), once per (device, build). A build that fails is refused on that device (``library.refuse``)
+with one warning naming the check, and the loader's next build (CMake -> NVRTC under
 ``IGENGINE_KERNELS_BUILD=auto``) is tested in its turn, or the run takes the reference path.
 
 The samplers (``igengine.sampling``) and the custom ops ask for their library here

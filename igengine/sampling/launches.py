@@ -7,8 +7,11 @@ multiplies by, taken from the same helpers:
 
     IG        SiT: v_i + w (v_f - v_i)           ig_w = w            (guidance.ig_combine)
               LightningDiT: v_f + (w-1)(v_f - v_i)  ig_w = w - 1.0
+              RAEv2: base + w (full - base)      ig_w = w, and ig_w_uncond = the unconditional scale
+              (ig_w_uncond weighs the unconditional rows; SiT and LightningDiT use ig_w there too)
     drift     updates.sit_score_coefficients(t)
     CFG       cfg_w = w_cfg                                        (guidance.cfg_combine)
+    RAEv2     t_safe = plan.raev2_t_safe(t): v = (x - x_hat) / t_safe (updates.xpred_velocity)
     update    dt and updates.sde_noise_scales(step)
 """
 
@@ -20,8 +23,12 @@ from dataclasses import dataclass
 from igengine.config import Family, GuidanceConfig
 from igengine.kernels.abi import FamilyCode, Kind, StepParams
 from igengine.noise import check_seed
-from igengine.sampling.plan import Evaluation, Plan, Step, StepKind
+from igengine.sampling.plan import Evaluation, Plan, Step, StepKind, raev2_t_safe
 from igengine.sampling.updates import sde_noise_scales, sit_score_coefficients
+
+
+_FAMILY_CODES = {Family.SIT: FamilyCode.SIT, Family.LIGHTNINGDIT: FamilyCode.LIGHTNINGDIT,
+                 Family.RAEV2: FamilyCode.RAEV2}
 
 
 class Phase(str, enum.Enum):
@@ -54,12 +61,15 @@ def step_params(family: Family, guidance: GuidanceConfig, step: Step, *, phase: 
     seed = check_seed(seed)
     kind = _kind(step, phase)
     ev: Evaluation = step.evals[1] if kind == Kind.HEUN_CORRECT else step.evals[0]
+    family = Family(family)
     drift = kind in (Kind.SDE, Kind.SDE_LAST)
-    if drift and Family(family) != Family.SIT:
+    if drift and family != Family.SIT:
         raise ValueError("the SDE kinds belong to the SiT family")
+    if family == Family.RAEV2 and kind != Kind.EULER:
+        raise ValueError(f"RAEv2 steps are Euler steps, step {step.index} is {step.kind.value}")
     p = StepParams()
     p.kind = int(kind)
-    p.family = int(FamilyCode.SIT if Family(family) == Family.SIT else FamilyCode.LIGHTNINGDIT)
+    p.family = int(_FAMILY_CODES[family])
     p.ig = int(bool(ev.ig))
     p.cfg = int(bool(ev.cfg))
     p.drift = int(drift)
@@ -68,7 +78,12 @@ def step_params(family: Family, guidance: GuidanceConfig, step: Step, *, phase: 
     p.noise_stream = int(step.noise_stream) if kind == Kind.SDE else 0
     p.seed_lo = seed & 0xFFFFFFFF
     p.seed_hi = seed >> 32
-    p.ig_w = guidance.ig_scale if Family(family) == Family.SIT else guidance.ig_scale - 1.0
+    if family == Family.LIGHTNINGDIT:
+        p.ig_w = p.ig_w_uncond = guidance.ig_scale - 1.0
+    elif family == Family.RAEV2:
+        p.ig_w, p.ig_w_uncond = guidance.ig_scale, guidance.uncond_ig_scale
+    else:
+        p.ig_w = p.ig_w_uncond = guidance.ig_scale
     p.cfg_w = guidance.cfg_scale
     score = sit_score_coefficients(float(ev.t))
     p.score_ratio = score.ratio
@@ -78,6 +93,7 @@ def step_params(family: Family, guidance: GuidanceConfig, step: Step, *, phase: 
     sqrt_dt, sqrt_g2 = sde_noise_scales(step)
     p.sqrt_abs_dt = sqrt_dt
     p.sqrt_diffusion = sqrt_g2 if kind == Kind.SDE else 0.0
+    p.t_safe = raev2_t_safe(ev.t) if family == Family.RAEV2 else 0.0
     return p
 
 
