@@ -5,7 +5,7 @@ imports of torchvision and PIL are stubbed where they cannot load), which igengi
 
     /work/venv-official/bin/python benchmarks/official_raev2.py --raev2-repo PATH/RAEv2
 
-What it checks, printed as JSON (and written to ``--out`` if given):
+What it checks, printed as JSON and written to ``--out`` (default benchmarks/results/official_raev2.json):
   * layout: the released RAEv2-XL's official state dict (built on the meta device) against
     igengine's: key set, shapes, key count, parameter count;
   * flops: FlopCounterMode on the official RAEv2-XL (meta device) against ``igengine.bench.flops``;
@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.official_parity import max_abs, stub_import_if_broken  # noqa: E402
+from benchmarks.provenance import provenance  # noqa: E402
 from igengine.bench.flops import forward_flops  # noqa: E402
 from igengine.config import ModelConfig, Precision  # noqa: E402
 from igengine.models import RAEv2DiT, apply_precision, preset  # noqa: E402
@@ -184,11 +185,13 @@ def forward_parity(repo: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--raev2-repo", type=Path, required=True, help="checkout of nanovisionx/RAEv2")
-    parser.add_argument("--out", type=Path, help="also write the JSON report here")
+    parser.add_argument("--raev2-commit", default="unknown", help="the checkout's commit, recorded in the report")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "official_raev2.json")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     t0 = time.time()
-    report: dict = {"raev2_repo": str(args.raev2_repo), "torch": torch.__version__,
+    report: dict = {"provenance": provenance(), "raev2_repo": str(args.raev2_repo),
+                    "raev2_commit": args.raev2_commit, "torch": torch.__version__,
                     "threads": torch.get_num_threads()}
     report["forward"] = forward_parity(args.raev2_repo)
     cls, _ = import_official(args.raev2_repo)
@@ -203,9 +206,8 @@ def main() -> int:
     )
     report["wall_s"] = round(time.time() - t0, 1)
     text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
     print(text)
     return 0 if report["ok"] else 1
 

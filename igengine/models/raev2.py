@@ -63,7 +63,7 @@ class FourierTimeTokens(nn.Module):
 
     def forward(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t (N,) float32 -> (embedding (N, 1, D), tokens (N, n_tokens, D))."""
-        args = t[:, None] * self.W[None, :] * 2 * math.pi  # the official order of the products
+        args = t.float()[:, None] * self.W[None, :] * 2 * math.pi  # the official order of the products
         emb = self.mlp(torch.cat([torch.sin(args), torch.cos(args)], dim=-1)).unsqueeze(1)
         return emb, self.learnable_tokens + emb
 
@@ -204,6 +204,8 @@ class RAEv2DiT(nn.Module):
     ``config``: a RAEv2 ModelConfig (``hidden_size``/``depth``/``num_heads`` the trunk,
     ``decoder_hidden_size``/``head_depth``/``head_num_heads`` the DDT head, ``encoder_depth`` the
     official ``base_model_depth``, ``time_tokens``/``class_tokens`` the condition tokens).
+    ``drop_mask`` (N,) bool: rows that take the null class (label ``num_classes``) instead of ``y``.
+    ``contiguous_tokens``: set by ``apply_precision`` (the head's token layout; the same values).
     """
 
     def __init__(self, config: ModelConfig):
