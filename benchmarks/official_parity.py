@@ -52,13 +52,21 @@ def stub_torchvision_if_broken() -> str:
     timm 0.9.16 imports torchvision at import time, and the PyPI torchvision wheel does not load beside
     torch 2.13.0+cpu. When ``import torchvision`` fails, an import stub takes its place in this process
     (nothing of it is called: the official models use timm's PatchEmbed/Attention/Mlp only)."""
-    try:
-        import torchvision  # noqa: F401
+    return stub_import_if_broken("torchvision")
 
-        return f"torchvision {torchvision.__version__}"
-    except Exception as e:  # the PyPI wheel fails to load its operators beside a +cpu torch
+
+def stub_import_if_broken(package: str) -> str:
+    """Make ``import package`` (and its submodules) succeed when the real one fails; returns what was found.
+
+    The stub answers every attribute with a placeholder class: enough for libraries that only reference
+    the package at import time (timm and torchvision, timm's data transforms and PIL), never for a call."""
+    try:
+        module = __import__(package)
+
+        return f"{package} {getattr(module, '__version__', '(no version)')}"
+    except Exception as e:  # missing, or a wheel that fails to load beside a +cpu torch
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
         del sys.modules[name]
     import importlib.abc
     import importlib.machinery
@@ -78,7 +86,7 @@ def stub_torchvision_if_broken() -> str:
 
     class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         def find_spec(self, fullname, path=None, target=None):
-            if fullname == "torchvision" or fullname.startswith("torchvision."):
+            if fullname == package or fullname.startswith(package + "."):
                 return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
             return None
 
@@ -91,7 +99,7 @@ def stub_torchvision_if_broken() -> str:
             module.__version__ = "0.0.0+stub"
 
     sys.meta_path.insert(0, Finder())
-    return f"stub (import torchvision failed: {reason})"
+    return f"stub (import {package} failed: {reason})"
 
 
 def import_official(repo: Path, family: str):

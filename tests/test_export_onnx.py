@@ -4,6 +4,7 @@ Tiny models of both families with every block type (SiT: shifted adaLN, LayerNor
 learn_sigma head; LightningDiT: RoPE, SwiGLU, RMSNorm + RMS qk-norm, no-shift adaLN), weights drawn
 with std 0.2 so that both outputs have std of a few units: an absolute bound of 1e-4 is not met by
 outputs that are merely small. Each (family, precision) is exported once per module (about 4 s each).
+A tiny RAEv2 (condition tokens, DDT head, base head) is exported at fp32 and checked for parity too.
 
 Tolerances (STYLE.md): fp32 graph vs fp32 torch: max abs <= 1e-4. fp16 graph: its error against
 the fp32 torch model may be at most twice the error of the plain torch fp16 model (the same maths
@@ -28,14 +29,14 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime is the optional 'on
 
 from igengine.backends import BackendError, BackendUnavailable, TorchBackend  # noqa: E402
 from igengine.jobs.backend import build_backend as create_backend  # noqa: E402
-from igengine.models.checkpoint import load_checkpoint, save_safetensors  # noqa: E402
+from igengine.models.checkpoint import LoadedCheckpoint, load_checkpoint, save_safetensors  # noqa: E402
 from igengine.cli import main  # noqa: E402
 from igengine.config import GuidanceConfig, Precision, SamplerConfig, Solver  # noqa: E402
 from igengine.export import ExportConfig, ExportError, GraphMismatchError  # noqa: E402
 from igengine.export.contract import GRAPH_FILE, SIDECAR, read_record  # noqa: E402
 from igengine.export.graph_passes import node_module, value_dtypes  # noqa: E402
 from igengine.export.onnx import export_onnx  # noqa: E402
-from igengine.models import IGDiT, apply_precision  # noqa: E402
+from igengine.models import IGDiT, RAEv2DiT, apply_precision, preset  # noqa: E402
 from tests.conftest import sampler_for as make_sampler  # noqa: E402
 from tests.conftest import TINY, randomize_  # noqa: E402
 
@@ -260,6 +261,54 @@ def test_reference_precision_runs_the_fp32_graph(graph, checkpoint):
     backend = create_backend("onnxruntime", load_checkpoint(checkpoint["sit"]), "reference", "cpu",
                              onnx=graph("sit", "fp32"))
     assert backend.describe()["graph_precision"] == "fp32"
+
+
+# ----------------------------------------------------------------------------------------------
+# RAEv2: the same contract, x_full and x_base as the outputs v_final and v_inter
+# ----------------------------------------------------------------------------------------------
+
+# Trunk 2 blocks (the base head after the first), a 1-block DDT head wider than the trunk (so s_projector
+# is a linear): every module type of RAEv2DiT, small enough for an export of a few seconds.
+RAEV2 = preset("RAEv2-B").replace(name="RAEv2-tiny", input_size=4, in_channels=8, hidden_size=32, depth=2,
+                                  num_heads=2, decoder_hidden_size=64, head_depth=1, head_num_heads=4, encoder_depth=1,
+                                  num_classes=10)
+
+
+def raev2_model() -> RAEv2DiT:
+    return randomize_(RAEv2DiT(RAEV2), 0, scale=0.2)
+
+
+@pytest.fixture(scope="module")
+def raev2_graph(workdir):
+    """(graph path, loaded checkpoint) of the tiny RAEv2 exported at fp32 (the checkpoint loader builds SiT and
+    LightningDiT networks only, so the loaded checkpoint is assembled here)."""
+    path = workdir / "raev2.safetensors"
+    save_safetensors(raev2_model(), path)
+    loaded = LoadedCheckpoint(raev2_model(), RAEV2, path, "safetensors")
+    result = export_onnx(loaded, ExportConfig(), workdir / "raev2-fp32")
+    return result.graph, loaded
+
+
+def test_raev2_onnxruntime_fp32_matches_torch_with_both_outputs(raev2_graph):
+    graph_path, loaded = raev2_graph
+    onnx.checker.check_model(str(graph_path), full_check=True)
+    session = ort.InferenceSession(str(graph_path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["v_final", "v_inter"]
+    assert read_record(graph_path).model_config == RAEV2.to_dict()
+    model = raev2_model()
+    for n in BATCHES:
+        g = torch.Generator().manual_seed(n)
+        x, t = torch.randn(n, *RAEV2.latent_shape, generator=g), torch.rand(n, generator=g)
+        y = torch.randint(0, RAEV2.num_classes + 1, (n,), generator=g)  # the null class row too
+        with torch.no_grad():
+            ref = model(x, t, y)  # (x_full, x_base)
+        got = session.run(["v_final", "v_inter"], {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()})
+        assert not torch.allclose(ref[0], ref[1])
+        for r, g in zip(ref, got):
+            g = torch.from_numpy(g)
+            assert g.dtype == torch.float32 and g.shape == r.shape
+            assert float(r.std()) > 0.5  # outputs of a few units: the bound below is not met by smallness
+            assert max_abs(g, r) <= FP32_TOL
 
 
 # ----------------------------------------------------------------------------------------------

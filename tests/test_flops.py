@@ -5,8 +5,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from igengine.bench.flops import block_linear_shapes, forward_flops, forward_flops_breakdown
-from igengine.models import IGDiT, preset
+from igengine.bench.flops import block_linear_shapes, forward_flops, forward_flops_breakdown, mlp_input_width
+from igengine.models import IGDiT, RAEv2DiT, build_model, preset
 
 SIT = dict(depth=2, hidden_size=64, num_heads=2, input_size=8, encoder_depth=1, num_classes=10)
 LDIT = dict(depth=2, hidden_size=64, num_heads=2, input_size=4, encoder_depth=1, num_classes=10)
@@ -23,7 +23,16 @@ CONFIGS = {
 }
 
 
-def counted(model: IGDiT, rows: int, device: str) -> tuple[int, dict]:
+RAEV2 = dict(input_size=4, in_channels=8, hidden_size=32, depth=3, num_heads=2, decoder_hidden_size=64, head_depth=2,
+             head_num_heads=4, encoder_depth=2, num_classes=10)
+RAEV2_CONFIGS = {
+    "RAEv2 tiny": preset("RAEv2-B", **RAEV2),
+    "RAEv2 tiny equal widths (no s_projector) patch 2": preset(
+        "RAEv2-B", **{**RAEV2, "input_size": 8, "patch_size": 2, "decoder_hidden_size": 32, "head_num_heads": 2}),
+}
+
+
+def counted(model: torch.nn.Module, rows: int, device: str) -> tuple[int, dict]:
     c = model.config
     x = torch.randn(rows, *c.latent_shape, device=device)
     t = torch.rand(rows, device=device)
@@ -105,3 +114,45 @@ def test_block_linear_shapes_are_the_blocks_own_per_token_linears(name):
     assert cfg.depth * sum(2 * m * k * n for m, k, n in shapes.values()) == b["qkv"] + b["attn_proj"] + b["mlp"]
     with pytest.raises(ValueError, match="rows"):
         block_linear_shapes(cfg, 0)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("key", list(RAEV2_CONFIGS))
+def test_raev2_forward_flops_equal_flop_counter_mode_on_cpu(key, rows):
+    model = RAEv2DiT(RAEV2_CONFIGS[key]).eval()
+    total, _ = counted(model, rows, "cpu")
+    assert forward_flops(RAEV2_CONFIGS[key], rows) == total
+
+
+@pytest.mark.parametrize("name", ["RAEv2-B", "RAEv2-XL"])
+def test_raev2_forward_flops_equal_flop_counter_mode_for_full_size_models_on_meta(name):
+    cfg = preset(name)
+    with torch.device("meta"):
+        model = build_model(cfg).eval()
+    total, by_op = counted(model, 2, "meta")
+    assert forward_flops(cfg, 2) == total
+    breakdown = forward_flops_breakdown(cfg, 2)
+    assert breakdown["attention"] == by_op[torch.ops.aten.bmm]
+    assert breakdown["patch_embed"] == by_op[torch.ops.aten.convolution]
+
+
+def test_raev2_xl_costs_twice_sit_xl2():
+    """RAEv2-XL: 475.0 GFLOP per image-forward with the attention products (462.3 without), 2.00 x SiT-XL/2's
+    237.3 (the same convention; benchmarks/official_raev2.py finds the same count on the official module)."""
+    xl, sit = forward_flops(preset("RAEv2-XL")), forward_flops(preset("SiT-XL/2"))
+    assert xl / sit == pytest.approx(2.0, rel=0.01)
+    assert (xl - forward_flops_breakdown(preset("RAEv2-XL"))["attention"]) / 1e9 == pytest.approx(462.3, abs=0.05)
+    assert forward_flops(preset("RAEv2-XL"), rows=8) == 8 * xl
+
+
+def test_raev2_block_linear_shapes_are_the_trunk_blocks_own_per_token_linears():
+    """A trunk block attends over the image and the condition tokens: M = rows x (256 + 4 + 8)."""
+    cfg = preset("RAEv2-B")
+    with torch.device("meta"):
+        block = RAEv2DiT(cfg).blocks[0]
+    rows = 3
+    own = {k.split(".")[-1]: (rows * 268, v.in_features, v.out_features) for k, v in block.named_modules()
+           if isinstance(v, torch.nn.Linear)}
+    shapes = block_linear_shapes(cfg, rows)
+    assert shapes == own and list(shapes)[:2] == ["w1", "w2"]
+    assert mlp_input_width(cfg) == block.mlp.w1.out_features

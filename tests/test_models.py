@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from igengine.config import Precision
-from igengine.models import IGDiT, MODEL_NAMES, apply_precision, preset
+from igengine.config import Family, Precision
+from igengine.models import IGDiT, MODEL_NAMES, RAEv2DiT, apply_precision, build_model, preset
 from tests.conftest import tiny_model
 
 LAYOUT = json.loads((Path(__file__).parent / "data" / "official_state_dict_layout.json").read_text())["models"]
@@ -38,9 +38,14 @@ def test_state_dict_layout_equals_the_official_one(key, cfg):
 def test_every_named_model_builds():
     for name in MODEL_NAMES:
         cfg = preset(name)
-        assert cfg.encoder_depth == 8 and "official default" in cfg.encoder_depth_source
+        if cfg.family == Family.RAEV2:  # the official base_model_depth of each RAEv2 preset
+            assert (cfg.encoder_depth, cfg.encoder_depth_source) == (
+                {"RAEv2-XL": 8, "RAEv2-B": 4}[name], f"preset {name} (official base_model_depth {cfg.encoder_depth})")
+        else:
+            assert cfg.encoder_depth == 8 and "official default" in cfg.encoder_depth_source
         with torch.device("meta"):
-            IGDiT(cfg)
+            model = build_model(cfg)
+        assert type(model) is (RAEv2DiT if cfg.family == Family.RAEV2 else IGDiT)
     with pytest.raises(KeyError, match="unknown model"):
         preset("SiT-XXL/2")
 

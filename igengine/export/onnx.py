@@ -1,5 +1,8 @@
 """Export an IG DiT checkpoint to an ONNX graph with both outputs (see ``contract`` for the files).
 
+Every family exports the same graph contract: an IGDiT's v_final / v_inter and a RAEv2DiT's x_full /
+x_base (x-predictions) are the outputs "v_final" and "v_inter", the final and the intermediate head.
+
 Exporter: ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript). The TorchScript exporter
 (``dynamo=False``) cannot trace the model as written: ``unpatchify`` turns a token count into a
 Python int (``int(round(t ** 0.5))``), which under tracing is a Tensor and fails; working around it
@@ -57,7 +60,7 @@ from igengine.export.graph_passes import (
     softmax_in_fp32,
     strip_debug_metadata,
 )
-from igengine.models import IGDiT, apply_precision
+from igengine.models import apply_precision
 from igengine.store.atomic import atomic_write_json
 from igengine.store.manifest import prepare_output_folder
 
@@ -87,7 +90,7 @@ def make_record(loaded: LoadedCheckpoint, config: ExportConfig) -> GraphRecord:
                        export=config, igengine_version=igengine.__version__, exporter=exporter_name())
 
 
-def network_for(model: IGDiT, precision: Precision) -> IGDiT:
+def network_for(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
     """The network to export: ``model`` itself for fp32, else a copy cast by ``apply_precision``.
 
     The checkpoint's model is never modified (the copy costs one more model in memory for a moment).
@@ -123,7 +126,7 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def torch_to_onnx(model: IGDiT, opset: int, path: Path) -> None:
+def torch_to_onnx(model: torch.nn.Module, opset: int, path: Path) -> None:
     """Trace ``model`` with a dynamic batch "N" and save it to ``path`` with external data beside it."""
     batch = torch.export.Dim(BATCH_DIM)
     shapes = {name: {0: batch} for name in INPUT_NAMES}

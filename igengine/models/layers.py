@@ -1,4 +1,5 @@
-"""Building blocks shared by the SiT and LightningDiT families.
+"""Building blocks shared by the SiT and LightningDiT families (RAEv2 reuses the patch embedding,
+RMSNorm, RoPE, ``compile_region``, ``run_in_own_dtype`` and ``unpatchify``; ``igengine.models.raev2``).
 
 Module and parameter names follow the official IG code (CVL-UESTC/Internal-Guidance) exactly, so
 that an official state dict loads with ``strict=True``: e.g. ``x_embedder.proj``,
@@ -154,11 +155,13 @@ class RotaryEmbedding2D(nn.Module):
 
     Each head dimension is split in two halves: the first rotates with the row index, the second
     with the column index. Within a half, channels come in interleaved pairs (2i, 2i+1) that share
-    the frequency theta^(-2i / half). Buffers ``freqs_cos`` / ``freqs_sin`` have shape
-    (grid*grid, head_dim) and are part of the official state dict.
+    the frequency theta^(-2i / half). ``extra_tokens`` rows of angle 0 (cos 1, sin 0: no rotation)
+    follow the grid's rows, for tokens without a position (RAEv2's condition tokens, appended after
+    the image tokens). Buffers ``freqs_cos`` / ``freqs_sin`` have shape (grid*grid + extra_tokens,
+    head_dim) and are part of the official state dicts.
     """
 
-    def __init__(self, half_head_dim: int, grid: int, theta: float = 10000.0):
+    def __init__(self, half_head_dim: int, grid: int, theta: float = 10000.0, extra_tokens: int = 0):
         super().__init__()
         freqs = 1.0 / (theta ** (torch.arange(0, half_head_dim, 2)[: half_head_dim // 2].float() / half_head_dim))
         pos = torch.arange(grid, dtype=torch.float32)
@@ -166,6 +169,8 @@ class RotaryEmbedding2D(nn.Module):
         rows = f[:, None, :].expand(grid, grid, -1)
         cols = f[None, :, :].expand(grid, grid, -1)
         table = torch.cat([rows, cols], dim=-1).reshape(grid * grid, -1)  # (T, head_dim)
+        if extra_tokens:
+            table = torch.cat([table, table.new_zeros(extra_tokens, table.shape[1])])  # (T + extra, head_dim)
         self.register_buffer("freqs_cos", table.cos())
         self.register_buffer("freqs_sin", table.sin())
 
@@ -175,7 +180,7 @@ class RotaryEmbedding2D(nn.Module):
         return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, heads, T, head_dim), rotated in fp32 and cast back."""
+        """x: (N, heads, T, head_dim) with T the table's rows, rotated in fp32 and cast back."""
         xf = x.float()
         out = xf * self.freqs_cos + self.rotate_half(xf) * self.freqs_sin
         return out.type_as(x)
