@@ -285,7 +285,7 @@ class SamplerConfig:
             raise ValueError(f"`steps` must be >= 1, got {self.steps}")
         if self.solver in (Solver.SDE,) and self.steps < 2:
             raise ValueError("the SDE solver needs `steps` >= 2 (linspace(1, 0.04, steps) then 0)")
-        if self.solver in (Solver.HEUN2, Solver.EULER) and self.steps < 2:
+        if self.solver == Solver.HEUN2 and self.steps < 2:
             raise ValueError("the LightningDiT solvers need `steps` >= 2 (grid linspace(0, 1, steps))")
         if not (self.timestep_shift >= 0.0 and self.timestep_shift != float("inf")):
             raise ValueError(f"`timestep_shift` must be a finite number >= 0, got {self.timestep_shift}")

@@ -261,3 +261,36 @@ def test_two_processes_under_torchrun_give_the_same_samples(files, tmp_path, cap
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 1/2: chunk 00000004-00000007.npz written" in proc.stderr
     assert all(np.array_equal(x, y) for x, y in zip(load(tmp_path / "one"), load(out)))
+
+
+def test_fp32_runs_the_fused_kernels_after_a_preflight_and_agrees_with_the_reference(files, reference, tmp_path,
+                                                                                       capsys):
+    out = tmp_path / "fp32"
+    code, _, err = run(capsys, *sample_args(files, out, "--precision", "fp32", "--save-latents", tmp_path / "l.npy",
+                                            batch=5))
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["backend"]["step"] == "cpu-twin"
+    assert m["preflight"]["compared"] and all(c["verdict"] == "pass" for c in m["preflight"]["compared"])
+    assert m["preflight"]["chosen"]["step"] == "cpu-twin"
+    ref_code, _, _ = run(capsys, *sample_args(files, tmp_path / "ref", "--save-latents", tmp_path / "r.npy", batch=5))
+    assert ref_code == 0
+    # fp32 (contiguous head tokens, fused step) against reference: the reassociation of a few float32 ops
+    assert np.abs(np.load(tmp_path / "l.npy") - np.load(tmp_path / "r.npy")).max() <= 1e-4
+    assert np.abs(load(out)[0].astype(int) - load(reference)[0].astype(int)).max() <= 1
+
+
+def test_info_lists_the_raev2_family(capsys):
+    code, out, _ = run(capsys, "info")
+    facts = json.loads(out)["families"]["raev2"]
+    assert code == 0 and facts["models"] == ["RAEv2-XL", "RAEv2-B"] and facts["decoder"] == "rae"
+    assert facts["solvers"] == ["euler"] and facts["paper_sampler"]["steps"] == 100
+    assert facts["paper_sampler"]["guidance"]["ig_scale"] == 1.78
+
+
+def test_sweep_can_vary_the_unconditional_ig_scale():
+    from igengine.jobs.sweep import expand_grid
+
+    points = expand_grid({"ig_scale_uncond": ["1.1", "1.3"], "cfg_scale": ["1.5"]})
+    assert [p.settings["ig_scale_uncond"] for p in points] == [1.1, 1.3]
+    assert points[0].name != points[1].name and "igu1.1" in points[0].name

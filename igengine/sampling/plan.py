@@ -153,6 +153,8 @@ def build_plan(family: Family, cfg: SamplerConfig) -> Plan:
         raise ConfigError("`ig_scale_uncond` (a separate IG scale for the unconditional rows) applies to RAEv2 "
                           "models only: SiT and LightningDiT apply `ig_scale` to both halves")
     n = cfg.steps
+    if family == Family.LIGHTNINGDIT and n < 2:  # euler here; heun2 is refused by SamplerConfig itself
+        raise ConfigError("the LightningDiT solvers need `steps` >= 2 (grid linspace(0, 1, steps))")
     if family == Family.SIT:
         return Plan(family, cfg.solver, g, tuple(_sit_steps(cfg.solver, n, g)))
     if family == Family.RAEV2:

@@ -31,7 +31,8 @@ import torch
 
 from igengine.errors import CheckpointError, VAEError
 from igengine.safeload import check_state_dict, file_sha256, read_checkpoint
-from igengine.vae import rae
+from igengine.vae.rae import LayoutError as RAELayoutError
+from igengine.vae.rae import ViTMAEDecoder, infer_config as infer_rae_config, official_names, sincos_pos_embed
 from igengine.vae.ldm import DECODER_PREFIXES, SD_KL_F8, VAVAE_F16D32, LayoutError, LDMDecoder, infer_config
 
 SD_LATENT_SCALE = 0.18215  # SiT/generate.py: samples / 0.18215 before vae.decode
@@ -200,7 +201,7 @@ def build_ldm_decoder(path: Path) -> tuple[LDMDecoder, dict]:
     return net, facts
 
 
-def build_rae_decoder(path: Path) -> tuple[rae.ViTMAEDecoder, dict]:
+def build_rae_decoder(path: Path) -> tuple[ViTMAEDecoder, dict]:
     """Read a RAE ``decoder.pt`` (the decoder's plain state dict) and build the decoder strictly; (decoder, facts).
 
     The released file is ``GeneralDecoder.state_dict()`` (RAEv2 scripts/stage1/extract_decoder.py, fp32
@@ -213,13 +214,13 @@ def build_rae_decoder(path: Path) -> tuple[rae.ViTMAEDecoder, dict]:
     except CheckpointError as e:
         raise VAEError(f"`vae`: {e}") from None
     try:
-        cfg = rae.infer_config(state)
-    except rae.LayoutError as e:
+        cfg = infer_rae_config(state)
+    except RAELayoutError as e:
         raise VAEError(
             f"`vae` {path} is not a RAE decoder state dict ({e}); igengine expects the decoder.pt of RAEv2 "
             "(GeneralDecoder.state_dict(), as scripts/stage1/extract_decoder.py writes it)"
         ) from None
-    net = rae.ViTMAEDecoder(cfg)
+    net = ViTMAEDecoder(cfg)
     try:
         check_state_dict(net, state, f"`vae` {path}: RAE decoder of {cfg.to_dict()} does not load")
     except CheckpointError as e:
@@ -230,13 +231,13 @@ def build_rae_decoder(path: Path) -> tuple[rae.ViTMAEDecoder, dict]:
                        "not a RAE decoder's weights")
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})
     net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    sincos = rae.sincos_pos_embed(cfg.width, cfg.grid)[None]
+    sincos = sincos_pos_embed(cfg.width, cfg.grid)[None]
     facts = {
         "loader": "igengine.vae.rae",
         "weights_entry": entry,
         "weights_dtype": dtypes,
         "architecture": cfg.to_dict(),
-        "official_configs": rae.official_names(cfg),
+        "official_configs": official_names(cfg),
         "parameters": sum(p.numel() for p in net.parameters()),
         "pos_embed_max_abs_from_sincos": float((net.decoder_pos_embed - sincos).abs().max()),
     }
