@@ -279,7 +279,7 @@ def test_within_noise_marks_small_differences():
     (["--ig-scale", "1", "--points", "p.json"], "not both"),
     (["--ref", "missing.npz"], "not found"),
     (["--ref", "ref16.npz"], "16x16"),  # the digits model makes 8x8 images
-    (["--timestep-shift", "0.3"], "LightningDiT models only"),  # a setting the SiT family does not have
+    (["--timestep-shift", "0.3"], "LightningDiT and RAEv2 models only"),  # a setting the SiT family does not have
     (["--resamples", "1"], "resamples"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, fragment):
