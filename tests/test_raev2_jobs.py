@@ -294,3 +294,14 @@ def test_sweep_can_vary_the_unconditional_ig_scale():
     points = expand_grid({"ig_scale_uncond": ["1.1", "1.3"], "cfg_scale": ["1.5"]})
     assert [p.settings["ig_scale_uncond"] for p in points] == [1.1, 1.3]
     assert points[0].name != points[1].name and "igu1.1" in points[0].name
+
+
+def test_igengine_load_gives_the_pixels_of_the_cli(files, reference):
+    import igengine
+
+    pipe = igengine.load(files["official"], encoder_depth=2, vae=files["decoder"], latent_stats=files["stats"],
+                         steps=6)
+    images = pipe.images([0, 1, 2], seed=0)
+    pixels, labels = load(reference)
+    assert images.shape == (3, 16, 16, 3) and labels[:3].tolist() == [0, 1, 2]
+    assert np.abs(images.astype(int) - pixels[:3].astype(int)).max() <= 1  # batch 3 here, 5 there
