@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -9,6 +12,20 @@ import torch
 from igengine.models.checkpoint import save_safetensors
 from igengine.vae import LDMDecoder, LDMDecoderConfig
 from tests.conftest import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_torchrun(args: list[str], cwd: Path, processes: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node P -m igengine ARGS``, one thread per worker, this checkout on the path.
+
+    Each worker runs with OMP_NUM_THREADS=1: the CPU's intra-op thread count changes the order of float
+    reductions, so a one-process run to compare bit for bit must use one thread as well."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+           "-m", "igengine", *map(str, args)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
+
 
 # LightningDiT-tiny samples 8x4x4 latents; this VA-VAE-shaped decoder makes 8x8 RGB images.
 TINY_VAVAE = LDMDecoderConfig(embed_dim=8, z_channels=8, channels=(32, 64), num_res_blocks=1, attn_levels=(1,))

@@ -28,6 +28,16 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> to
     return model.eval()
 
 
+def assert_low_precision_rule(want, got, naive) -> None:
+    """Each output of a low-precision network (``got``) is float32 and no worse than twice the naive
+    autocast run of the same weights (``naive``), on the max and on the mean, against fp32 (``want``)."""
+    for w, g, n in zip(want, got, naive):
+        assert g.dtype == torch.float32
+        err, naive_err = (g.double() - w).abs(), (n.double() - w).abs()
+        assert naive_err.max() > 0
+        assert err.max() <= 2 * naive_err.max() and err.mean() <= 2 * naive_err.mean()
+
+
 def tiny_model(family: str, seed: int = 0, **overrides) -> IGDiT:
     cfg = TINY[family].replace(**overrides) if overrides else TINY[family]
     return randomize_(IGDiT(cfg), seed)

@@ -25,7 +25,7 @@ from igengine.store.chunks import ChunkPlan, ChunkSpec, ChunkStore
 from igengine.cli import main
 from igengine.jobs.launch import RankInfo
 from igengine.store.locks import rank_lock
-from tests.bulk_fixtures import save_ldit, save_stats, save_vavae
+from tests.bulk_fixtures import run_torchrun, save_ldit, save_stats, save_vavae
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 20
@@ -120,10 +120,7 @@ def test_two_processes_under_torchrun_give_the_same_samples(files, reference, tm
         torch.set_num_threads(threads)
     assert code == 0, err
     out = tmp_path / "tr"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "igengine", *map(str, sample_args(files, out, batch=7))]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    proc = run_torchrun(sample_args(files, out, batch=7), tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(summaries) == 1 and summaries[0]["world_size"] == 2  # one summary: rank 0's

@@ -30,7 +30,8 @@ from igengine.sampling.captured import run_captured
 from igengine.sampling.fused import run_fused
 from igengine.sampling.launches import Phase, plan_launches, step_params
 from igengine.sampling.loop import reference_step, run_reference
-from igengine.sampling.plan import RAEV2_T_EPS, Evaluation, Step, StepKind, build_plan
+from igengine.sampling.plan import Evaluation, Step, StepKind, build_plan
+from igengine.sampling.updates import RAEV2_T_EPS
 from igengine.sampling.randomness import NUMPY
 
 from tests import kernel_parity as P

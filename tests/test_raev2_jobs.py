@@ -10,9 +10,6 @@ heads in a torchrun worker too) with patch 4: 16x16 images.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +22,9 @@ from igengine.errors import CheckpointError
 from igengine.models import build_model
 from igengine.models.checkpoint import load_checkpoint, save_safetensors
 from igengine.vae import ViTMAEDecoder, ViTMAEDecoderConfig
+from tests.bulk_fixtures import run_torchrun
 from tests.conftest import randomize_, tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(family=Family.RAEV2, name="RAEv2-tiny", input_size=4, patch_size=1, in_channels=8, hidden_size=32,
                    depth=3, num_heads=2, encoder_depth=2, num_classes=10, decoder_hidden_size=32, head_depth=2,
                    head_num_heads=2, time_tokens=4, class_tokens=8, use_swiglu=True, use_rope=True, use_rmsnorm=True,
@@ -254,10 +251,7 @@ def test_two_processes_under_torchrun_give_the_same_samples(files, tmp_path, cap
     out = tmp_path / "tr"
     args = sample_args(files, out, n=8)
     args[args.index("--n")] = "--num-samples"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "igengine",
-           *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    proc = run_torchrun(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 1/2: chunk 00000004-00000007.npz written" in proc.stderr
     assert all(np.array_equal(x, y) for x, y in zip(load(tmp_path / "one"), load(out)))

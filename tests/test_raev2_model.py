@@ -15,7 +15,7 @@ from igengine.config import Precision
 from igengine.errors import ConfigError
 from igengine.models import IGDiT, RAEv2DiT, apply_precision, build_model, preset
 from igengine.models.layers import RotaryEmbedding2D
-from tests.conftest import TINY, randomize_
+from tests.conftest import TINY, assert_low_precision_rule, randomize_
 
 TINY_RAEV2 = preset("RAEv2-B").replace(name="RAEv2-tiny", input_size=4, in_channels=8, hidden_size=32, depth=3,
                                        num_heads=2, decoder_hidden_size=64, head_depth=2, head_num_heads=4,
@@ -190,11 +190,8 @@ def test_low_precision_casts_attention_and_mlp_only(precision, dtype):
         got = low(x, t, y)
         with torch.autocast("cpu", dtype=dtype):
             naive = ref(x, t, y)
-    for w, g, n in zip(want, got, naive):
-        assert g.dtype == torch.float32
-        err, naive_err = (g.double() - w).abs(), (n.double() - w).abs()
-        assert 0 < err.max() and naive_err.max() > 0
-        assert err.max() <= 2 * naive_err.max() and err.mean() <= 2 * naive_err.mean()
+    assert all(0 < (g.double() - w).abs().max() for w, g in zip(want, got))  # the cast did something
+    assert_low_precision_rule(want, got, naive)
 
 
 def test_contiguous_head_tokens_change_nothing_but_rounding():

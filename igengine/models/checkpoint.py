@@ -322,12 +322,7 @@ def resolve_config(
     facts = shape_facts(state, path)
     ldit, sit = _tensor_layers(state, facts, path)
 
-    stored: dict[str, Any] = {}
-    if META_CONFIG in meta:
-        try:
-            stored = json.loads(meta[META_CONFIG])
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{path}: metadata {META_CONFIG} is not valid JSON") from None
+    stored = stored_config(meta, path)
     rec_name, rec_fields = _record_model_fields(record)
     source_of_record = {"args": "checkpoint args", "config": "checkpoint config"}.get(record.get("source"), "")
     flag_family = _preset_or_error(model_name, path).family if model_name else None
@@ -474,6 +469,16 @@ def resolve_config(
     return cfg, notes
 
 
+def stored_config(meta: dict[str, str], path: Path) -> dict[str, Any]:
+    """The model config recorded in a safetensors file's igengine metadata ({} without one)."""
+    if META_CONFIG not in meta:
+        return {}
+    try:
+        return json.loads(meta[META_CONFIG])
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: metadata {META_CONFIG} is not valid JSON") from None
+
+
 def _preset_or_error(name: str, path: Path) -> ModelConfig:
     try:
         return preset(name)
@@ -525,7 +530,8 @@ def load_checkpoint(
     path = Path(path)
     state, entry, record, meta = read_checkpoint(path)
     if is_raev2_state(state):
-        cfg, notes = resolve_raev2_config(state, path, meta, model_name=model_name, overrides=overrides)
+        named = _preset_or_error(model_name, path) if model_name is not None else None
+        cfg, notes = resolve_raev2_config(state, path, stored_config(meta, path), named=named, overrides=overrides)
     else:
         if model_name is not None and model_name in MODEL_NAMES and family_of(model_name) == Family.RAEV2:
             facts = shape_facts(state, path)

@@ -19,7 +19,6 @@ igengine metadata, else from the preset of the tensors' shape (RAEv2-XL: 8), nev
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -121,24 +120,21 @@ def _arch_words(shape: dict[str, Any]) -> str:
             f"{shape['in_channels']}x{shape['input_size']}x{shape['input_size']}")
 
 
-def resolve_raev2_config(state: dict[str, torch.Tensor], path: Path, meta: dict[str, str],
-                         model_name: str | None = None,
+def resolve_raev2_config(state: dict[str, torch.Tensor], path: Path, stored: dict[str, Any],
+                         named: ModelConfig | None = None,
                          overrides: dict[str, Any] | None = None) -> tuple[ModelConfig, list[str]]:
     """The ModelConfig of a RAEv2 state dict (see the module docstring); CheckpointError for what does not fit.
 
-    ``model_name`` must be a RAEv2 preset whose architecture the tensors have; ``overrides``:
-    ``encoder_depth`` (the official base_model_depth), ``num_heads`` (must equal the RoPE table's),
-    ``num_classes``.
+    ``stored``: the config in the file's igengine metadata ({} if none; used when it is a RAEv2 one).
+    ``named``: the preset of an explicit ``model``, which must be a RAEv2 preset whose architecture the
+    tensors have. ``overrides``: ``encoder_depth`` (the official base_model_depth), ``num_heads`` (must
+    equal the RoPE table's), ``num_classes``.
     """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     shape = _shape_config(state, path)
     notes: list[str] = []
-    if model_name is not None:
-        try:
-            named = preset(model_name)
-        except KeyError:
-            raise CheckpointError(f"unknown model {model_name!r} (for {path}); known models: "
-                                  f"{', '.join(MODEL_NAMES)}") from None
+    model_name = named.name if named is not None else None
+    if named is not None:
         if named.family != Family.RAEV2:
             raise CheckpointError(f"`model` {model_name} is a {'SiT' if named.family == Family.SIT else 'LightningDiT'} "
                                   f"model but {path} is {describe_raev2(state)}: pass a RAEv2 `model` "
@@ -147,14 +143,8 @@ def resolve_raev2_config(state: dict[str, torch.Tensor], path: Path, meta: dict[
         if differ:
             raise CheckpointError(f"`model` {model_name} does not fit {path} ({_arch_words(shape)}): "
                                   + ", ".join(f"{k} {getattr(named, k)} != {shape[k]}" for k in differ))
-    stored: dict[str, Any] = {}
-    if "igengine.model_config" in meta:
-        try:
-            stored = json.loads(meta["igengine.model_config"])
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{path}: metadata igengine.model_config is not valid JSON") from None
-        if stored.get("family") != Family.RAEV2.value:
-            stored = {}
+    if stored.get("family") != Family.RAEV2.value:
+        stored = {}
     name = model_name or stored.get("name") or _preset_of_shape(shape) or "RAEv2-custom"
     if "num_heads" in overrides and int(overrides["num_heads"]) != shape["num_heads"]:
         raise CheckpointError(f"`num_heads` {overrides['num_heads']} does not fit {path}: its RoPE table is per head of "

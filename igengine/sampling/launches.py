@@ -11,7 +11,7 @@ multiplies by, taken from the same helpers:
               (ig_w_uncond weighs the unconditional rows; SiT and LightningDiT use ig_w there too)
     drift     updates.sit_score_coefficients(t)
     CFG       cfg_w = w_cfg                                        (guidance.cfg_combine)
-    RAEv2     t_safe = plan.raev2_t_safe(t): v = (x - x_hat) / t_safe (updates.xpred_velocity)
+    RAEv2     t_safe = updates.raev2_t_safe(t): v = (x - x_hat) / t_safe (updates.xpred_velocity)
     update    dt and updates.sde_noise_scales(step)
 """
 
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from igengine.config import Family, GuidanceConfig
 from igengine.kernels.abi import FamilyCode, Kind, StepParams
 from igengine.noise import check_seed
-from igengine.sampling.plan import Evaluation, Plan, Step, StepKind, raev2_t_safe
-from igengine.sampling.updates import sde_noise_scales, sit_score_coefficients
+from igengine.sampling.plan import Evaluation, Plan, Step, StepKind
+from igengine.sampling.updates import raev2_t_safe, sde_noise_scales, sit_score_coefficients
 
 
 _FAMILY_CODES = {Family.SIT: FamilyCode.SIT, Family.LIGHTNINGDIT: FamilyCode.LIGHTNINGDIT,
@@ -78,12 +78,8 @@ def step_params(family: Family, guidance: GuidanceConfig, step: Step, *, phase: 
     p.noise_stream = int(step.noise_stream) if kind == Kind.SDE else 0
     p.seed_lo = seed & 0xFFFFFFFF
     p.seed_hi = seed >> 32
-    if family == Family.LIGHTNINGDIT:
-        p.ig_w = p.ig_w_uncond = guidance.ig_scale - 1.0
-    elif family == Family.RAEV2:
-        p.ig_w, p.ig_w_uncond = guidance.ig_scale, guidance.uncond_ig_scale
-    else:
-        p.ig_w = p.ig_w_uncond = guidance.ig_scale
+    p.ig_w = guidance.ig_scale - 1.0 if family == Family.LIGHTNINGDIT else guidance.ig_scale
+    p.ig_w_uncond = guidance.uncond_ig_scale if family == Family.RAEV2 else p.ig_w  # one weight for both halves
     p.cfg_w = guidance.cfg_scale
     score = sit_score_coefficients(float(ev.t))
     p.score_ratio = score.ratio

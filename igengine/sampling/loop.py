@@ -20,9 +20,10 @@ from igengine.config import Family, GuidanceConfig, ModelConfig
 from igengine.errors import ConfigError, NonFiniteError
 from igengine.noise import STREAM_INITIAL
 from igengine.sampling.guidance import cfg_combine, ig_combine
-from igengine.sampling.plan import Evaluation, Plan, Step, StepKind, raev2_t_safe
+from igengine.sampling.plan import Evaluation, Plan, Step, StepKind
 from igengine.sampling.randomness import Randn
-from igengine.sampling.updates import euler_update, heun_correct, heun_predict, sde_update, sit_drift, xpred_velocity
+from igengine.sampling.updates import (euler_update, heun_correct, heun_predict, raev2_t_safe, sde_update, sit_drift,
+                                      xpred_velocity)
 
 Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 OnStep = Callable[[int, int], None]

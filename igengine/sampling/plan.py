@@ -43,7 +43,6 @@ from igengine.errors import ConfigError
 from igengine.noise import sde_stream
 
 SDE_T_END = 0.04  # the last stochastic time of the official SiT SDE grid
-RAEV2_T_EPS = 0.05  # RAEv2's Transport.t_eps: v = (x_t - x_hat) / max(t, t_eps)
 RAEV2_SHIFT_BASE = 4096  # RAEv2's misc.time_dist_shift_base: shift = sqrt(latent numel / base)
 
 
@@ -236,8 +235,3 @@ def _raev2_steps(n: int, shift: float, g: GuidanceConfig):
             cfg=_lightning_active(t0, g.cfg_interval, g.cfg_scale),
         )
         yield Step(index=i, kind=StepKind.EULER, t_cur=float(t0), t_next=float(t1), dt=-float(h), evals=(ev,))
-
-
-def raev2_t_safe(t: float) -> float:
-    """max(t, 0.05) as the official float32 ``clamp_min`` forms it (the divisor of v = (x_t - x_hat) / t)."""
-    return float(max(np.float32(t), np.float32(RAEV2_T_EPS)))

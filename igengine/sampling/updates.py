@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from igengine.sampling.plan import Step, StepKind
@@ -55,10 +56,18 @@ def sde_update(x: torch.Tensor, d: torch.Tensor, step: Step, noise: torch.Tensor
     return x + d * step.dt + sqrt_g2 * (noise * sqrt_dt)
 
 
+RAEV2_T_EPS = 0.05  # RAEv2's Transport.t_eps: v = (x_t - x_hat) / max(t, t_eps)
+
+
+def raev2_t_safe(t: float) -> float:
+    """max(t, 0.05) as the official float32 ``clamp_min`` forms it (the divisor of v = (x_t - x_hat) / t)."""
+    return float(max(np.float32(t), np.float32(RAEV2_T_EPS)))
+
+
 def xpred_velocity(x: torch.Tensor, x_hat: torch.Tensor, t_safe: float) -> torch.Tensor:
     """RAEv2's velocity from an x-prediction: (x_t - x_hat) / max(t, 0.05) (``Transport.convert_model_pred``).
 
-    ``t_safe`` is ``plan.raev2_t_safe(t)``. The official code divides by a float32 tensor of the batch's
+    ``t_safe`` is ``raev2_t_safe(t)``. The official code divides by a float32 tensor of the batch's
     times; so does this (a Python scalar divisor becomes a multiplication by its reciprocal on CUDA,
     which can differ in the last bit).
     """
@@ -80,4 +89,4 @@ def heun_correct(x: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, dt: float)
 
 
 __all__ = ["ScoreCoefficients", "euler_update", "heun_correct", "heun_predict", "sde_noise_scales", "sde_update",
-           "sit_drift", "sit_score_coefficients", "xpred_velocity"]
+           "sit_drift", "sit_score_coefficients", "RAEV2_T_EPS", "raev2_t_safe", "xpred_velocity"]
